@@ -1,0 +1,123 @@
+//! The one error shape of the HTTP API.
+//!
+//! Every error is `{"error": "<sentence>"}` with the right status code; schema failures add
+//! `"violations": [{"item", "instancePath", "keyword", "message"}]`.
+
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::schema::Violation;
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON, or not of the expected shape.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No route matches the path.
+    #[error("no route for {0}")]
+    NoRoute(String),
+    /// The namespace declares no events.
+    #[error("namespace {namespace:?} declares no events")]
+    UnknownNamespace {
+        /// The namespace asked for.
+        namespace: String,
+    },
+    /// The namespace has no event of that name.
+    #[error("namespace {namespace:?} has no event {event:?}")]
+    UnknownEvent {
+        /// The namespace asked for.
+        namespace: String,
+        /// The event asked for.
+        event: String,
+    },
+    /// The route exists but not for this method.
+    #[error("method {method} is not allowed here; use {allowed}")]
+    MethodNotAllowed {
+        /// The method used.
+        method: String,
+        /// The methods allowed, comma separated.
+        allowed: &'static str,
+    },
+    /// The body is larger than the configured limit.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The content type is not one we read.
+    #[error("unsupported content type {0:?}; send application/json or CloudEvents")]
+    UnsupportedMediaType(String),
+    /// One or more events break their schema; nothing was accepted.
+    #[error("{} violation(s) of the event schema; nothing was accepted", .0.len())]
+    Invalid(Vec<Violation>),
+    /// The event exists but cannot accept anything (e.g. its schema does not compile).
+    #[error("event {namespace}/{event} is unavailable: {reason}")]
+    EventUnavailable {
+        /// The namespace.
+        namespace: String,
+        /// The event.
+        event: String,
+        /// Why.
+        reason: String,
+    },
+    /// The event store is unreachable or full; retry later.
+    #[error("cannot accept events now: {reason}")]
+    Unavailable {
+        /// Why.
+        reason: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    violations: Option<&'a [Violation]>,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NoRoute(_)
+            | ApiError::UnknownNamespace { .. }
+            | ApiError::UnknownEvent { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::EventUnavailable { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        match self {
+            ApiError::MethodNotAllowed { allowed, .. } => {
+                response.insert_header((header::ALLOW, HeaderValue::from_static(allowed)));
+            }
+            ApiError::Unavailable { retry_after, .. } => {
+                // Whole seconds, at least one: Retry-After has no finer unit.
+                let seconds = retry_after.as_secs().max(1);
+                response.insert_header((header::RETRY_AFTER, seconds.to_string()));
+            }
+            _ => {}
+        }
+        let violations = match self {
+            ApiError::Invalid(violations) => Some(violations.as_slice()),
+            _ => None,
+        };
+        response.json(ErrorBody {
+            error: self.to_string(),
+            violations,
+        })
+    }
+}

@@ -1,0 +1,127 @@
+//! Where accepted events go: the [`Publisher`] seam between the HTTP API and the event store.
+//!
+//! The ingress answers 202 only once the publisher has said the events are kept. Local mode
+//! uses [`MemoryQueue`], a bounded in-process queue (not durable); cluster mode publishes to
+//! NATS JetStream.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use jobico_common::{EventId, EventRecord};
+use tokio::sync::mpsc;
+
+/// The outcome for one published event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The event's id.
+    pub id: EventId,
+    /// True when the store already had this id and kept nothing new.
+    pub duplicate: bool,
+}
+
+/// Why events could not be kept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The store is unreachable, full or shutting down: the client should retry.
+    #[error("{reason}")]
+    Unavailable {
+        /// What happened.
+        reason: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
+}
+
+/// Keeps accepted events. Implementations must keep all of a call's events or say that some
+/// were not kept; they never drop an event after returning `Ok`.
+pub trait Publisher: Send + Sync + 'static {
+    /// Keeps `events`, returning one [`Published`] per event in order.
+    fn publish(&self, events: Vec<EventRecord>) -> BoxFuture<'_, Result<Vec<Published>, PublishError>>;
+
+    /// Whether the publisher can take events now (for readiness probes).
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+/// A bounded in-memory queue. Events in it are lost if the process stops: local mode only.
+#[derive(Debug, Clone)]
+pub struct MemoryQueue {
+    sender: mpsc::Sender<EventRecord>,
+}
+
+/// How long a client should wait before retrying when the in-memory queue is full; the local
+/// executor works through a full queue in about that time for small modules.
+const QUEUE_FULL_RETRY: Duration = Duration::from_secs(1);
+
+impl MemoryQueue {
+    /// A queue of `capacity` events and the receiving end for the executor.
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<EventRecord>) {
+        let (sender, receiver) = mpsc::channel(capacity.max(1));
+        (Self { sender }, receiver)
+    }
+}
+
+impl Publisher for MemoryQueue {
+    fn publish(&self, events: Vec<EventRecord>) -> BoxFuture<'_, Result<Vec<Published>, PublishError>> {
+        Box::pin(async move {
+            // All or nothing: reserve a slot for every event before sending any.
+            let permits = self.sender.try_reserve_many(events.len()).map_err(|e| {
+                let reason = match e {
+                    mpsc::error::TrySendError::Full(()) => "the local queue is full",
+                    mpsc::error::TrySendError::Closed(()) => "the local executor is shutting down",
+                };
+                PublishError::Unavailable {
+                    reason: reason.into(),
+                    retry_after: QUEUE_FULL_RETRY,
+                }
+            })?;
+            let published = events
+                .iter()
+                .map(|e| Published {
+                    id: e.id.clone(),
+                    duplicate: false,
+                })
+                .collect();
+            for (permit, event) in permits.zip(events) {
+                permit.send(event);
+            }
+            Ok(published)
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        !self.sender.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(id: &str) -> EventRecord {
+        EventRecord {
+            id: EventId::parse(id).unwrap(),
+            namespace: "default".into(),
+            event: "ev1".into(),
+            data: json!({}),
+            attributes: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_queue_is_all_or_nothing() {
+        let (queue, mut receiver) = MemoryQueue::new(3);
+        let ok = queue.publish(vec![record("a"), record("b")]).await.unwrap();
+        assert_eq!(ok.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let full = queue.publish(vec![record("c"), record("d")]).await.unwrap_err();
+        assert!(matches!(full, PublishError::Unavailable { .. }));
+        assert_eq!(receiver.recv().await.unwrap().id.as_str(), "a");
+        assert_eq!(receiver.recv().await.unwrap().id.as_str(), "b");
+        assert!(receiver.try_recv().is_err(), "nothing of the refused batch was queued");
+        drop(receiver);
+        assert!(!queue.is_ready());
+        assert!(queue.publish(vec![record("e")]).await.is_err());
+    }
+}

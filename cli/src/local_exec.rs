@@ -1,0 +1,196 @@
+//! The local executor: runs each accepted event's module on this machine through the wasm-exec
+//! library. One compiled module per module file, a fresh instance per event, limits per event.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use jobico_apiserver::catalog::EventMap;
+use jobico_common::EventRecord;
+use jobico_model::{EventSpec, Manifest};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use wasm_exec::{Capabilities, Limits, Module, OutputSink, Runtime, Stream};
+
+/// An event type ready to run: its compiled module and the limits from its declaration.
+#[derive(Clone)]
+struct Prepared {
+    module: Module,
+    limits: Limits,
+    capabilities: Capabilities,
+}
+
+/// Modules by `(namespace, event)`.
+pub struct LocalExecutor {
+    prepared: HashMap<(String, String), Prepared>,
+    parallelism: usize,
+}
+
+/// Where a module's bytes were found.
+fn module_bytes(
+    dirs: &[PathBuf],
+    manifest: &Manifest,
+    namespace: &str,
+    job: &str,
+    spec: &EventSpec,
+) -> anyhow::Result<(String, Vec<u8>)> {
+    for dir in dirs {
+        let path = dir.join(&spec.wasm);
+        if path.is_file() {
+            let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            return Ok((path.display().to_string(), bytes));
+        }
+    }
+    // Then the Job's module ConfigMap, as the cluster would mount it.
+    let cr = manifest
+        .jobs
+        .iter()
+        .find(|j| j.metadata.namespace.as_deref() == Some(namespace) && j.metadata.name.as_deref() == Some(job));
+    if let Some(cr) = cr {
+        let map_name = cr.modules_config_map();
+        if let Some(data) = manifest
+            .config_map(namespace, &map_name)
+            .and_then(|m| m.binary_data.as_ref()?.get(&spec.wasm))
+        {
+            return Ok((format!("ConfigMap {namespace}/{map_name}"), data.0.clone()));
+        }
+    }
+    let searched: Vec<_> = dirs.iter().map(|d| d.display().to_string()).collect();
+    anyhow::bail!(
+        "module {:?} not found in {} nor in the Job's module ConfigMap",
+        spec.wasm,
+        searched.join(", ")
+    )
+}
+
+/// Limits for an event: the declaration's values over the executor's defaults.
+pub fn limits_for(spec: &EventSpec) -> Limits {
+    let mut limits = Limits::default();
+    if let Some(declared) = &spec.limits {
+        if let Some(mib) = declared.memory_mib {
+            limits.memory_bytes = mib as usize * 1024 * 1024;
+        }
+        if let Some(ms) = declared.timeout_millis {
+            limits.deadline = Duration::from_millis(ms);
+        }
+        limits.fuel = declared.fuel.or(limits.fuel);
+    }
+    limits
+}
+
+impl LocalExecutor {
+    /// Compiles the module of every event in `events`. Events whose module cannot be loaded are
+    /// returned with the reason, so the caller can mark them unavailable.
+    pub fn prepare(
+        runtime: &Runtime,
+        events: &EventMap,
+        manifest: &Manifest,
+        module_dirs: &[PathBuf],
+        parallelism: usize,
+    ) -> (Self, Vec<((String, String), String)>) {
+        let mut compiled: HashMap<Vec<u8>, Module> = HashMap::new();
+        let mut prepared = HashMap::new();
+        let mut failures = Vec::new();
+        let mut keys: Vec<_> = events.keys().cloned().collect();
+        keys.sort();
+        for key in keys {
+            let entry = &events[&key];
+            let loaded = module_bytes(module_dirs, manifest, &entry.namespace, &entry.job, &entry.spec)
+                .and_then(|(origin, bytes)| {
+                    if let Some(module) = compiled.get(&bytes) {
+                        return Ok(module.clone());
+                    }
+                    let module = runtime
+                        .load_bytes(&entry.spec.wasm, &bytes)
+                        .with_context(|| format!("cannot load module {:?} from {origin}", entry.spec.wasm))?;
+                    tracing::info!(module = %entry.spec.wasm, %origin, abi = ?module.abi(), "module compiled");
+                    compiled.insert(bytes, module.clone());
+                    Ok(module)
+                });
+            match loaded {
+                Ok(module) => {
+                    let capabilities = Capabilities {
+                        env: entry.spec.env.iter().map(|v| (v.name.clone(), v.value.clone())).collect(),
+                        ..Capabilities::default()
+                    };
+                    prepared.insert(
+                        key,
+                        Prepared {
+                            module,
+                            limits: limits_for(&entry.spec),
+                            capabilities,
+                        },
+                    );
+                }
+                Err(error) => failures.push((key, format!("{error:#}"))),
+            }
+        }
+        (
+            Self {
+                prepared,
+                parallelism: parallelism.max(1),
+            },
+            failures,
+        )
+    }
+
+    /// Runs events from `queue` until it is closed and empty, at most `parallelism` at once.
+    /// When `shutdown` fires the queue is closed to new events and what is in it still runs.
+    pub async fn run(self, mut queue: mpsc::Receiver<EventRecord>, shutdown: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.parallelism));
+        let prepared = Arc::new(self.prepared);
+        loop {
+            let record = tokio::select! {
+                record = queue.recv() => record,
+                _ = shutdown.cancelled() => {
+                    queue.close();
+                    queue.recv().await
+                }
+            };
+            let Some(record) = record else { break };
+            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+            let prepared = prepared.clone();
+            tokio::task::spawn_blocking(move || {
+                run_one(&prepared, &record);
+                drop(permit);
+            });
+        }
+        // Wait for the events still running.
+        let _ = permits.acquire_many(self.parallelism as u32).await;
+    }
+}
+
+/// Prints guest output to stdout, each line tagged `[namespace/event id]`.
+struct TaggedStdout<'a> {
+    tag: &'a str,
+}
+
+impl OutputSink for TaggedStdout<'_> {
+    fn line(&mut self, _event_id: &str, stream: Stream, line: &str) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "[{}] {}: {line}", self.tag, stream);
+    }
+}
+
+fn run_one(prepared: &HashMap<(String, String), Prepared>, record: &EventRecord) {
+    let tag = format!("{}/{} {}", record.namespace, record.event, record.id);
+    let Some(p) = prepared.get(&(record.namespace.clone(), record.event.clone())) else {
+        // Cannot happen: the ingress only accepts events whose module is prepared.
+        tracing::error!(event = %tag, "no module prepared for this event; event dropped");
+        return;
+    };
+    let outcome = p
+        .module
+        .run(&record.to_exec(), &p.limits, &p.capabilities, &mut TaggedStdout { tag: &tag });
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "[{tag}] {outcome}");
+    let _ = out.flush();
+}
+
+/// The module directories to search, ignoring ones that do not exist.
+pub fn existing_dirs(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    dirs.iter().filter(|d| Path::new(d).is_dir()).cloned().collect()
+}

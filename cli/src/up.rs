@@ -1,0 +1,141 @@
+//! `jobico up`: local mode.
+//!
+//! The same ingress as in a cluster (catalog, schema validation, error shapes), with the
+//! dispatcher's Kubernetes backend replaced by the local executor and JetStream by a bounded
+//! in-memory queue. Events accepted but not yet run are lost if the process is killed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix_web::web;
+use anyhow::Context;
+use clap::Args;
+use jobico_apiserver::http::DEFAULT_MAX_BODY_BYTES;
+use jobico_apiserver::{AppState, Catalog, MemoryQueue, catalog, server};
+use jobico_model::Manifest;
+
+use crate::embedded;
+use crate::local_exec::{LocalExecutor, existing_dirs};
+
+/// Where local mode looks for manifests and modules unless told otherwise.
+const DEFAULT_DIR: &str = "samples";
+
+/// Events the in-memory queue holds before the ingress answers 503; enough to absorb bursts of
+/// a few hundred requests while the executor catches up, small enough to lose little on a crash.
+const DEFAULT_QUEUE_CAPACITY: usize = 1024;
+
+/// Flags of `jobico up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Manifest file or directory (ConfigMaps and Job resources, multi-document YAML); repeat
+    /// for more. Default: ./samples, or the built-in samples when that does not exist.
+    #[arg(long = "manifests", env = "JOBICO_MANIFESTS", value_delimiter = ',')]
+    pub manifests: Vec<PathBuf>,
+    /// Directory holding the modules named by the Job resources; repeat for more. A module not
+    /// found there is taken from the Job's module ConfigMap. Default: the manifest directories.
+    #[arg(long = "modules", env = "JOBICO_MODULES", value_delimiter = ',')]
+    pub modules: Vec<PathBuf>,
+    /// Address of the HTTP API.
+    #[arg(long, env = "JOBICO_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Events held in memory between the ingress and the executor.
+    #[arg(long, env = "JOBICO_QUEUE_CAPACITY", default_value_t = DEFAULT_QUEUE_CAPACITY)]
+    pub queue_capacity: usize,
+    /// Largest request body in bytes.
+    #[arg(long, env = "JOBICO_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Events run at once (0: one per CPU core).
+    #[arg(long, env = "JOBICO_EXECUTORS", default_value_t = 0)]
+    pub executors: usize,
+    /// HTTP worker threads (0: one per CPU core).
+    #[arg(long, env = "JOBICO_HTTP_WORKERS", default_value_t = 0)]
+    pub http_workers: usize,
+}
+
+/// Runs local mode until SIGTERM or Ctrl-C.
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(serve(args))
+}
+
+async fn serve(args: UpArgs) -> anyhow::Result<()> {
+    let mut _extracted = None;
+    let manifests = if !args.manifests.is_empty() {
+        args.manifests.clone()
+    } else if std::path::Path::new(DEFAULT_DIR).is_dir() {
+        vec![PathBuf::from(DEFAULT_DIR)]
+    } else {
+        let dir = embedded::extract().context("cannot unpack the built-in samples")?;
+        tracing::info!(dir = %dir.path().display(), "no ./samples here, using the built-in samples");
+        let path = dir.path().to_path_buf();
+        _extracted = Some(dir);
+        vec![path]
+    };
+    let module_dirs = if args.modules.is_empty() {
+        manifests.iter().filter(|p| p.is_dir()).cloned().collect()
+    } else {
+        args.modules.clone()
+    };
+
+    let mut manifest = Manifest::default();
+    for path in &manifests {
+        manifest.read_path(path)?;
+    }
+    let (events, problems) = catalog::from_manifest(&manifest);
+    for p in &problems {
+        tracing::error!(job = %format!("{}/{}", p.namespace, p.job), "{}", p.message);
+    }
+    if events.is_empty() {
+        anyhow::bail!(
+            "no usable events in {}: add Job resources (see samples/ev1.yaml)",
+            manifests.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+
+    let parallelism = match args.executors {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let runtime = wasm_exec::Runtime::new(wasm_exec::RuntimeConfig::default())
+        .context("cannot start the WebAssembly runtime")?;
+    let (executor, failures) = tokio::task::block_in_place(|| {
+        LocalExecutor::prepare(&runtime, &events, &manifest, &existing_dirs(&module_dirs), parallelism)
+    });
+    let catalog = Arc::new(Catalog::new());
+    catalog.replace(events);
+    for ((namespace, event), reason) in failures {
+        tracing::error!(event = %format!("{namespace}/{event}"), "{reason}");
+        catalog.set_unavailable(&namespace, &event, reason);
+    }
+
+    let (queue, receiver) = MemoryQueue::new(args.queue_capacity);
+    let state = web::Data::new(AppState {
+        catalog: catalog.clone(),
+        publisher: Arc::new(queue),
+        max_body_bytes: args.max_body_bytes,
+    });
+    let bound = server::bind(args.listen, args.http_workers, state)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let mut names: Vec<_> = catalog.snapshot().values().map(|e| (e.namespace.clone(), e.spec.name.clone(), e.schema.is_ok())).collect();
+    names.sort();
+    for (namespace, event, ready) in names {
+        let url = format!("http://{}/execute/{namespace}/{event}", bound.local_addr);
+        if ready {
+            tracing::info!("accepting PUT {url}");
+        } else {
+            tracing::warn!("unavailable: {url}");
+        }
+    }
+    tracing::info!(listen = %bound.local_addr, "local mode ready (in-memory queue: accepted events not yet run are lost if this process is killed)");
+
+    let shutdown = jobico_common::shutdown::on_signals();
+    let executor = tokio::spawn(executor.run(receiver, shutdown.clone()));
+    let served = bound.run(shutdown.clone()).await;
+    shutdown.cancel();
+    executor.await.context("the executor task failed")?;
+    served.context("the HTTP server failed")
+}

@@ -1,0 +1,153 @@
+//! Event ids.
+//!
+//! One id follows an event everywhere: it is the JetStream `Nats-Msg-Id` (so retries are
+//! deduplicated), the value of the `jobico.coeux.dev/event-id` label, the seed of the Kubernetes
+//! Job's name and the key of the event's state record. It must therefore be a valid Kubernetes
+//! label value: at most 63 characters of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest id we accept: the limit on a Kubernetes label value.
+pub const MAX_EVENT_ID_LEN: usize = 63;
+
+/// A validated event id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EventId(String);
+
+/// Why a string is not an event id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid event id {id:?}: {reason}")]
+pub struct InvalidEventId {
+    /// The rejected string.
+    pub id: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl EventId {
+    /// A new, time-ordered, globally unique id (a UUIDv7 in its hyphenated lowercase form).
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// Checks that `id` can serve as an event id.
+    pub fn parse(id: impl Into<String>) -> Result<Self, InvalidEventId> {
+        let id = id.into();
+        let reason = if id.is_empty() {
+            Some("must not be empty")
+        } else if id.len() > MAX_EVENT_ID_LEN {
+            Some("must be at most 63 characters")
+        } else if !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            Some("may contain only ASCII letters, digits, '-', '_' and '.'")
+        } else if !id.as_bytes()[0].is_ascii_alphanumeric()
+            || !id.as_bytes()[id.len() - 1].is_ascii_alphanumeric()
+        {
+            Some("must start and end with a letter or digit")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(InvalidEventId { id, reason }),
+            None => Ok(Self(id)),
+        }
+    }
+
+    /// The id for a client-supplied key (`Idempotency-Key`, CloudEvents `id`): the key itself
+    /// when it is a valid id, otherwise `k` followed by the first 40 hex digits of its SHA-256,
+    /// so the same key always maps to the same id.
+    pub fn from_client_key(key: &str) -> Self {
+        Self::parse(key).unwrap_or_else(|_| {
+            use sha2::{Digest, Sha256};
+            let digest = Sha256::digest(key.as_bytes());
+            let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
+            Self(format!("k{hex}"))
+        })
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for EventId {
+    type Error = InvalidEventId;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(value)
+    }
+}
+
+impl From<EventId> for String {
+    fn from(id: EventId) -> Self {
+        id.0
+    }
+}
+
+impl AsRef<str> for EventId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_valid_and_distinct() {
+        let a = EventId::generate();
+        let b = EventId::generate();
+        assert_ne!(a, b);
+        assert_eq!(EventId::parse(a.as_str()).unwrap(), a);
+    }
+
+    #[test]
+    fn parse_accepts_label_values_and_rejects_the_rest() {
+        let cases: &[(&str, bool)] = &[
+            ("abc", true),
+            ("order-42.v1_x", true),
+            ("A", true),
+            (&"a".repeat(63), true),
+            (&"a".repeat(64), false),
+            ("", false),
+            ("-abc", false),
+            ("abc.", false),
+            ("has space", false),
+            ("slash/no", false),
+            ("ünïcode", false),
+        ];
+        for (id, ok) in cases {
+            assert_eq!(EventId::parse(*id).is_ok(), *ok, "{id:?}");
+        }
+    }
+
+    #[test]
+    fn client_keys_map_to_stable_valid_ids() {
+        assert_eq!(EventId::from_client_key("order-42").as_str(), "order-42");
+        let hashed = EventId::from_client_key("urn:order/42");
+        assert_eq!(hashed, EventId::from_client_key("urn:order/42"));
+        assert_ne!(hashed, EventId::from_client_key("urn:order/43"));
+        assert_eq!(hashed.as_str().len(), 41);
+        assert!(EventId::parse(hashed.as_str()).is_ok());
+        assert!(EventId::parse(EventId::from_client_key(&"x".repeat(500)).as_str()).is_ok());
+    }
+
+    #[test]
+    fn serde_round_trip_validates() {
+        let id: EventId = serde_json::from_str("\"e-1\"").unwrap();
+        assert_eq!(serde_json::to_string(&id).unwrap(), "\"e-1\"");
+        assert!(serde_json::from_str::<EventId>("\"bad id\"").is_err());
+    }
+}

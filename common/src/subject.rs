@@ -1,0 +1,53 @@
+//! NATS names: the stream, its subjects and the message headers.
+//!
+//! Subject scheme: `jobico.<namespace>.<event>`. Kubernetes namespaces are DNS labels and event
+//! names are alphanumeric, so neither can contain the `.`, `*` or `>` that NATS treats specially.
+
+/// The JetStream stream holding accepted events.
+pub const STREAM: &str = "JOBICO";
+
+/// Subjects the stream captures.
+pub const STREAM_SUBJECTS: &str = "jobico.>";
+
+/// Prefix of dead-letter subjects: `jobico-dlq.<namespace>.<event>` (outside the main stream).
+pub const DEAD_LETTER_PREFIX: &str = "jobico-dlq";
+
+/// KV bucket holding each event's state, keyed by `<namespace>.<event id>`.
+pub const STATE_BUCKET: &str = "jobico-events";
+
+/// Header carrying the event id (also sent as `Nats-Msg-Id` for deduplication).
+pub const HEADER_EVENT_ID: &str = "Jobico-Event-Id";
+/// Header carrying the event name.
+pub const HEADER_EVENT: &str = "Jobico-Event";
+/// Header carrying the namespace.
+pub const HEADER_NAMESPACE: &str = "Jobico-Namespace";
+/// W3C trace context header, passed through from the HTTP request when present.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+
+/// The subject an event is published on.
+pub fn event_subject(namespace: &str, event: &str) -> String {
+    format!("jobico.{namespace}.{event}")
+}
+
+/// The dead-letter subject for an event type.
+pub fn dead_letter_subject(namespace: &str, event: &str) -> String {
+    format!("{DEAD_LETTER_PREFIX}.{namespace}.{event}")
+}
+
+/// The state-bucket key of an event.
+pub fn state_key(namespace: &str, id: &str) -> String {
+    format!("{namespace}.{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_documented_scheme() {
+        assert_eq!(event_subject("default", "ev1"), "jobico.default.ev1");
+        assert_eq!(dead_letter_subject("ns", "e"), "jobico-dlq.ns.e");
+        assert_eq!(state_key("ns", "id-1"), "ns.id-1");
+        assert!(event_subject("a", "b").starts_with(STREAM_SUBJECTS.trim_end_matches('>')));
+    }
+}

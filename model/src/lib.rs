@@ -1,0 +1,16 @@
+//! The `jobico.coeux.dev/v1` `Job` custom resource and the manifests around it.
+//!
+//! A `Job` declares events. Each event names a WebAssembly module and a JSON Schema kept in a
+//! ConfigMap. This crate holds the Rust types the CRD is generated from ([`crd`]), the checks
+//! the API server cannot express ([`validate`]), and a reader for YAML manifests ([`manifest`])
+//! that local mode and the tests use.
+
+pub mod crd;
+pub mod manifest;
+pub mod validate;
+
+pub use crd::{
+    BatchSpec, EnvVar, EventLimits, EventSpec, Job, JobSpec, JobStatus, SchemaRef, TemplateRef,
+};
+pub use manifest::{Manifest, ManifestError};
+pub use validate::{InvalidJob, validate_job};

@@ -1,0 +1,214 @@
+//! Reading Kubernetes YAML manifests (multi-document files) without a cluster.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use serde::Deserialize;
+
+use crate::crd::Job;
+
+/// The namespace of objects whose manifest names none, as `kubectl apply` would use by default.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The objects Jobico cares about, read from manifests. Namespaces are always filled in.
+#[derive(Debug, Clone, Default)]
+pub struct Manifest {
+    /// Jobico `Job` resources.
+    pub jobs: Vec<Job>,
+    /// ConfigMaps (schemas, modules, templates).
+    pub config_maps: Vec<ConfigMap>,
+}
+
+/// Why manifests could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// A file or directory could not be read.
+    #[error("cannot read {path}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A document is not valid YAML or not a valid object of its kind.
+    #[error("{path}: document {index}: {message}")]
+    Document {
+        /// The file.
+        path: PathBuf,
+        /// Zero-based position of the document in the file.
+        index: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+}
+
+impl Manifest {
+    /// Reads every `.yaml`/`.yml` file in `path` (not recursive), or `path` itself if it is a
+    /// file. Files are read in name order so results are stable.
+    pub fn read_path(&mut self, path: &Path) -> Result<(), ManifestError> {
+        let io = |source| ManifestError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if path.is_dir() {
+            let mut files = Vec::new();
+            for entry in std::fs::read_dir(path).map_err(io)? {
+                let file = entry.map_err(io)?.path();
+                let is_yaml = matches!(
+                    file.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml")
+                );
+                if is_yaml && file.is_file() {
+                    files.push(file);
+                }
+            }
+            files.sort();
+            for file in files {
+                self.read_path(&file)?;
+            }
+            Ok(())
+        } else {
+            let text = std::fs::read_to_string(path).map_err(io)?;
+            self.read_str(path, &text)
+        }
+    }
+
+    /// Adds the objects of a multi-document YAML text; `path` only names it in errors.
+    /// Documents of other kinds are skipped.
+    pub fn read_str(&mut self, path: &Path, text: &str) -> Result<(), ManifestError> {
+        for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let fail = |message: String| ManifestError::Document {
+                path: path.to_path_buf(),
+                index,
+                message,
+            };
+            let value = serde_yaml::Value::deserialize(document).map_err(|e| fail(e.to_string()))?;
+            if value.is_null() {
+                continue;
+            }
+            let meta: TypeMeta =
+                serde_yaml::from_value(value.clone()).map_err(|e| fail(e.to_string()))?;
+            match (meta.api_version.as_str(), meta.kind.as_str()) {
+                ("jobico.coeux.dev/v1", "Job") => {
+                    let mut job: Job =
+                        serde_yaml::from_value(value).map_err(|e| fail(e.to_string()))?;
+                    job.metadata
+                        .namespace
+                        .get_or_insert_with(|| DEFAULT_NAMESPACE.into());
+                    if job.metadata.name.is_none() {
+                        return Err(fail("Job has no metadata.name".into()));
+                    }
+                    self.jobs.push(job);
+                }
+                ("v1", "ConfigMap") => {
+                    let mut map: ConfigMap =
+                        serde_yaml::from_value(value).map_err(|e| fail(e.to_string()))?;
+                    map.metadata
+                        .namespace
+                        .get_or_insert_with(|| DEFAULT_NAMESPACE.into());
+                    if map.metadata.name.is_none() {
+                        return Err(fail("ConfigMap has no metadata.name".into()));
+                    }
+                    self.config_maps.push(map);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The ConfigMap `namespace/name`, if read.
+    pub fn config_map(&self, namespace: &str, name: &str) -> Option<&ConfigMap> {
+        self.config_maps.iter().find(|m| {
+            m.metadata.namespace.as_deref() == Some(namespace)
+                && m.metadata.name.as_deref() == Some(name)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_DOCS: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: schema-ev1
+data:
+  schema-ev1.json: '{"type":"object"}'
+---
+apiVersion: jobico.coeux.dev/v1
+kind: Job
+metadata:
+  name: job-for-ev1
+  namespace: team-a
+spec:
+  events:
+    - name: ev1
+      wasm: echo.wasm
+      schema:
+        key: schema-ev1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: ignored
+---
+"#;
+
+    #[test]
+    fn reads_jobs_and_config_maps_and_fills_namespaces() {
+        let mut manifest = Manifest::default();
+        manifest.read_str(Path::new("t.yaml"), TWO_DOCS).unwrap();
+        assert_eq!(manifest.jobs.len(), 1);
+        assert_eq!(manifest.jobs[0].metadata.namespace.as_deref(), Some("team-a"));
+        assert_eq!(manifest.jobs[0].spec.events[0].wasm, "echo.wasm");
+        let map = manifest.config_map("default", "schema-ev1").unwrap();
+        assert!(map.data.as_ref().unwrap().contains_key("schema-ev1.json"));
+        assert!(manifest.config_map("team-a", "schema-ev1").is_none());
+    }
+
+    #[test]
+    fn bad_documents_name_the_file_and_position() {
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: jobico.coeux.dev/v1\nkind: Job\nmetadata: {name: j}\nspec: {events: [{name: 1}]}\n";
+        let err = Manifest::default()
+            .read_str(Path::new("bad.yaml"), text)
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(message.starts_with("bad.yaml: document 1: "), "{message}");
+        assert!(message.contains("wasm"), "{message}");
+    }
+
+    #[test]
+    fn read_path_reads_directories_in_name_order() {
+        let dir = std::env::temp_dir().join(format!("jobico-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("b.yaml"), TWO_DOCS).unwrap();
+        std::fs::write(
+            dir.join("a.yml"),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: first}\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), "not yaml: [").unwrap();
+        let mut manifest = Manifest::default();
+        manifest.read_path(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let names: Vec<_> = manifest
+            .config_maps
+            .iter()
+            .map(|m| m.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["first", "schema-ev1"]);
+    }
+}

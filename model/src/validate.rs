@@ -1,0 +1,189 @@
+//! Checks on a `Job` resource beyond what the CRD schema enforces.
+//!
+//! In a cluster the API server applies the CRD's OpenAPI schema; local mode has no API server and
+//! the controller must not trust objects written before a schema change, so both run these checks.
+
+use std::collections::HashSet;
+
+use crate::crd::{Job, MAX_BATCH_EVENTS, MAX_EVENTS_PER_JOB};
+
+/// Everything wrong with one `Job` resource.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid Job {namespace}/{name}: {}", problems.join("; "))]
+pub struct InvalidJob {
+    /// Namespace of the resource.
+    pub namespace: String,
+    /// Name of the resource.
+    pub name: String,
+    /// One line per problem, naming the field.
+    pub problems: Vec<String>,
+}
+
+fn is_event_name(name: &str) -> bool {
+    (1..=10).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+fn is_module_file(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Checks one resource; returns every problem found, not just the first.
+pub fn validate_job(job: &Job) -> Result<(), InvalidJob> {
+    let mut problems = Vec::new();
+    let events = &job.spec.events;
+    if events.is_empty() {
+        problems.push("spec.events: at least one event is required".to_string());
+    }
+    if events.len() > MAX_EVENTS_PER_JOB {
+        problems.push(format!(
+            "spec.events: at most {MAX_EVENTS_PER_JOB} events are allowed, found {}",
+            events.len()
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, event) in events.iter().enumerate() {
+        let at = format!("spec.events[{i}]");
+        if !is_event_name(&event.name) {
+            problems.push(format!(
+                "{at}.name: {:?} must be 1 to 10 ASCII letters or digits",
+                event.name
+            ));
+        } else if !seen.insert(event.name.as_str()) {
+            problems.push(format!("{at}.name: {:?} is declared twice", event.name));
+        }
+        if !is_module_file(&event.wasm) {
+            problems.push(format!(
+                "{at}.wasm: {:?} must be a file name of letters, digits, '-', '.' and '_'",
+                event.wasm
+            ));
+        }
+        if event.schema.key.is_empty() {
+            problems.push(format!("{at}.schema.key: must not be empty"));
+        }
+        if let Some(batch) = &event.batch
+            && !(1..=MAX_BATCH_EVENTS).contains(&batch.max_events)
+        {
+            problems.push(format!(
+                "{at}.batch.maxEvents: must be between 1 and {MAX_BATCH_EVENTS}, found {}",
+                batch.max_events
+            ));
+        }
+        if event.concurrency == Some(0) {
+            problems.push(format!("{at}.concurrency: must be at least 1"));
+        }
+        for (j, var) in event.env.iter().enumerate() {
+            if !is_env_name(&var.name) {
+                problems.push(format!(
+                    "{at}.env[{j}].name: {:?} is not a valid variable name",
+                    var.name
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidJob {
+            namespace: job.metadata.namespace.clone().unwrap_or_default(),
+            name: job.metadata.name.clone().unwrap_or_default(),
+            problems,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{BatchSpec, EnvVar, EventSpec, JobSpec, SchemaRef};
+
+    fn event(name: &str) -> EventSpec {
+        EventSpec {
+            name: name.into(),
+            wasm: "echo.wasm".into(),
+            script: None,
+            schema: SchemaRef {
+                key: "schema-ev1".into(),
+                name: None,
+                optional: None,
+            },
+            batch: None,
+            concurrency: None,
+            limits: None,
+            env: vec![],
+        }
+    }
+
+    fn job(events: Vec<EventSpec>) -> Job {
+        let mut job = Job::new(
+            "j",
+            JobSpec {
+                events,
+                modules: None,
+                template: None,
+                resources: None,
+                active_deadline_seconds: None,
+                backoff_limit: None,
+                ttl_seconds_after_finished: None,
+            },
+        );
+        job.metadata.namespace = Some("default".into());
+        job
+    }
+
+    #[test]
+    fn a_good_job_passes() {
+        assert_eq!(validate_job(&job(vec![event("ev1"), event("Ev2")])), Ok(()));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let mut bad_wasm = event("ok");
+        bad_wasm.wasm = "../etc/passwd".into();
+        let mut bad_batch = event("b");
+        bad_batch.batch = Some(BatchSpec {
+            max_events: 0,
+            max_wait_millis: None,
+            max_bytes: None,
+        });
+        bad_batch.env = vec![EnvVar {
+            name: "1X".into(),
+            value: String::new(),
+        }];
+        let err = validate_job(&job(vec![
+            event("ev1"),
+            event("ev1"),
+            event("toolongname1"),
+            event("bad-name"),
+            bad_wasm,
+            bad_batch,
+        ]))
+        .unwrap_err();
+        let expected = [
+            "spec.events[1].name: \"ev1\" is declared twice",
+            "spec.events[2].name: \"toolongname1\" must be",
+            "spec.events[3].name: \"bad-name\" must be",
+            "spec.events[4].wasm: \"../etc/passwd\"",
+            "spec.events[5].batch.maxEvents",
+            "spec.events[5].env[0].name",
+        ];
+        assert_eq!(err.problems.len(), expected.len(), "{:?}", err.problems);
+        for (problem, prefix) in err.problems.iter().zip(expected) {
+            assert!(problem.starts_with(prefix), "{problem:?} vs {prefix:?}");
+        }
+        assert!(err.to_string().starts_with("invalid Job default/j: "));
+    }
+
+    #[test]
+    fn an_empty_job_is_invalid() {
+        assert!(validate_job(&job(vec![])).is_err());
+    }
+}
