@@ -130,7 +130,7 @@ impl CompiledSchema {
                 Violation {
                     item,
                     instance_path: error.instance_path().as_str().to_string(),
-                    keyword: error.keyword().to_string(),
+                    keyword: error.kind().keyword().to_string(),
                     message,
                 }
             })

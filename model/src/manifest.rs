@@ -52,6 +52,19 @@ struct TypeMeta {
     kind: String,
 }
 
+/// Deserialises one object, naming the field at fault (`spec.events[0].name: ...`).
+fn from_value<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
 impl Manifest {
     /// Reads every `.yaml`/`.yml` file in `path` (not recursive), or `path` itself if it is a
     /// file. Files are read in name order so results are stable.
@@ -100,8 +113,7 @@ impl Manifest {
                 serde_yaml::from_value(value.clone()).map_err(|e| fail(e.to_string()))?;
             match (meta.api_version.as_str(), meta.kind.as_str()) {
                 ("jobico.coeux.dev/v1", "Job") => {
-                    let mut job: Job =
-                        serde_yaml::from_value(value).map_err(|e| fail(e.to_string()))?;
+                    let mut job: Job = from_value(value).map_err(fail)?;
                     job.metadata
                         .namespace
                         .get_or_insert_with(|| DEFAULT_NAMESPACE.into());
@@ -111,8 +123,7 @@ impl Manifest {
                     self.jobs.push(job);
                 }
                 ("v1", "ConfigMap") => {
-                    let mut map: ConfigMap =
-                        serde_yaml::from_value(value).map_err(|e| fail(e.to_string()))?;
+                    let mut map: ConfigMap = from_value(value).map_err(fail)?;
                     map.metadata
                         .namespace
                         .get_or_insert_with(|| DEFAULT_NAMESPACE.into());
@@ -187,7 +198,7 @@ metadata:
             .unwrap_err();
         let message = err.to_string();
         assert!(message.starts_with("bad.yaml: document 1: "), "{message}");
-        assert!(message.contains("wasm"), "{message}");
+        assert!(message.contains("spec.events[0].name: invalid type"), "{message}");
     }
 
     #[test]
