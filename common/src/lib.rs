@@ -8,8 +8,10 @@
 pub mod envelope;
 pub mod id;
 pub mod shutdown;
+pub mod state;
 pub mod subject;
 pub mod telemetry;
 
 pub use envelope::{EventRecord, ExecEvent};
 pub use id::{EventId, InvalidEventId};
+pub use state::{EventState, EventStatus};

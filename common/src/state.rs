@@ -1,0 +1,98 @@
+//! Event states, as recorded in the NATS KV bucket [`crate::subject::STATE_BUCKET`] under
+//! [`crate::subject::state_key`]. The ingress writes `accepted`; the dispatcher writes the rest.
+//! `GET /events/{namespace}/{id}` returns the record as JSON.
+
+use serde::{Deserialize, Serialize};
+
+/// Where an event is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventState {
+    /// Kept in the stream; not yet handed to an executor.
+    Accepted,
+    /// A Kubernetes Job (or the local executor) has it.
+    Dispatched,
+    /// Its pod is running.
+    Running,
+    /// The module ran and succeeded.
+    Succeeded,
+    /// The module ran and failed, or the Job failed.
+    Failed,
+    /// Dispatch failed too often; the event was moved to the dead-letter subject.
+    DeadLettered,
+}
+
+impl EventState {
+    /// Whether no later state can follow.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::DeadLettered)
+    }
+}
+
+/// The record kept for each event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventStatus {
+    /// The event id.
+    pub id: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Event name.
+    pub event: String,
+    /// Current state.
+    pub state: EventState,
+    /// When the state was recorded (RFC 3339).
+    pub updated_at: String,
+    /// The Kubernetes Job running the event, once dispatched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Exit code of the executor, once finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The executor's per-event summary (wasm-exec's JSON), once finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<serde_json::Value>,
+    /// Why the event failed or was dead-lettered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The executor's exit-code contract (`wasm-exec`), which the dispatcher's pod failure policy
+/// relies on.
+pub mod exit {
+    /// Every event succeeded.
+    pub const OK: i32 = 0;
+    /// At least one event failed in the guest (trap, limit, non-zero exit or error code).
+    /// Running the pod again would fail the same way, so Jobs fail at once on this code.
+    pub const GUEST_FAILED: i32 = 1;
+    /// The host failed (bad configuration, unreadable module or events): worth a retry.
+    pub const HOST_ERROR: i32 = 2;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_serialise_in_kebab_case_and_records_omit_empty_fields() {
+        assert_eq!(serde_json::to_string(&EventState::DeadLettered).unwrap(), "\"dead-lettered\"");
+        let status = EventStatus {
+            id: "e1".into(),
+            namespace: "default".into(),
+            event: "ev1".into(),
+            state: EventState::Accepted,
+            updated_at: "2026-11-22T00:00:00Z".into(),
+            job: None,
+            exit_code: None,
+            summary: None,
+            reason: None,
+        };
+        let text = serde_json::to_string(&status).unwrap();
+        assert_eq!(
+            text,
+            r#"{"id":"e1","namespace":"default","event":"ev1","state":"accepted","updatedAt":"2026-11-22T00:00:00Z"}"#
+        );
+        assert_eq!(serde_json::from_str::<EventStatus>(&text).unwrap(), status);
+        assert!(EventState::Failed.is_final() && !EventState::Running.is_final());
+    }
+}
