@@ -1,0 +1,1 @@
+//! Placeholder: the dispatcher (issue 5).
