@@ -1,0 +1,267 @@
+//! The `wasm-exec` command line: arguments and what each subcommand does.
+//!
+//! Kept in the library so tests reach it; `main.rs` only parses, sets up logging and exits
+//! with the code [`execute`] returns (see the constants in [`crate::summary`]).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use jobico_common::ExecEvent;
+use jobico_common::telemetry::LogArgs;
+
+use crate::limits::{parse_bytes, parse_duration};
+use crate::{
+    Capabilities, DirGrant, EXIT_HOST_ERROR, EXIT_OK, EnvVar, Limits, RunSummary, Runtime,
+    RuntimeConfig, StdoutSink, write_termination_message,
+};
+
+/// Runs a WebAssembly module once per event, each in a fresh instance under limits.
+///
+/// Without a subcommand, behaves like `run`. Exit codes: 0 every event succeeded, 1 some
+/// event failed in the guest, 2 host or configuration error.
+#[derive(Debug, Parser)]
+#[command(
+    name = "wasm-exec",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    /// What to do (default: run).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Arguments of the default `run`.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a module once per event (the default).
+    Run(RunArgs),
+    /// Precompile a module to a `.cwasm` file for this wasm-exec build and this CPU.
+    Compile(CompileArgs),
+}
+
+/// Arguments of `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Module to run: `.wasm`, `.wat` or precompiled `.cwasm`.
+    #[arg(env = "JOBICO_MODULE", required = true, value_name = "MODULE")]
+    pub module: Option<PathBuf>,
+    /// File of events (a JSON array of {"id":...,"data":...} or one such object); `-` for stdin.
+    /// Without it and without --events-json, events are read from stdin.
+    #[arg(long, env = "JOBICO_EVENTS_FILE", value_name = "PATH")]
+    pub events: Option<PathBuf>,
+    /// Events as inline JSON, in the same shape as --events.
+    #[arg(
+        long,
+        env = "JOBICO_EVENTS",
+        value_name = "JSON",
+        conflicts_with = "events"
+    )]
+    pub events_json: Option<String>,
+    /// Memory limit per event, in bytes or with a K/M/G/Ki/Mi/Gi suffix.
+    #[arg(long, env = "JOBICO_MEMORY", default_value = "64Mi", value_parser = parse_bytes)]
+    pub memory: u64,
+    /// Wall-clock deadline per event (e.g. 200ms, 10s, 1m).
+    #[arg(long, env = "JOBICO_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    pub deadline: Duration,
+    /// Fuel per event (about one unit per WebAssembly instruction); unlimited if not given.
+    #[arg(long, env = "JOBICO_FUEL")]
+    pub fuel: Option<u64>,
+    /// Guest output kept per event (stdout, stderr, log lines and result together).
+    #[arg(long, env = "JOBICO_OUTPUT_CAP", default_value = "1Mi", value_parser = parse_bytes)]
+    pub output_cap: u64,
+    /// Preopen a host directory for the guest: HOST::GUEST, or HOST::GUEST:ro for read-only.
+    /// Repeatable; the environment fallback is comma-separated.
+    #[arg(
+        long = "dir",
+        env = "JOBICO_DIRS",
+        value_name = "HOST::GUEST[:ro]",
+        value_delimiter = ','
+    )]
+    pub dirs: Vec<DirGrant>,
+    /// Give the guest an environment variable NAME=VALUE. Repeatable; the environment fallback
+    /// is comma-separated (so its values cannot contain commas).
+    #[arg(
+        long = "env",
+        env = "JOBICO_GUEST_ENV",
+        value_name = "NAME=VALUE",
+        value_delimiter = ','
+    )]
+    pub env: Vec<EnvVar>,
+    /// Where to write the size-limited JSON summary (Kubernetes' termination message).
+    #[arg(
+        long,
+        env = "JOBICO_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
+    pub termination_log: PathBuf,
+    /// Directory caching compiled modules by module digest and engine settings.
+    #[arg(long, env = "JOBICO_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Arguments of `compile`.
+#[derive(Debug, Args)]
+pub struct CompileArgs {
+    /// Module to compile: `.wasm` or `.wat`.
+    #[arg(value_name = "MODULE")]
+    pub input: PathBuf,
+    /// Output file (default: the input with extension `.cwasm`).
+    #[arg(long, short = 'o', value_name = "PATH")]
+    pub output: Option<PathBuf>,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl Cli {
+    /// The logging flags of whichever subcommand runs.
+    pub fn log_args(&self) -> &LogArgs {
+        match &self.command {
+            Some(Command::Run(args)) => &args.log,
+            Some(Command::Compile(args)) => &args.log,
+            None => &self.run.log,
+        }
+    }
+}
+
+/// Runs the parsed command line and returns the process exit code.
+pub fn execute(cli: Cli) -> u8 {
+    match cli.command {
+        Some(Command::Compile(args)) => match compile(&args) {
+            Ok(()) => EXIT_OK,
+            Err(error) => {
+                tracing::error!("{error:#}");
+                EXIT_HOST_ERROR
+            }
+        },
+        Some(Command::Run(args)) => run(&args),
+        None => run(&cli.run),
+    }
+}
+
+/// `run`: every event through the module, output on stdout, summary last, exit code by the
+/// contract.
+pub fn run(args: &RunArgs) -> u8 {
+    let events = match read_events(args) {
+        Ok(events) => events,
+        Err(error) => return fail(args, 0, &error),
+    };
+    let module = match load(args) {
+        Ok(module) => module,
+        Err(error) => return fail(args, events.len(), &error),
+    };
+    let limits = Limits {
+        memory_bytes: args.memory,
+        deadline: args.deadline,
+        fuel: args.fuel,
+        output_cap_bytes: args.output_cap,
+    };
+    let capabilities = Capabilities {
+        dirs: args.dirs.clone(),
+        env: args.env.clone(),
+    };
+    tracing::debug!(module = module.name(), abi = %module.abi(), events = events.len(), "running");
+    let mut sink = StdoutSink::new();
+    let outcomes: Vec<_> = events
+        .iter()
+        .map(|event| module.run(event, &limits, &capabilities, &mut sink))
+        .collect();
+    finish(args, &RunSummary::new(&outcomes))
+}
+
+fn load(args: &RunArgs) -> anyhow::Result<crate::Module> {
+    for dir in &args.dirs {
+        if !dir.host.is_dir() {
+            bail!(
+                "granted directory {} does not exist or is not a directory",
+                dir.host.display()
+            );
+        }
+    }
+    let path = args.module.as_deref().context("no module given")?;
+    let runtime = Runtime::new(RuntimeConfig {
+        // The binary runs events one after another.
+        max_concurrent_instances: 1,
+        cache_dir: args.cache_dir.clone(),
+        ..RuntimeConfig::default()
+    })?;
+    runtime
+        .load_file(path)
+        .with_context(|| format!("cannot load module {}", path.display()))
+}
+
+fn read_events(args: &RunArgs) -> anyhow::Result<Vec<ExecEvent>> {
+    let (bytes, source) = match (&args.events, &args.events_json) {
+        (Some(_), Some(_)) => bail!("give events with --events or with --events-json, not both"),
+        (None, Some(json)) => (json.as_bytes().to_vec(), "--events-json".to_owned()),
+        (Some(path), None) if path != Path::new("-") => (
+            std::fs::read(path)
+                .with_context(|| format!("cannot read events file {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        _ => {
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut bytes)
+                .context("cannot read events from stdin")?;
+            (bytes, "stdin".to_owned())
+        }
+    };
+    ExecEvent::parse_many(&bytes).with_context(|| format!("cannot parse events from {source}"))
+}
+
+/// Reports a run that could not start and returns the host-error exit code.
+fn fail(args: &RunArgs, events: usize, error: &anyhow::Error) -> u8 {
+    tracing::error!("{error:#}");
+    finish(args, &RunSummary::host_error(events, &format!("{error:#}")))
+}
+
+/// Prints the summary as the last stdout line, writes the termination message, returns the
+/// exit code.
+fn finish(args: &RunArgs, summary: &RunSummary) -> u8 {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{}", summary.to_json());
+    let _ = stdout.flush();
+    if let Err(error) = write_termination_message(&args.termination_log, summary) {
+        // Outside Kubernetes the default path usually cannot be written; the summary is on
+        // stdout anyway.
+        tracing::warn!(path = %args.termination_log.display(), %error, "cannot write termination message");
+    }
+    summary.exit_code()
+}
+
+fn compile(args: &CompileArgs) -> anyhow::Result<()> {
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| args.input.with_extension("cwasm"));
+    let bytes = std::fs::read(&args.input)
+        .with_context(|| format!("cannot read module {}", args.input.display()))?;
+    let name = args
+        .input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let runtime = Runtime::new(RuntimeConfig {
+        max_concurrent_instances: 1,
+        ..RuntimeConfig::default()
+    })?;
+    let compiled = runtime
+        .precompile(&name, &bytes)
+        .with_context(|| format!("cannot compile {}", args.input.display()))?;
+    std::fs::write(&output, &compiled)
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    tracing::info!(input = %args.input.display(), output = %output.display(), bytes = compiled.len(), "compiled");
+    Ok(())
+}
