@@ -3,6 +3,12 @@
 //! A body is either one JSON event or a JobicoK8S batch `{"data": [e1, e2, ...]}`: an object
 //! whose only member is an array named `data`. Anything else, including an object with `data`
 //! beside other members, is a single event.
+//!
+//! CloudEvents over HTTP (spec 1.0) are read in all three modes: binary (`ce-*` headers, the
+//! body is the data), structured (`application/cloudevents+json`) and batch
+//! (`application/cloudevents-batch+json`). The CloudEvents `id` becomes the event id unless an
+//! `Idempotency-Key` is given; `id`, `source`, `type` and every other attribute except `data`
+//! are kept as the event's attributes.
 
 use std::collections::BTreeMap;
 
@@ -41,7 +47,20 @@ impl Incoming {
 pub enum BodyKind {
     /// Plain JSON (one event or a JobicoK8S batch).
     Json,
+    /// One CloudEvent in structured mode.
+    CloudEvent,
+    /// A CloudEvents batch.
+    CloudEventBatch,
 }
+
+/// Content type of a structured CloudEvent.
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+/// Content type of a CloudEvents batch.
+pub const CLOUDEVENTS_BATCH_JSON: &str = "application/cloudevents-batch+json";
+/// The only CloudEvents version we read.
+pub const CLOUDEVENTS_SPEC_VERSION: &str = "1.0";
+/// Attributes every CloudEvent must carry besides `specversion`.
+const CLOUDEVENTS_REQUIRED: [&str; 3] = ["id", "source", "type"];
 
 /// Classifies a `Content-Type` header value. No header, JSON types, `text/plain` and
 /// `application/x-www-form-urlencoded` (what `curl -d` sends by default) are read as JSON.
@@ -56,9 +75,13 @@ pub fn body_kind(content_type: Option<&str>) -> Result<BodyKind, ApiError> {
         .trim()
         .to_ascii_lowercase();
     match essence.as_str() {
-        "" | "application/json" | "text/json" | "text/plain" | "application/x-www-form-urlencoded" => {
-            Ok(BodyKind::Json)
-        }
+        CLOUDEVENTS_JSON => Ok(BodyKind::CloudEvent),
+        CLOUDEVENTS_BATCH_JSON => Ok(BodyKind::CloudEventBatch),
+        ""
+        | "application/json"
+        | "text/json"
+        | "text/plain"
+        | "application/x-www-form-urlencoded" => Ok(BodyKind::Json),
         other if other.starts_with("application/") && other.ends_with("+json") => {
             Ok(BodyKind::Json)
         }
@@ -69,13 +92,11 @@ pub fn body_kind(content_type: Option<&str>) -> Result<BodyKind, ApiError> {
 /// Parses a JSON body into events. `key` is the request's `Idempotency-Key`: a single event
 /// takes it as its id; item `i` of a batch takes `<key>-<i>`.
 pub fn parse_json(body: &[u8], key: Option<&str>) -> Result<Vec<Incoming>, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::BadRequest("request body is empty; send a JSON event".into()));
-    }
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))?;
+    let value = parse_value(body)?;
     let mut events = match value {
-        Value::Object(mut map) if map.len() == 1 && map.get("data").is_some_and(Value::is_array) => {
+        Value::Object(mut map)
+            if map.len() == 1 && map.get("data").is_some_and(Value::is_array) =>
+        {
             let Some(Value::Array(items)) = map.remove("data") else {
                 unreachable!("checked above")
             };
@@ -109,6 +130,137 @@ pub fn parse_json(body: &[u8], key: Option<&str>) -> Result<Vec<Incoming>, ApiEr
     Ok(events)
 }
 
+fn parse_value(body: &[u8]) -> Result<Value, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest(
+            "request body is empty; send a JSON event".into(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))
+}
+
+fn check_attributes(attributes: &BTreeMap<String, String>, at: &str) -> Result<(), ApiError> {
+    match attributes.get("specversion").map(String::as_str) {
+        Some(CLOUDEVENTS_SPEC_VERSION) => {}
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "{at}: CloudEvents specversion {other:?} is not supported; use \"1.0\""
+            )));
+        }
+        None => {
+            return Err(ApiError::BadRequest(format!(
+                "{at}: CloudEvents attribute \"specversion\" is missing"
+            )));
+        }
+    }
+    let missing: Vec<_> = CLOUDEVENTS_REQUIRED
+        .iter()
+        .filter(|a| attributes.get(**a).is_none_or(String::is_empty))
+        .collect();
+    if !missing.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "{at}: CloudEvents attribute(s) {missing:?} missing or empty"
+        )));
+    }
+    Ok(())
+}
+
+/// The id of a CloudEvent: the idempotency key when given, else its `id` attribute.
+fn cloud_event_id(attributes: &BTreeMap<String, String>, key: Option<&str>) -> Option<EventId> {
+    key.or(attributes.get("id").map(String::as_str))
+        .map(EventId::from_client_key)
+}
+
+/// Reads a CloudEvent in binary mode: `headers` are the request's `ce-*` headers with the prefix
+/// removed (lowercase names), the body is the event data (JSON).
+pub fn parse_binary_cloud_event(
+    headers: BTreeMap<String, String>,
+    body: &[u8],
+    key: Option<&str>,
+) -> Result<Vec<Incoming>, ApiError> {
+    check_attributes(&headers, "binary-mode CloudEvent")?;
+    let data = parse_value(body)?;
+    Ok(vec![Incoming {
+        data,
+        id: cloud_event_id(&headers, key),
+        attributes: headers,
+    }])
+}
+
+fn structured(value: Value, at: &str, key: Option<&str>) -> Result<Incoming, ApiError> {
+    let Value::Object(map) = value else {
+        return Err(ApiError::BadRequest(format!(
+            "{at}: a CloudEvent must be a JSON object"
+        )));
+    };
+    let mut data = None;
+    let mut attributes = BTreeMap::new();
+    for (name, value) in map {
+        match (name.as_str(), value) {
+            ("data", value) => data = Some(value),
+            ("data_base64", _) => {
+                return Err(ApiError::BadRequest(format!(
+                    "{at}: data_base64 is not supported; event data must be JSON"
+                )));
+            }
+            (_, Value::String(text)) => {
+                attributes.insert(name, text);
+            }
+            (_, Value::Null) => {}
+            (_, other) => {
+                attributes.insert(name, other.to_string());
+            }
+        }
+    }
+    check_attributes(&attributes, at)?;
+    if let Some(content_type) = attributes.get("datacontenttype")
+        && !matches!(body_kind(Some(content_type)), Ok(BodyKind::Json))
+    {
+        return Err(ApiError::UnsupportedMediaType(content_type.clone()));
+    }
+    Ok(Incoming {
+        data: data.unwrap_or(Value::Null),
+        id: cloud_event_id(&attributes, key),
+        attributes,
+    })
+}
+
+/// Reads one CloudEvent in structured mode.
+pub fn parse_structured_cloud_event(
+    body: &[u8],
+    key: Option<&str>,
+) -> Result<Vec<Incoming>, ApiError> {
+    Ok(vec![structured(parse_value(body)?, "CloudEvent", key)?])
+}
+
+/// Reads a CloudEvents batch. Each event keeps its own `id`; an idempotency key `k` gives item
+/// `i` the id `k-i`, as for JobicoK8S batches.
+pub fn parse_cloud_event_batch(body: &[u8], key: Option<&str>) -> Result<Vec<Incoming>, ApiError> {
+    let Value::Array(items) = parse_value(body)? else {
+        return Err(ApiError::BadRequest(
+            "a CloudEvents batch must be a JSON array".into(),
+        ));
+    };
+    if items.is_empty() {
+        return Err(ApiError::BadRequest("CloudEvents batch is empty".into()));
+    }
+    if items.len() > MAX_EVENTS_PER_REQUEST {
+        return Err(ApiError::BadRequest(format!(
+            "batch has {} events, more than the {MAX_EVENTS_PER_REQUEST} allowed",
+            items.len()
+        )));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let item_key = key.map(|k| format!("{k}-{i}"));
+            structured(item, &format!("batch item {i}"), item_key.as_deref())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,8 +278,15 @@ mod tests {
         ] {
             assert_eq!(body_kind(ok).unwrap(), BodyKind::Json, "{ok:?}");
         }
-        for bad in ["application/xml", "image/png", "multipart/form-data; boundary=x"] {
-            assert!(matches!(body_kind(Some(bad)), Err(ApiError::UnsupportedMediaType(_))), "{bad}");
+        for bad in [
+            "application/xml",
+            "image/png",
+            "multipart/form-data; boundary=x",
+        ] {
+            assert!(
+                matches!(body_kind(Some(bad)), Err(ApiError::UnsupportedMediaType(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -140,7 +299,10 @@ mod tests {
         assert_eq!(batch[1].data, json!({"a":2}));
         // `data` beside other members, or not an array: a single event.
         assert_eq!(parse_json(br#"{"data":[1],"x":1}"#, None).unwrap().len(), 1);
-        assert_eq!(parse_json(br#"{"data":5}"#, None).unwrap()[0].data, json!({"data":5}));
+        assert_eq!(
+            parse_json(br#"{"data":5}"#, None).unwrap()[0].data,
+            json!({"data":5})
+        );
         assert_eq!(parse_json(b"[1,2]", None).unwrap()[0].data, json!([1, 2]));
     }
 
@@ -149,14 +311,104 @@ mod tests {
         let one = parse_json(b"{}", Some("order-1")).unwrap();
         assert_eq!(one[0].id.as_ref().unwrap().as_str(), "order-1");
         let batch = parse_json(br#"{"data":[1,2]}"#, Some("b")).unwrap();
-        let ids: Vec<_> = batch.iter().map(|e| e.id.clone().unwrap().to_string()).collect();
+        let ids: Vec<_> = batch
+            .iter()
+            .map(|e| e.id.clone().unwrap().to_string())
+            .collect();
         assert_eq!(ids, ["b-0", "b-1"]);
+    }
+
+    #[test]
+    fn cloud_events_in_three_modes() {
+        let attrs = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let binary = parse_binary_cloud_event(
+            attrs(&[
+                ("specversion", "1.0"),
+                ("id", "ce-1"),
+                ("source", "/s"),
+                ("type", "t"),
+            ]),
+            br#"{"a":1}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(binary[0].id.as_ref().unwrap().as_str(), "ce-1");
+        assert_eq!(binary[0].data, json!({"a":1}));
+        assert_eq!(binary[0].attributes["source"], "/s");
+
+        let one =
+            br#"{"specversion":"1.0","id":"x/1","source":"/s","type":"t","data":{"a":2},"ext":5}"#;
+        let structured = parse_structured_cloud_event(one, None).unwrap();
+        assert_eq!(structured[0].data, json!({"a":2}));
+        assert_eq!(structured[0].id, Some(EventId::from_client_key("x/1")));
+        assert_eq!(structured[0].attributes["ext"], "5");
+        assert!(!structured[0].attributes.contains_key("data"));
+        // An idempotency key wins over the CloudEvents id.
+        assert_eq!(
+            parse_structured_cloud_event(one, Some("k")).unwrap()[0]
+                .id
+                .as_ref()
+                .unwrap()
+                .as_str(),
+            "k"
+        );
+
+        let batch = format!(
+            "[{},{}]",
+            std::str::from_utf8(one).unwrap(),
+            std::str::from_utf8(one).unwrap().replace("x/1", "y")
+        );
+        let items = parse_cloud_event_batch(batch.as_bytes(), None).unwrap();
+        assert_eq!(items[1].id.as_ref().unwrap().as_str(), "y");
+        assert_eq!(
+            body_kind(Some("application/cloudevents-batch+json; charset=utf-8")).unwrap(),
+            BodyKind::CloudEventBatch
+        );
+        assert_eq!(
+            body_kind(Some("application/cloudevents+json")).unwrap(),
+            BodyKind::CloudEvent
+        );
+    }
+
+    #[test]
+    fn malformed_cloud_events_are_bad_requests() {
+        let cases: &[&[u8]] = &[
+            br#"{"id":"1","source":"/s","type":"t"}"#,
+            br#"{"specversion":"0.3","id":"1","source":"/s","type":"t"}"#,
+            br#"{"specversion":"1.0","source":"/s","type":"t"}"#,
+            br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","data_base64":"AA=="}"#,
+            b"[1]",
+        ];
+        for body in cases {
+            assert!(
+                matches!(
+                    parse_structured_cloud_event(body, None),
+                    Err(ApiError::BadRequest(_))
+                ),
+                "{body:?}"
+            );
+        }
+        assert!(parse_cloud_event_batch(b"[]", None).is_err());
+        assert!(parse_cloud_event_batch(b"{}", None).is_err());
+        let xml = br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","datacontenttype":"application/xml"}"#;
+        assert!(matches!(
+            parse_structured_cloud_event(xml, None),
+            Err(ApiError::UnsupportedMediaType(_))
+        ));
     }
 
     #[test]
     fn malformed_bodies_are_bad_requests() {
         for body in [&b""[..], b"   ", b"{", b"{\"a\":}", br#"{"data":[]}"#] {
-            assert!(matches!(parse_json(body, None), Err(ApiError::BadRequest(_))), "{body:?}");
+            assert!(
+                matches!(parse_json(body, None), Err(ApiError::BadRequest(_))),
+                "{body:?}"
+            );
         }
         let err = parse_json(b"{\"a\": tru}", None).unwrap_err().to_string();
         assert!(err.contains("line 1 column"), "{err}");

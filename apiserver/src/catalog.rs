@@ -4,13 +4,63 @@
 //! watched in a cluster. A rebuild replaces the whole map at once, so a request sees either the
 //! old or the new catalog, never a mixture.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use jobico_model::{EventSpec, Job, Manifest, validate_job};
 use k8s_openapi::api::core::v1::ConfigMap;
 
-use crate::schema::CompiledSchema;
+use crate::schema::{CompiledSchema, SchemaError};
+
+/// Compiled schemas by the SHA-256 of their text, so a catalog rebuild (on every watched
+/// change) only compiles schemas whose text changed. Entries unused by the last build are
+/// dropped, so the cache never outgrows the catalog.
+#[derive(Debug, Default)]
+pub struct SchemaCache {
+    entries: HashMap<[u8; 32], Result<CompiledSchema, SchemaError>>,
+    used: HashSet<[u8; 32]>,
+    compiled: u64,
+}
+
+impl SchemaCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn compile(&mut self, text: &str) -> Result<CompiledSchema, SchemaError> {
+        use sha2::{Digest, Sha256};
+        let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        self.used.insert(hash);
+        if let Some(cached) = self.entries.get(&hash) {
+            return cached.clone();
+        }
+        self.compiled += 1;
+        let compiled = CompiledSchema::from_text(text);
+        self.entries.insert(hash, compiled.clone());
+        compiled
+    }
+
+    fn finish_build(&mut self) {
+        let used = std::mem::take(&mut self.used);
+        self.entries.retain(|hash, _| used.contains(hash));
+    }
+
+    /// How many schemas were compiled (not taken from the cache) since the cache was made.
+    pub fn compiled(&self) -> u64 {
+        self.compiled
+    }
+
+    /// How many compiled schemas the cache holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
 
 /// One declared event, ready to validate requests.
 #[derive(Debug, Clone)]
@@ -69,7 +119,10 @@ impl Catalog {
 
     /// The current map (a snapshot).
     pub fn snapshot(&self) -> Arc<EventMap> {
-        self.events.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.events
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Finds an event.
@@ -110,6 +163,15 @@ pub fn build<'a>(
     jobs: impl IntoIterator<Item = &'a Job>,
     config_map: impl Fn(&str, &str) -> Option<&'a ConfigMap>,
 ) -> (EventMap, Vec<CatalogProblem>) {
+    build_cached(jobs, config_map, &mut SchemaCache::new())
+}
+
+/// [`build`] reusing the schemas compiled by earlier builds.
+pub fn build_cached<'a>(
+    jobs: impl IntoIterator<Item = &'a Job>,
+    config_map: impl Fn(&str, &str) -> Option<&'a ConfigMap>,
+    cache: &mut SchemaCache,
+) -> (EventMap, Vec<CatalogProblem>) {
     let mut events = EventMap::new();
     let mut problems = Vec::new();
     for job in jobs {
@@ -133,7 +195,7 @@ pub fn build<'a>(
                 )));
                 continue;
             }
-            let schema = resolve_schema(&namespace, spec, &config_map);
+            let schema = resolve_schema(&namespace, spec, &config_map, cache);
             if let Err(reason) = &schema {
                 problems.push(problem(format!("event {:?}: {reason}", spec.name)));
             }
@@ -146,6 +208,7 @@ pub fn build<'a>(
             events.insert(key, Arc::new(entry));
         }
     }
+    cache.finish_build();
     (events, problems)
 }
 
@@ -153,12 +216,13 @@ fn resolve_schema<'a>(
     namespace: &str,
     spec: &EventSpec,
     config_map: &impl Fn(&str, &str) -> Option<&'a ConfigMap>,
+    cache: &mut SchemaCache,
 ) -> Result<CompiledSchema, String> {
     let map_name = spec.schema.config_map_name();
     let key = spec.schema.data_key();
     let text = config_map(namespace, map_name).and_then(|map| map.data.as_ref()?.get(&key));
     match text {
-        Some(text) => CompiledSchema::from_text(text).map_err(|e| {
+        Some(text) => cache.compile(text).map_err(|e| {
             format!("schema in ConfigMap {namespace}/{map_name} key {key:?} is unusable: {e}")
         }),
         None if spec.schema.is_optional() => Ok(CompiledSchema::accept_all()),
@@ -234,34 +298,112 @@ spec:
         assert_eq!(ev1.job, "first");
         assert!(ev1.schema.is_ok());
         let ev2 = found(&catalog, "ev2").schema.clone().unwrap_err();
-        assert!(ev2.contains("default/schema-ev1 key \"broken.json\""), "{ev2}");
+        assert!(
+            ev2.contains("default/schema-ev1 key \"broken.json\""),
+            "{ev2}"
+        );
         let ev3 = found(&catalog, "ev3").schema.clone().unwrap_err();
-        assert!(ev3.contains("default/missing with key \"missing.json\" not found"), "{ev3}");
+        assert!(
+            ev3.contains("default/missing with key \"missing.json\" not found"),
+            "{ev3}"
+        );
         assert!(found(&catalog, "ev4").schema.is_ok());
     }
 
     #[test]
     fn reports_duplicates_and_invalid_jobs() {
         let (catalog, problems) = catalog();
-        assert_eq!(found(&catalog, "ev1").spec.wasm, "echo.wasm", "first declaration wins");
-        let messages: Vec<_> = problems.iter().map(|p| (p.job.as_str(), &p.message)).collect();
-        assert!(messages.iter().any(|(job, m)| *job == "second" && m.contains("already declared by Job default/first")), "{messages:?}");
-        assert!(messages.iter().any(|(job, m)| *job == "invalid" && m.contains("bad-name")), "{messages:?}");
-        assert!(matches!(catalog.lookup("default", "bad-name"), Lookup::UnknownEvent));
+        assert_eq!(
+            found(&catalog, "ev1").spec.wasm,
+            "echo.wasm",
+            "first declaration wins"
+        );
+        let messages: Vec<_> = problems
+            .iter()
+            .map(|p| (p.job.as_str(), &p.message))
+            .collect();
+        assert!(
+            messages
+                .iter()
+                .any(|(job, m)| *job == "second"
+                    && m.contains("already declared by Job default/first")),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|(job, m)| *job == "invalid" && m.contains("bad-name")),
+            "{messages:?}"
+        );
+        assert!(matches!(
+            catalog.lookup("default", "bad-name"),
+            Lookup::UnknownEvent
+        ));
     }
 
     #[test]
     fn lookup_distinguishes_namespace_and_event() {
         let (catalog, _) = catalog();
-        assert!(matches!(catalog.lookup("default", "nope"), Lookup::UnknownEvent));
-        assert!(matches!(catalog.lookup("other", "ev1"), Lookup::UnknownNamespace));
+        assert!(matches!(
+            catalog.lookup("default", "nope"),
+            Lookup::UnknownEvent
+        ));
+        assert!(matches!(
+            catalog.lookup("other", "ev1"),
+            Lookup::UnknownNamespace
+        ));
+    }
+
+    #[test]
+    fn rebuilds_reuse_compiled_schemas_and_see_changes() {
+        let mut manifest = Manifest::default();
+        manifest.read_str(Path::new("m.yaml"), MANIFEST).unwrap();
+        let mut cache = SchemaCache::new();
+        let build_from = |m: &Manifest, cache: &mut SchemaCache| {
+            build_cached(
+                &m.jobs,
+                |ns, name| maps_lookup(&m.config_maps, ns, name),
+                cache,
+            )
+        };
+        let (first, _) = build_from(&manifest, &mut cache);
+        // Two distinct texts (schema-ev1.json and broken.json) compiled once each.
+        assert_eq!(cache.compiled(), 2);
+        let (second, _) = build_from(&manifest, &mut cache);
+        assert_eq!(cache.compiled(), 2, "an unchanged rebuild compiles nothing");
+        assert_eq!(first.len(), second.len());
+
+        // A changed schema is compiled, takes effect, and the old text leaves the cache.
+        let data = manifest.config_maps[0].data.as_mut().unwrap();
+        data.insert(
+            "schema-ev1.json".into(),
+            r#"{"type":"object","required":["other"]}"#.into(),
+        );
+        let (third, _) = build_from(&manifest, &mut cache);
+        assert_eq!(cache.compiled(), 3);
+        assert_eq!(cache.len(), 2);
+        let ev1 = third[&("default".to_string(), "ev1".to_string())]
+            .schema
+            .clone()
+            .unwrap();
+        let v = ev1.violations(0, &serde_json::json!({"firstName": "x"}));
+        assert!(v[0].message.contains("other"), "{v:?}");
+    }
+
+    fn maps_lookup<'a>(maps: &'a [ConfigMap], ns: &str, name: &str) -> Option<&'a ConfigMap> {
+        maps.iter().find(|m| {
+            m.metadata.namespace.as_deref() == Some(ns) && m.metadata.name.as_deref() == Some(name)
+        })
     }
 
     #[test]
     fn set_unavailable_keeps_the_event_with_a_reason() {
         let (catalog, _) = catalog();
         assert!(catalog.set_unavailable("default", "ev1", "module missing".into()));
-        assert_eq!(found(&catalog, "ev1").schema.clone().unwrap_err(), "module missing");
+        assert_eq!(
+            found(&catalog, "ev1").schema.clone().unwrap_err(),
+            "module missing"
+        );
         assert!(!catalog.set_unavailable("default", "nope", "x".into()));
     }
 }

@@ -65,6 +65,25 @@ pub enum ApiError {
         /// Why.
         reason: String,
     },
+    /// No valid credentials.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// Valid credentials without permission.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// No event state under that id.
+    #[error("no state recorded for event {id:?} in namespace {namespace:?}")]
+    UnknownEventId {
+        /// The namespace.
+        namespace: String,
+        /// The id asked for.
+        id: String,
+    },
+    /// This server keeps no event states (local mode with the in-memory queue).
+    #[error(
+        "event states are not tracked here: local mode with the in-memory queue keeps none (run with NATS to track them)"
+    )]
+    StatesNotTracked,
     /// The event store is unreachable or full; retry later.
     #[error("cannot accept events now: {reason}")]
     Unavailable {
@@ -88,7 +107,11 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NoRoute(_)
             | ApiError::UnknownNamespace { .. }
-            | ApiError::UnknownEvent { .. } => StatusCode::NOT_FOUND,
+            | ApiError::UnknownEvent { .. }
+            | ApiError::UnknownEventId { .. }
+            | ApiError::StatesNotTracked => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -108,6 +131,10 @@ impl ResponseError for ApiError {
                 // Whole seconds, at least one: Retry-After has no finer unit.
                 let seconds = retry_after.as_secs().max(1);
                 response.insert_header((header::RETRY_AFTER, seconds.to_string()));
+            }
+            ApiError::Unauthorized(_) => {
+                response
+                    .insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
             }
             _ => {}
         }

@@ -1,26 +1,52 @@
 //! Routes of the public HTTP API.
 //!
-//! `PUT|POST /execute/{namespace}/{event}`: validate every event of the body against the event's
-//! schema, keep them all through the [`Publisher`], answer `202 {"ids": [...]}`.
+//! - `PUT|POST /execute/{namespace}/{event}`: validate every event of the body against the
+//!   event's schema, keep them all through the [`Publisher`], answer `202 {"ids": [...]}`.
+//! - `GET /events/{namespace}/{id}`: the event's recorded state.
+//!
+//! The routes are listed in [`ROUTES`]; `apiserver/openapi.yaml` documents the same set (a test
+//! checks that they agree).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix_web::http::header;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use futures::StreamExt;
 use jobico_common::{EventId, EventRecord};
 use serde::Serialize;
 
+use crate::auth::{Access, Auth};
 use crate::body::{self, BodyKind, Incoming};
 use crate::catalog::{Catalog, Lookup};
 use crate::error::ApiError;
-use crate::publish::{PublishError, Publisher};
+use crate::metrics::Metrics;
+use crate::publish::{PublishError, Publisher, StatusLookup};
 
 /// Default limit on a request body: ample for JSON events, far below Kubernetes' object size.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 
 /// Header a client sets to make retries of a request safe.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Prefix of CloudEvents attribute headers in binary mode.
+pub const CLOUDEVENTS_HEADER_PREFIX: &str = "ce-";
+
+/// Event attribute holding the W3C trace context (the CloudEvents distributed-tracing
+/// extension); filled from the request's `traceparent` header when the event has none.
+pub const TRACEPARENT_ATTRIBUTE: &str = "traceparent";
+
+/// Route of event submission.
+pub const EXECUTE_ROUTE: &str = "/execute/{namespace}/{event}";
+/// Route of status reads.
+pub const EVENTS_ROUTE: &str = "/events/{namespace}/{id}";
+/// Metrics label of requests matching no route.
+const OTHER_ROUTE: &str = "other";
+
+/// Every route with its methods, as documented in `openapi.yaml`.
+pub const ROUTES: &[(&str, &[&str])] =
+    &[(EXECUTE_ROUTE, &["PUT", "POST"]), (EVENTS_ROUTE, &["GET"])];
 
 /// Shared state of the HTTP handlers.
 pub struct AppState {
@@ -30,6 +56,38 @@ pub struct AppState {
     pub publisher: Arc<dyn Publisher>,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Who may send events.
+    pub auth: Arc<Auth>,
+    /// Request metrics.
+    pub metrics: Metrics,
+    /// Whether events are checked against their schema; off only to measure the HTTP ceiling.
+    pub validate: bool,
+    /// Whether the catalog reflects the watched resources yet (always true for files).
+    pub catalog_synced: Arc<AtomicBool>,
+}
+
+impl AppState {
+    /// State for local mode: auth off, validation on, the catalog complete.
+    pub fn new(
+        catalog: Arc<Catalog>,
+        publisher: Arc<dyn Publisher>,
+        max_body_bytes: usize,
+    ) -> Self {
+        Self {
+            catalog,
+            publisher,
+            max_body_bytes,
+            auth: Arc::new(Auth::Off),
+            metrics: Metrics::new(),
+            validate: true,
+            catalog_synced: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Whether the server can take events: the publisher is connected and the catalog synced.
+    pub fn is_ready(&self) -> bool {
+        self.publisher.is_ready() && self.catalog_synced.load(Ordering::Acquire)
+    }
 }
 
 /// Body of a 202 answer.
@@ -42,25 +100,72 @@ pub struct AcceptedBody {
     pub duplicate: bool,
 }
 
+fn method_not_allowed(route: &'static str, allowed: &'static str) -> actix_web::Route {
+    web::to(
+        move |req: HttpRequest, state: web::Data<AppState>| async move {
+            let error = ApiError::MethodNotAllowed {
+                method: req.method().to_string(),
+                allowed,
+            };
+            respond(&state, route, Err(error))
+        },
+    )
+}
+
 /// Registers the routes; `App::new().configure(configure(state))`.
 pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |config| {
         config
             .app_data(state)
             .service(
-                web::resource("/execute/{namespace}/{event}")
+                web::resource(EXECUTE_ROUTE)
                     .route(web::put().to(execute))
                     .route(web::post().to(execute))
-                    .default_service(web::to(|req: HttpRequest| async move {
-                        Err::<HttpResponse, _>(ApiError::MethodNotAllowed {
-                            method: req.method().to_string(),
-                            allowed: "PUT, POST",
-                        })
-                    })),
+                    .default_service(method_not_allowed(EXECUTE_ROUTE, "PUT, POST")),
             )
-            .default_service(web::to(|req: HttpRequest| async move {
-                Err::<HttpResponse, _>(ApiError::NoRoute(req.path().to_string()))
-            }));
+            .service(
+                web::resource(EVENTS_ROUTE)
+                    .route(web::get().to(event_status))
+                    .default_service(method_not_allowed(EVENTS_ROUTE, "GET")),
+            )
+            .default_service(web::to(
+                |req: HttpRequest, state: web::Data<AppState>| async move {
+                    respond(
+                        &state,
+                        OTHER_ROUTE,
+                        Err(ApiError::NoRoute(req.path().to_string())),
+                    )
+                },
+            ));
+    }
+}
+
+/// Turns a handler's result into the response and counts it.
+fn respond(
+    state: &AppState,
+    route: &'static str,
+    result: Result<HttpResponse, ApiError>,
+) -> HttpResponse {
+    let response = result.unwrap_or_else(|error| error.error_response());
+    state
+        .metrics
+        .observe_request(route, response.status().as_u16());
+    response
+}
+
+/// Counts a request as in flight while alive.
+struct InFlight<'a>(&'a Metrics);
+
+impl<'a> InFlight<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.in_flight.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
     }
 }
 
@@ -97,42 +202,120 @@ fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Result<Option<&'a str>, A
         .transpose()
 }
 
-#[tracing::instrument(level = "debug", skip_all, fields(namespace = %path.0, event = %path.1))]
+/// The request's CloudEvents headers (`ce-*`, prefix removed), or `None` when it has no
+/// `ce-specversion` (not a binary-mode CloudEvent).
+fn cloud_event_headers(req: &HttpRequest) -> Result<Option<BTreeMap<String, String>>, ApiError> {
+    if !req.headers().contains_key("ce-specversion") {
+        return Ok(None);
+    }
+    let mut attributes = BTreeMap::new();
+    for (name, value) in req.headers() {
+        if let Some(attribute) = name.as_str().strip_prefix(CLOUDEVENTS_HEADER_PREFIX) {
+            let value = value
+                .to_str()
+                .map_err(|_| ApiError::BadRequest(format!("header {name} is not visible ASCII")))?;
+            attributes.insert(attribute.to_string(), value.to_string());
+        }
+    }
+    Ok(Some(attributes))
+}
+
+fn unavailable(error: PublishError) -> ApiError {
+    match error {
+        PublishError::Unavailable {
+            reason,
+            retry_after,
+        } => ApiError::Unavailable {
+            reason,
+            retry_after,
+        },
+    }
+}
+
 async fn execute(
     req: HttpRequest,
     path: web::Path<(String, String)>,
     payload: web::Payload,
     state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+) -> HttpResponse {
+    let _in_flight = InFlight::new(&state.metrics);
     let (namespace, event) = path.into_inner();
-    let entry = match state.catalog.lookup(&namespace, &event) {
+    let result = accept(&req, namespace, event, payload, &state).await;
+    respond(&state, EXECUTE_ROUTE, result)
+}
+
+#[tracing::instrument(level = "debug", skip_all, fields(namespace = %namespace, event = %event))]
+async fn accept(
+    req: &HttpRequest,
+    namespace: String,
+    event: String,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    let lookup = state.catalog.lookup(&namespace, &event);
+    if state.auth.is_on() {
+        let job = match &lookup {
+            Lookup::Found(entry) => Some(entry.job.as_str()),
+            _ => None,
+        };
+        let authorization = header_str(req, header::AUTHORIZATION.as_str())?;
+        state
+            .auth
+            .check(authorization, &Access::execute(&namespace, job))
+            .await?;
+    }
+    let entry = match lookup {
         Lookup::Found(entry) => entry,
         Lookup::UnknownNamespace => return Err(ApiError::UnknownNamespace { namespace }),
         Lookup::UnknownEvent => return Err(ApiError::UnknownEvent { namespace, event }),
     };
-    let schema = entry.schema.as_ref().map_err(|reason| ApiError::EventUnavailable {
-        namespace: namespace.clone(),
-        event: event.clone(),
-        reason: reason.clone(),
-    })?;
-    let kind = body::body_kind(header_str(&req, header::CONTENT_TYPE.as_str())?)?;
-    let bytes = read_body(&req, payload, state.max_body_bytes).await?;
-    let key = header_str(&req, IDEMPOTENCY_KEY)?;
-    let incoming: Vec<Incoming> = match kind {
-        BodyKind::Json => body::parse_json(&bytes, key)?,
+    let schema = entry
+        .schema
+        .as_ref()
+        .map_err(|reason| ApiError::EventUnavailable {
+            namespace: namespace.clone(),
+            event: event.clone(),
+            reason: reason.clone(),
+        })?;
+    let binary = cloud_event_headers(req)?;
+    let kind = body::body_kind(header_str(req, header::CONTENT_TYPE.as_str())?)?;
+    let bytes = read_body(req, payload, state.max_body_bytes).await?;
+    let key = header_str(req, IDEMPOTENCY_KEY)?;
+    let mut incoming: Vec<Incoming> = match (binary, kind) {
+        (Some(attributes), BodyKind::Json) => {
+            body::parse_binary_cloud_event(attributes, &bytes, key)?
+        }
+        (Some(_), _) => {
+            return Err(ApiError::BadRequest(
+                "ce-* headers (binary mode) with a CloudEvents content type: use one mode".into(),
+            ));
+        }
+        (None, BodyKind::Json) => body::parse_json(&bytes, key)?,
+        (None, BodyKind::CloudEvent) => body::parse_structured_cloud_event(&bytes, key)?,
+        (None, BodyKind::CloudEventBatch) => body::parse_cloud_event_batch(&bytes, key)?,
     };
 
     // All or nothing: every item is validated before anything is kept.
-    let violations: Vec<_> = incoming
-        .iter()
-        .enumerate()
-        .flat_map(|(item, e)| schema.violations(item, &e.data))
-        .collect();
-    if !violations.is_empty() {
-        tracing::debug!(violations = violations.len(), "events rejected");
-        return Err(ApiError::Invalid(violations));
+    if state.validate {
+        let violations: Vec<_> = incoming
+            .iter()
+            .enumerate()
+            .flat_map(|(item, e)| schema.violations(item, &e.data))
+            .collect();
+        if !violations.is_empty() {
+            state.metrics.validation_failures.inc();
+            tracing::debug!(violations = violations.len(), "events rejected");
+            return Err(ApiError::Invalid(violations));
+        }
     }
 
+    if let Some(traceparent) = header_str(req, TRACEPARENT_ATTRIBUTE)? {
+        for e in &mut incoming {
+            e.attributes
+                .entry(TRACEPARENT_ATTRIBUTE.to_string())
+                .or_insert_with(|| traceparent.to_string());
+        }
+    }
     let records: Vec<EventRecord> = incoming
         .into_iter()
         .map(|e| EventRecord {
@@ -143,16 +326,52 @@ async fn execute(
             attributes: e.attributes,
         })
         .collect();
-    let published = state.publisher.publish(records).await.map_err(|e| match e {
-        PublishError::Unavailable {
-            reason,
-            retry_after,
-        } => ApiError::Unavailable {
-            reason,
-            retry_after,
-        },
-    })?;
+    let published = state
+        .publisher
+        .publish(records)
+        .await
+        .map_err(unavailable)?;
     let duplicate = published.iter().all(|p| p.duplicate);
     let ids = published.into_iter().map(|p| p.id).collect();
     Ok(HttpResponse::Accepted().json(AcceptedBody { ids, duplicate }))
+}
+
+async fn event_status(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let _in_flight = InFlight::new(&state.metrics);
+    let (namespace, id) = path.into_inner();
+    let result = status(&req, namespace, id, &state).await;
+    respond(&state, EVENTS_ROUTE, result)
+}
+
+#[tracing::instrument(level = "debug", skip_all, fields(namespace = %namespace, id = %id))]
+async fn status(
+    req: &HttpRequest,
+    namespace: String,
+    id: String,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    if state.auth.is_on() {
+        let authorization = header_str(req, header::AUTHORIZATION.as_str())?;
+        state
+            .auth
+            .check(authorization, &Access::read_states(&namespace))
+            .await?;
+    }
+    if EventId::parse(id.as_str()).is_err() {
+        return Err(ApiError::UnknownEventId { namespace, id });
+    }
+    match state
+        .publisher
+        .status(&namespace, &id)
+        .await
+        .map_err(unavailable)?
+    {
+        StatusLookup::Found(status) => Ok(HttpResponse::Ok().json(status)),
+        StatusLookup::NotFound => Err(ApiError::UnknownEventId { namespace, id }),
+        StatusLookup::NotTracked => Err(ApiError::StatesNotTracked),
+    }
 }

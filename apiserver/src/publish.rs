@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use jobico_common::{EventId, EventRecord};
+use jobico_common::{EventId, EventRecord, EventStatus};
 use tokio::sync::mpsc;
 
 /// The outcome for one published event.
@@ -36,12 +36,36 @@ pub enum PublishError {
 /// were not kept; they never drop an event after returning `Ok`.
 pub trait Publisher: Send + Sync + 'static {
     /// Keeps `events`, returning one [`Published`] per event in order.
-    fn publish(&self, events: Vec<EventRecord>) -> BoxFuture<'_, Result<Vec<Published>, PublishError>>;
+    fn publish(
+        &self,
+        events: Vec<EventRecord>,
+    ) -> BoxFuture<'_, Result<Vec<Published>, PublishError>>;
 
     /// Whether the publisher can take events now (for readiness probes).
     fn is_ready(&self) -> bool {
         true
     }
+
+    /// The recorded state of an event. The default says states are not tracked (local mode).
+    fn status<'a>(
+        &'a self,
+        namespace: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<StatusLookup, PublishError>> {
+        let _ = (namespace, id);
+        Box::pin(async { Ok(StatusLookup::NotTracked) })
+    }
+}
+
+/// The answer to a status query.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatusLookup {
+    /// The event's record.
+    Found(EventStatus),
+    /// No record under that id.
+    NotFound,
+    /// This publisher keeps no states (the in-memory queue of local mode).
+    NotTracked,
 }
 
 /// A bounded in-memory queue. Events in it are lost if the process stops: local mode only.
@@ -63,7 +87,10 @@ impl MemoryQueue {
 }
 
 impl Publisher for MemoryQueue {
-    fn publish(&self, events: Vec<EventRecord>) -> BoxFuture<'_, Result<Vec<Published>, PublishError>> {
+    fn publish(
+        &self,
+        events: Vec<EventRecord>,
+    ) -> BoxFuture<'_, Result<Vec<Published>, PublishError>> {
         Box::pin(async move {
             // All or nothing: reserve a slot for every event before sending any.
             let permits = self.sender.try_reserve_many(events.len()).map_err(|e| {
@@ -95,6 +122,27 @@ impl Publisher for MemoryQueue {
     }
 }
 
+/// Accepts everything and keeps nothing: only for measuring the HTTP ceiling in the benchmark.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NullPublisher;
+
+impl Publisher for NullPublisher {
+    fn publish(
+        &self,
+        events: Vec<EventRecord>,
+    ) -> BoxFuture<'_, Result<Vec<Published>, PublishError>> {
+        Box::pin(async move {
+            Ok(events
+                .into_iter()
+                .map(|e| Published {
+                    id: e.id,
+                    duplicate: false,
+                })
+                .collect())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,12 +162,21 @@ mod tests {
     async fn memory_queue_is_all_or_nothing() {
         let (queue, mut receiver) = MemoryQueue::new(3);
         let ok = queue.publish(vec![record("a"), record("b")]).await.unwrap();
-        assert_eq!(ok.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-        let full = queue.publish(vec![record("c"), record("d")]).await.unwrap_err();
+        assert_eq!(
+            ok.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        let full = queue
+            .publish(vec![record("c"), record("d")])
+            .await
+            .unwrap_err();
         assert!(matches!(full, PublishError::Unavailable { .. }));
         assert_eq!(receiver.recv().await.unwrap().id.as_str(), "a");
         assert_eq!(receiver.recv().await.unwrap().id.as_str(), "b");
-        assert!(receiver.try_recv().is_err(), "nothing of the refused batch was queued");
+        assert!(
+            receiver.try_recv().is_err(),
+            "nothing of the refused batch was queued"
+        );
         drop(receiver);
         assert!(!queue.is_ready());
         assert!(queue.publish(vec![record("e")]).await.is_err());

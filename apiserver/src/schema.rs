@@ -158,7 +158,11 @@ mod tests {
 
     #[test]
     fn valid_instances_have_no_violations() {
-        assert!(person().violations(0, &json!({"firstName": "Ada", "lastName": "L"})).is_empty());
+        assert!(
+            person()
+                .violations(0, &json!({"firstName": "Ada", "lastName": "L"}))
+                .is_empty()
+        );
     }
 
     #[test]
@@ -168,7 +172,11 @@ mod tests {
         let required = v.iter().find(|v| v.keyword == "required").unwrap();
         assert_eq!(required.item, 3);
         assert_eq!(required.instance_path, "");
-        assert!(required.message.contains("lastName"), "{}", required.message);
+        assert!(
+            required.message.contains("lastName"),
+            "{}",
+            required.message
+        );
         let age = v.iter().find(|v| v.keyword == "type").unwrap();
         assert_eq!(age.instance_path, "/age");
     }
@@ -202,7 +210,10 @@ mod tests {
         for _ in 0..MAX_SCHEMA_DEPTH {
             deep = json!({"properties": {"a": deep}});
         }
-        assert_eq!(CompiledSchema::from_value(&deep).unwrap_err(), SchemaError::TooDeep);
+        assert_eq!(
+            CompiledSchema::from_value(&deep).unwrap_err(),
+            SchemaError::TooDeep
+        );
         assert!(matches!(
             CompiledSchema::from_value(&json!({"type": 12})),
             Err(SchemaError::Invalid(_))
@@ -212,7 +223,8 @@ mod tests {
     #[test]
     fn patterns_use_a_linear_time_engine() {
         // Catastrophic for a backtracking engine; instant for `regex`.
-        let s = CompiledSchema::from_value(&json!({"type": "string", "pattern": "^(a+)+$"})).unwrap();
+        let s =
+            CompiledSchema::from_value(&json!({"type": "string", "pattern": "^(a+)+$"})).unwrap();
         let hostile = format!("{}!", "a".repeat(50_000));
         assert_eq!(s.violations(0, &json!(hostile)).len(), 1);
         // Backreferences need backtracking and are rejected rather than run slowly.
@@ -231,6 +243,10 @@ mod tests {
 
     #[test]
     fn accept_all_accepts_anything() {
-        assert!(CompiledSchema::accept_all().violations(0, &json!([1, {"a": null}])).is_empty());
+        assert!(
+            CompiledSchema::accept_all()
+                .violations(0, &json!([1, {"a": null}]))
+                .is_empty()
+        );
     }
 }

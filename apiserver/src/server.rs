@@ -2,10 +2,13 @@
 
 use std::net::SocketAddr;
 
-use actix_web::{App, HttpServer, web};
+use actix_web::{App, HttpResponse, HttpServer, web};
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{AppState, configure};
+
+/// Worker threads of the admin listener: probes and scrapes are rare and cheap.
+const ADMIN_WORKERS: usize = 1;
 
 /// How long in-flight requests may take to finish after shutdown is requested; a publish with
 /// acks takes milliseconds, so this only bounds pathological cases.
@@ -19,7 +22,11 @@ pub struct BoundServer {
 }
 
 /// Binds the public API on `listen` with `workers` threads (0 = one per core).
-pub fn bind(listen: SocketAddr, workers: usize, state: web::Data<AppState>) -> std::io::Result<BoundServer> {
+pub fn bind(
+    listen: SocketAddr,
+    workers: usize,
+    state: web::Data<AppState>,
+) -> std::io::Result<BoundServer> {
     let mut http = HttpServer::new(move || App::new().configure(configure(state.clone())))
         .disable_signals()
         .shutdown_timeout(SHUTDOWN_GRACE_SECS);
@@ -32,6 +39,55 @@ pub fn bind(listen: SocketAddr, workers: usize, state: web::Data<AppState>) -> s
         server: http.run(),
         local_addr,
     })
+}
+
+/// Binds the admin endpoints (`/healthz`, `/readyz`, `/metrics`) on `listen`.
+pub fn bind_admin(listen: SocketAddr, state: web::Data<AppState>) -> std::io::Result<BoundServer> {
+    let http = HttpServer::new(move || App::new().configure(configure_admin(state.clone())))
+        .disable_signals()
+        .workers(ADMIN_WORKERS)
+        .shutdown_timeout(1)
+        .bind(listen)?;
+    let local_addr = http.addrs()[0];
+    Ok(BoundServer {
+        server: http.run(),
+        local_addr,
+    })
+}
+
+/// Registers the admin routes; `App::new().configure(configure_admin(state))`.
+pub fn configure_admin(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |config| {
+        config
+            .app_data(state)
+            .route(
+                "/healthz",
+                web::get().to(|| async { HttpResponse::Ok().body("ok\n") }),
+            )
+            .route(
+                "/readyz",
+                web::get().to(|state: web::Data<AppState>| async move {
+                    let publisher = state.publisher.is_ready();
+                    let catalog = state
+                        .catalog_synced
+                        .load(std::sync::atomic::Ordering::Acquire);
+                    let body = serde_json::json!({"publisher": publisher, "catalog": catalog});
+                    if publisher && catalog {
+                        HttpResponse::Ok().json(body)
+                    } else {
+                        HttpResponse::ServiceUnavailable().json(body)
+                    }
+                }),
+            )
+            .route(
+                "/metrics",
+                web::get().to(|state: web::Data<AppState>| async move {
+                    HttpResponse::Ok()
+                        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+                        .body(state.metrics.encode())
+                }),
+            );
+    }
 }
 
 impl BoundServer {

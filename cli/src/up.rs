@@ -113,11 +113,7 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
     }
 
     let (queue, receiver) = MemoryQueue::new(args.queue_capacity);
-    let state = web::Data::new(AppState {
-        catalog: catalog.clone(),
-        publisher: Arc::new(queue),
-        max_body_bytes: args.max_body_bytes,
-    });
+    let state = web::Data::new(AppState::new(catalog.clone(), Arc::new(queue), args.max_body_bytes));
     let bound = server::bind(args.listen, args.http_workers, state)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let mut names: Vec<_> = catalog.snapshot().values().map(|e| (e.namespace.clone(), e.spec.name.clone(), e.schema.is_ok())).collect();

@@ -1,0 +1,338 @@
+//! Publishing accepted events to NATS JetStream, and reading their states from the KV bucket.
+//!
+//! One message per event on `jobico.<namespace>.<event>` in the stream `JOBICO`, with
+//! `Nats-Msg-Id: <namespace>.<event>.<id>` so a retried request is deduplicated by the server
+//! within the stream's duplicate window. All events of a request are published at once and
+//! their acks awaited together; the answer is positive only when every ack arrived. After an
+//! event's ack, its `accepted` state is written to the KV bucket `jobico-events` with a KV
+//! *create* (only if absent), so it never overwrites a later state the dispatcher wrote first.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
+use async_nats::{HeaderMap, connection::State};
+use futures::future::{BoxFuture, join_all};
+use jobico_common::subject::{
+    self, HEADER_EVENT, HEADER_EVENT_ID, HEADER_NAMESPACE, STATE_BUCKET, STREAM, STREAM_SUBJECTS,
+};
+use jobico_common::{EventRecord, EventState, EventStatus};
+
+use crate::metrics::Metrics;
+use crate::publish::{PublishError, Published, Publisher, StatusLookup};
+
+/// Publish acks awaited at once across all requests. async-nats blocks the publisher beyond
+/// 5,000 un-awaited acks; staying below keeps a burst from stalling every connection, and a
+/// request waiting for a slot is still bounded by the publish timeout.
+pub const MAX_ACKS_IN_FLIGHT: usize = 4096;
+
+/// How long a client waits before retrying after a 503 caused by NATS.
+const NATS_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// Longest pause between reconnection attempts: NATS coming back is noticed within this.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// Retention of the event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Retention {
+    /// Work queue: a message is removed once the dispatcher acks it, so "full" means "too much
+    /// not yet dispatched" (the default).
+    Workqueue,
+    /// Limits: messages stay until `max_age` or the size limits remove them.
+    Limits,
+}
+
+/// Settings of the stream and bucket, applied (create or update) at start.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// Most bytes the stream holds; beyond, publishes are refused (discard-new) and clients get 503.
+    pub max_bytes: i64,
+    /// Largest message (one event record) in bytes.
+    pub max_message_size: i32,
+    /// How long a `Nats-Msg-Id` is remembered for deduplication.
+    pub duplicate_window: Duration,
+    /// Oldest message kept (zero: no age limit).
+    pub max_age: Duration,
+    /// Replicas (1 for a single server, 3 for an R3 cluster).
+    pub replicas: usize,
+    /// Retention policy.
+    pub retention: Retention,
+    /// How long event states are kept in the KV bucket (zero: forever).
+    pub state_ttl: Duration,
+    /// Upper bound on one request's publish (all events, acks and state writes).
+    pub publish_timeout: Duration,
+    /// Whether to write the `accepted` state after each ack (off only to measure its cost).
+    pub record_accepted: bool,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            // 1 GiB of backlog: hours of traffic at typical rates, a bounded disk footprint.
+            max_bytes: 1 << 30,
+            // Bodies are capped at 256 KiB by default; the record adds a few hundred bytes.
+            max_message_size: 1 << 20,
+            // JetStream's own default.
+            duplicate_window: Duration::from_secs(120),
+            max_age: Duration::ZERO,
+            replicas: 1,
+            retention: Retention::Workqueue,
+            // A week: long after the Kubernetes Job and its logs are gone.
+            state_ttl: Duration::from_secs(7 * 24 * 3600),
+            // Acks take milliseconds; five seconds means NATS is not answering.
+            publish_timeout: Duration::from_secs(5),
+            record_accepted: true,
+        }
+    }
+}
+
+impl StreamSettings {
+    /// The stream configuration these settings describe.
+    pub fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: STREAM.to_string(),
+            subjects: vec![STREAM_SUBJECTS.to_string()],
+            description: Some("Jobico events accepted by the ingress".into()),
+            retention: match self.retention {
+                Retention::Workqueue => stream::RetentionPolicy::WorkQueue,
+                Retention::Limits => stream::RetentionPolicy::Limits,
+            },
+            discard: stream::DiscardPolicy::New,
+            max_bytes: self.max_bytes,
+            max_message_size: self.max_message_size,
+            duplicate_window: self.duplicate_window,
+            max_age: self.max_age,
+            num_replicas: self.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+}
+
+/// Why the NATS connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The server cannot be reached.
+    #[error("cannot connect to NATS at {url}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// The cause.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// The stream could not be created or updated.
+    #[error("cannot create or update stream {STREAM}")]
+    Stream(#[source] async_nats::jetstream::context::CreateStreamError),
+    /// The KV bucket could not be opened or created.
+    #[error("cannot open or create KV bucket {STATE_BUCKET}")]
+    Bucket(#[source] async_nats::jetstream::context::CreateKeyValueError),
+}
+
+/// Publishes events to JetStream and reads states from the KV bucket.
+pub struct JetStreamPublisher {
+    client: async_nats::Client,
+    context: jetstream::Context,
+    states: kv::Store,
+    settings: StreamSettings,
+    metrics: Metrics,
+}
+
+impl JetStreamPublisher {
+    /// Connects to `url`, creates or updates the stream and opens (or creates) the state bucket.
+    pub async fn connect(
+        url: &str,
+        settings: StreamSettings,
+        metrics: Metrics,
+    ) -> Result<Self, SetupError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("jobico-apiserver")
+            .reconnect_delay_callback(|attempts| {
+                (Duration::from_millis(50) * attempts.min(20) as u32).min(MAX_RECONNECT_DELAY)
+            })
+            .connect(url)
+            .await
+            .map_err(|source| SetupError::Connect {
+                url: url.to_string(),
+                source,
+            })?;
+        let context = jetstream::ContextBuilder::new()
+            .timeout(settings.publish_timeout)
+            .ack_timeout(settings.publish_timeout)
+            .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        context
+            .create_or_update_stream(settings.stream_config())
+            .await
+            .map_err(SetupError::Stream)?;
+        let states = match context.get_key_value(STATE_BUCKET).await {
+            Ok(store) => store,
+            Err(_) => context
+                .create_key_value(kv::Config {
+                    bucket: STATE_BUCKET.to_string(),
+                    description: "Jobico event states".into(),
+                    // A few states per event (accepted .. succeeded) for debugging.
+                    history: 8,
+                    max_age: settings.state_ttl,
+                    num_replicas: settings.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(SetupError::Bucket)?,
+        };
+        Ok(Self {
+            client,
+            context,
+            states,
+            settings,
+            metrics,
+        })
+    }
+
+    /// The JetStream context (for tests and the benchmark).
+    pub fn context(&self) -> &jetstream::Context {
+        &self.context
+    }
+
+    fn unavailable(reason: impl Into<String>) -> PublishError {
+        PublishError::Unavailable {
+            reason: reason.into(),
+            retry_after: NATS_RETRY_AFTER,
+        }
+    }
+
+    /// Publishes one event and waits for its ack; then records `accepted` (best effort).
+    async fn publish_one(&self, record: &EventRecord) -> Result<Published, PublishError> {
+        let mut headers = HeaderMap::new();
+        let msg_id = format!("{}.{}.{}", record.namespace, record.event, record.id);
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
+        headers.insert(HEADER_EVENT_ID, record.id.as_str());
+        headers.insert(HEADER_EVENT, record.event.as_str());
+        headers.insert(HEADER_NAMESPACE, record.namespace.as_str());
+        if let Some(traceparent) = record.attributes.get(crate::http::TRACEPARENT_ATTRIBUTE) {
+            headers.insert(subject::HEADER_TRACEPARENT, traceparent.as_str());
+        }
+        let payload = serde_json::to_vec(record).expect("an event record always serialises");
+        let subject = subject::event_subject(&record.namespace, &record.event);
+        let ack = self
+            .context
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(|e| Self::unavailable(format!("cannot publish to NATS: {e}")))?
+            .await
+            .map_err(|e| match e.kind() {
+                PublishErrorKind::TimedOut => Self::unavailable("NATS did not acknowledge in time"),
+                PublishErrorKind::StreamNotFound => {
+                    Self::unavailable(format!("stream {STREAM} does not exist"))
+                }
+                // Discard-new refusals (stream full) and other store errors arrive here.
+                _ => Self::unavailable(format!("NATS refused the event: {e}")),
+            })?;
+        if self.settings.record_accepted && !ack.duplicate {
+            self.record_accepted(record).await;
+        }
+        Ok(Published {
+            id: record.id.clone(),
+            duplicate: ack.duplicate,
+        })
+    }
+
+    async fn record_accepted(&self, record: &EventRecord) {
+        let status = EventStatus {
+            id: record.id.to_string(),
+            namespace: record.namespace.clone(),
+            event: record.event.clone(),
+            state: EventState::Accepted,
+            updated_at: jiff::Timestamp::now().to_string(),
+            job: None,
+            exit_code: None,
+            summary: None,
+            reason: None,
+        };
+        let value = serde_json::to_vec(&status).expect("a status always serialises");
+        let key = subject::state_key(&record.namespace, record.id.as_str());
+        match self.states.create(&key, value.into()).await {
+            Ok(_) => {}
+            // The dispatcher was faster and already wrote a later state: keep it.
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(error) => {
+                self.metrics.state_write_failures.inc();
+                tracing::warn!(%key, %error, "event kept in the stream, but its accepted state was not recorded");
+            }
+        }
+    }
+}
+
+impl Publisher for JetStreamPublisher {
+    fn publish(
+        &self,
+        events: Vec<EventRecord>,
+    ) -> BoxFuture<'_, Result<Vec<Published>, PublishError>> {
+        Box::pin(async move {
+            if self.client.connection_state() != State::Connected {
+                return Err(Self::unavailable("NATS is not connected"));
+            }
+            let started = Instant::now();
+            let all = join_all(events.iter().map(|e| self.publish_one(e)));
+            let results = tokio::time::timeout(self.settings.publish_timeout, all)
+                .await
+                .map_err(|_| Self::unavailable("NATS did not acknowledge in time"))?;
+            self.metrics.observe_publish(started.elapsed());
+            results.into_iter().collect()
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    fn status<'a>(
+        &'a self,
+        namespace: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<StatusLookup, PublishError>> {
+        Box::pin(async move {
+            if self.client.connection_state() != State::Connected {
+                return Err(Self::unavailable("NATS is not connected"));
+            }
+            let key = subject::state_key(namespace, id);
+            let entry = tokio::time::timeout(self.settings.publish_timeout, self.states.get(key))
+                .await
+                .map_err(|_| Self::unavailable("NATS did not answer in time"))?
+                .map_err(|e| Self::unavailable(format!("cannot read the event state: {e}")))?;
+            match entry {
+                None => Ok(StatusLookup::NotFound),
+                Some(bytes) => match serde_json::from_slice(&bytes) {
+                    Ok(status) => Ok(StatusLookup::Found(status)),
+                    Err(error) => {
+                        tracing::warn!(%namespace, %id, %error, "unreadable event state record");
+                        Ok(StatusLookup::NotFound)
+                    }
+                },
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_config_follows_the_settings() {
+        let settings = StreamSettings {
+            replicas: 3,
+            retention: Retention::Limits,
+            ..Default::default()
+        };
+        let config = settings.stream_config();
+        assert_eq!(config.name, "JOBICO");
+        assert_eq!(config.subjects, ["jobico.>"]);
+        assert_eq!(config.discard, stream::DiscardPolicy::New);
+        assert_eq!(config.retention, stream::RetentionPolicy::Limits);
+        assert_eq!(config.num_replicas, 3);
+        assert_eq!(config.duplicate_window, Duration::from_secs(120));
+        let default = StreamSettings::default().stream_config();
+        assert_eq!(default.retention, stream::RetentionPolicy::WorkQueue);
+    }
+}

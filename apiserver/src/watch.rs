@@ -1,0 +1,224 @@
+//! Cluster mode's catalog: reflectors on Job resources and ConfigMaps, rebuilding the catalog
+//! (debounced) whenever either changes.
+//!
+//! ConfigMaps are watched in the same namespaces as Jobs (all of them, or a list), optionally
+//! narrowed by a label selector. JobicoK8S schema ConfigMaps carry no label, so by default every
+//! ConfigMap is watched; `binaryData` (where modules live) and managed fields are dropped before
+//! caching to keep memory small. Schemas are compiled only when their text changes
+//! ([`SchemaCache`]).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{StreamExt, stream};
+use jobico_model::Job;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ListParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Catalog, CatalogProblem, SchemaCache, build_cached};
+
+/// Quiet time after a change before the catalog is rebuilt: a `kubectl apply` of a Job and its
+/// ConfigMaps arrives as a burst of events within milliseconds, and one rebuild covers them all.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// What to watch.
+#[derive(Debug, Clone, Default)]
+pub struct WatchConfig {
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    /// Label selector for ConfigMaps (e.g. `jobico.coeux.dev/schema`); none watches all.
+    pub config_map_selector: Option<String>,
+    /// Quiet time before a rebuild.
+    pub debounce: Duration,
+}
+
+/// Why watching could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The Job CRD is missing from the cluster.
+    #[error(
+        "the jobs.jobico.coeux.dev CustomResourceDefinition is not installed; install it with `kubectl apply -f crds/`"
+    )]
+    CrdMissing,
+    /// The API server refused or failed the check.
+    #[error("cannot list jobs.jobico.coeux.dev")]
+    Api(#[source] kube::Error),
+}
+
+fn apis<K>(client: &Client, namespaces: &[String]) -> Vec<Api<K>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    if namespaces.is_empty() {
+        vec![Api::all(client.clone())]
+    } else {
+        namespaces
+            .iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect()
+    }
+}
+
+/// Checks that the Job CRD is installed (one cheap list call).
+pub async fn check_crd(client: &Client, namespaces: &[String]) -> Result<(), WatchError> {
+    let api = apis::<Job>(client, namespaces).remove(0);
+    match api.list_metadata(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Err(WatchError::CrdMissing),
+        Err(error) => Err(WatchError::Api(error)),
+    }
+}
+
+/// Keeps `catalog` in step with the cluster until `shutdown`. `synced` turns true once every
+/// reflector has listed its objects and the first catalog is in place.
+pub async fn run(
+    client: Client,
+    config: WatchConfig,
+    catalog: Arc<Catalog>,
+    synced: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let changed = Arc::new(Notify::new());
+    let mut job_stores = Vec::new();
+    let mut map_stores = Vec::new();
+    let mut streams = Vec::new();
+    for api in apis::<Job>(&client, &config.namespaces) {
+        let (reader, writer) = reflector::store();
+        job_stores.push(reader);
+        let events = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default()).default_backoff(),
+        );
+        streams.push(
+            events
+                .map(|e| e.map(|_| ()).map_err(|e| ("Job", e)))
+                .boxed(),
+        );
+    }
+    let mut map_config = watcher::Config::default();
+    if let Some(selector) = &config.config_map_selector {
+        map_config = map_config.labels(selector);
+    }
+    for api in apis::<ConfigMap>(&client, &config.namespaces) {
+        let (reader, writer) = reflector::store();
+        map_stores.push(reader);
+        let slim = watcher(api, map_config.clone())
+            .modify(|map: &mut ConfigMap| {
+                map.binary_data = None;
+                map.metadata.managed_fields = None;
+            })
+            .default_backoff();
+        let events = reflector::reflector(writer, slim);
+        streams.push(
+            events
+                .map(|e| e.map(|_| ()).map_err(|e| ("ConfigMap", e)))
+                .boxed(),
+        );
+    }
+
+    let notify = changed.clone();
+    let pump = async move {
+        let mut all = stream::select_all(streams);
+        while let Some(event) = all.next().await {
+            match event {
+                Ok(()) => notify.notify_one(),
+                Err((kind, error)) => tracing::warn!(%kind, %error, "watch failed, retrying"),
+            }
+        }
+    };
+
+    let rebuild = async move {
+        for store in &job_stores {
+            let _ = store.wait_until_ready().await;
+        }
+        for store in &map_stores {
+            let _ = store.wait_until_ready().await;
+        }
+        let mut cache = SchemaCache::new();
+        let mut reported = BTreeSet::new();
+        loop {
+            let (events, problems) = rebuild_from(&job_stores, &map_stores, &mut cache);
+            report(&problems, &mut reported);
+            tracing::info!(
+                events = events.len(),
+                schemas = cache.len(),
+                "catalog rebuilt"
+            );
+            catalog.replace(events);
+            synced.store(true, Ordering::Release);
+            changed.notified().await;
+            tokio::time::sleep(config.debounce).await;
+        }
+    };
+
+    tokio::select! {
+        _ = pump => tracing::error!("the watch streams ended"),
+        _ = rebuild => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// Logs each problem once, when it first appears.
+fn report(problems: &[CatalogProblem], reported: &mut BTreeSet<(String, String, String)>) {
+    let current: BTreeSet<_> = problems
+        .iter()
+        .map(|p| (p.namespace.clone(), p.job.clone(), p.message.clone()))
+        .collect();
+    for (namespace, job, message) in current.difference(reported) {
+        tracing::error!(job = %format!("{namespace}/{job}"), "{message}");
+    }
+    *reported = current;
+}
+
+fn rebuild_from(
+    job_stores: &[Store<Job>],
+    map_stores: &[Store<ConfigMap>],
+    cache: &mut SchemaCache,
+) -> (crate::catalog::EventMap, Vec<CatalogProblem>) {
+    let jobs: Vec<Arc<Job>> = job_stores.iter().flat_map(Store::state).collect();
+    let maps: HashMap<(String, String), Arc<ConfigMap>> = map_stores
+        .iter()
+        .flat_map(Store::state)
+        .map(|m| {
+            let key = (
+                m.metadata.namespace.clone().unwrap_or_default(),
+                m.metadata.name.clone().unwrap_or_default(),
+            );
+            (key, m)
+        })
+        .collect();
+    catalog_from_objects(&jobs, &maps, cache)
+}
+
+/// Builds the catalog from watched objects: Jobs ordered by creation time (then namespace and
+/// name) so the oldest declaration of an event name wins, as in the cluster's history.
+pub fn catalog_from_objects(
+    jobs: &[Arc<Job>],
+    maps: &HashMap<(String, String), Arc<ConfigMap>>,
+    cache: &mut SchemaCache,
+) -> (crate::catalog::EventMap, Vec<CatalogProblem>) {
+    let mut ordered: Vec<&Job> = jobs.iter().map(Arc::as_ref).collect();
+    ordered.sort_by_key(|job| {
+        (
+            job.metadata.creation_timestamp.clone().map(|t| t.0),
+            job.metadata.namespace.clone(),
+            job.metadata.name.clone(),
+        )
+    });
+    build_cached(
+        ordered,
+        |ns, name| {
+            maps.get(&(ns.to_string(), name.to_string()))
+                .map(Arc::as_ref)
+        },
+        cache,
+    )
+}

@@ -1,0 +1,231 @@
+//! The ingress against a real nats-server (started per test by the testkit harness).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::{StatusCode, header};
+use async_nats::jetstream;
+use common::{VALID, put, send, state_with};
+use jobico_apiserver::jetstream::{JetStreamPublisher, StreamSettings};
+use jobico_apiserver::{AppState, Metrics};
+use jobico_common::subject::STATE_BUCKET;
+use jobico_common::{EventRecord, EventState, EventStatus};
+use jobico_testkit::NatsServer;
+use serde_json::json;
+
+const LIMIT: usize = 64 * 1024;
+
+/// Short timeouts so the outage test is quick.
+fn settings() -> StreamSettings {
+    StreamSettings {
+        publish_timeout: Duration::from_millis(1500),
+        ..Default::default()
+    }
+}
+
+async fn connect(
+    nats: &NatsServer,
+    settings: StreamSettings,
+) -> (actix_web::web::Data<AppState>, jetstream::Context) {
+    let publisher = JetStreamPublisher::connect(&nats.url(), settings, Metrics::new())
+        .await
+        .unwrap();
+    let context = publisher.context().clone();
+    (state_with(Arc::new(publisher), LIMIT), context)
+}
+
+async fn stream_messages(context: &jetstream::Context) -> u64 {
+    context
+        .get_stream("JOBICO")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+#[actix_web::test]
+async fn publishes_one_message_per_event_with_headers_and_records_accepted() {
+    let nats = NatsServer::start();
+    let (state, context) = connect(&nats, settings()).await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let req = put("/execute/default/ev1", VALID)
+        .insert_header(("traceparent", tp))
+        .insert_header(("Idempotency-Key", "order-1"));
+    let (status, _, body) = send(&state, req).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["ids"], json!(["order-1"]));
+
+    let stream = context.get_stream("JOBICO").await.unwrap();
+    let message = stream
+        .get_last_raw_message_by_subject("jobico.default.ev1")
+        .await
+        .unwrap();
+    let headers = message.headers;
+    assert_eq!(
+        headers.get("Nats-Msg-Id").unwrap().as_str(),
+        "default.ev1.order-1"
+    );
+    assert_eq!(headers.get("Jobico-Event-Id").unwrap().as_str(), "order-1");
+    assert_eq!(headers.get("Jobico-Event").unwrap().as_str(), "ev1");
+    assert_eq!(headers.get("Jobico-Namespace").unwrap().as_str(), "default");
+    assert_eq!(headers.get("traceparent").unwrap().as_str(), tp);
+    let record: EventRecord = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(
+        record.data,
+        json!({"firstName":"Ada","lastName":"Lovelace"})
+    );
+
+    let (status, _, body) = send(
+        &state,
+        actix_web::test::TestRequest::get().uri("/events/default/order-1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["state"].as_str(), body["event"].as_str()),
+        (Some("accepted"), Some("ev1"))
+    );
+    let (status, _, _) = send(
+        &state,
+        actix_web::test::TestRequest::get().uri("/events/default/unknown"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = send(
+        &state,
+        actix_web::test::TestRequest::get().uri("/events/default/bad.*id"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A batch is published at once; every event becomes one message.
+    let batch = format!("{{\"data\":[{}]}}", vec![VALID; 100].join(","));
+    let (status, _, body) = send(&state, put("/execute/default/ev1", &batch)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["ids"].as_array().unwrap().len(), 100);
+    assert_eq!(stream_messages(&context).await, 101);
+}
+
+#[actix_web::test]
+async fn a_repeated_idempotency_key_returns_the_original_id_and_stores_nothing() {
+    let nats = NatsServer::start();
+    let (state, context) = connect(&nats, settings()).await;
+    let req =
+        || put("/execute/default/ev1", VALID).insert_header(("Idempotency-Key", "urn:order/7"));
+    let (status, _, first) = send(&state, req()).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert!(first.get("duplicate").is_none());
+    let (status, _, second) = send(&state, req()).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(second["ids"], first["ids"]);
+    assert_eq!(second["duplicate"], true);
+    assert_eq!(stream_messages(&context).await, 1);
+    // The same key for another event is another event.
+    let other =
+        put("/execute/default/ev1", VALID).insert_header(("Idempotency-Key", "urn:order/8"));
+    assert!(send(&state, other).await.2.get("duplicate").is_none());
+    assert_eq!(stream_messages(&context).await, 2);
+}
+
+#[actix_web::test]
+async fn the_accepted_state_never_overwrites_a_later_one() {
+    let nats = NatsServer::start();
+    let (state, context) = connect(&nats, settings()).await;
+    let kv = context.get_key_value(STATE_BUCKET).await.unwrap();
+    let running = EventStatus {
+        id: "fast".into(),
+        namespace: "default".into(),
+        event: "ev1".into(),
+        state: EventState::Running,
+        updated_at: "2026-01-01T00:00:00Z".into(),
+        job: Some("job-1".into()),
+        exit_code: None,
+        summary: None,
+        reason: None,
+    };
+    kv.put("default.fast", serde_json::to_vec(&running).unwrap().into())
+        .await
+        .unwrap();
+    let req = put("/execute/default/ev1", VALID).insert_header(("Idempotency-Key", "fast"));
+    assert_eq!(send(&state, req).await.0, StatusCode::ACCEPTED);
+    let (_, _, body) = send(
+        &state,
+        actix_web::test::TestRequest::get().uri("/events/default/fast"),
+    )
+    .await;
+    assert_eq!(body["state"], "running");
+    assert_eq!(body["job"], "job-1");
+}
+
+#[actix_web::test]
+async fn nats_down_is_503_and_recovers_without_restart() {
+    let mut nats = NatsServer::start();
+    let (state, _context) = connect(&nats, settings()).await;
+    assert_eq!(
+        send(&state, put("/execute/default/ev1", VALID)).await.0,
+        StatusCode::ACCEPTED
+    );
+
+    nats.kill();
+    let started = Instant::now();
+    let (status, headers, body) = send(&state, put("/execute/default/ev1", VALID)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(headers.get(header::RETRY_AFTER).is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a request must not hang while NATS is down"
+    );
+    assert!(!state.is_ready());
+
+    nats.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _, body) = send(&state, put("/execute/default/ev1", VALID)).await;
+        if status == StatusCode::ACCEPTED {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after NATS returned: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(state.is_ready());
+}
+
+#[actix_web::test]
+async fn a_full_stream_is_503_and_keeps_nothing_new() {
+    let nats = NatsServer::start();
+    let small = StreamSettings {
+        max_bytes: 4096,
+        ..settings()
+    };
+    let (state, context) = connect(&nats, small).await;
+    let mut accepted = 0;
+    let mut refused = None;
+    for _ in 0..100 {
+        let (status, headers, body) = send(&state, put("/execute/default/ev1", VALID)).await;
+        match status {
+            StatusCode::ACCEPTED => accepted += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(headers.get(header::RETRY_AFTER).is_some());
+                refused = Some(body);
+                break;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    let refused = refused.expect("a 4 KiB stream must fill up");
+    assert!(
+        refused["error"].as_str().unwrap().contains("refused"),
+        "{refused}"
+    );
+    assert!(accepted > 0);
+    assert_eq!(stream_messages(&context).await, accepted);
+}
