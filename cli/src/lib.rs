@@ -60,6 +60,7 @@ impl Cli {
 }
 
 fn wat2wasm(input: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {
-    let wasm = wat::parse_file(input).with_context(|| format!("cannot compile {}", input.display()))?;
+    let wasm =
+        wat::parse_file(input).with_context(|| format!("cannot compile {}", input.display()))?;
     std::fs::write(output, wasm).with_context(|| format!("cannot write {}", output.display()))
 }

@@ -13,7 +13,7 @@ use jobico_common::EventRecord;
 use jobico_model::{EventSpec, Manifest};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use wasm_exec::{Capabilities, Limits, Module, OutputSink, Runtime, Stream};
+use wasm_exec::{Capabilities, EnvVar, EventOutcome, Limits, Module, OutputSink, Runtime, Stream};
 
 /// An event type ready to run: its compiled module and the limits from its declaration.
 #[derive(Clone)]
@@ -40,15 +40,16 @@ fn module_bytes(
     for dir in dirs {
         let path = dir.join(&spec.wasm);
         if path.is_file() {
-            let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
             return Ok((path.display().to_string(), bytes));
         }
     }
     // Then the Job's module ConfigMap, as the cluster would mount it.
-    let cr = manifest
-        .jobs
-        .iter()
-        .find(|j| j.metadata.namespace.as_deref() == Some(namespace) && j.metadata.name.as_deref() == Some(job));
+    let cr = manifest.jobs.iter().find(|j| {
+        j.metadata.namespace.as_deref() == Some(namespace)
+            && j.metadata.name.as_deref() == Some(job)
+    });
     if let Some(cr) = cr {
         let map_name = cr.modules_config_map();
         if let Some(data) = manifest
@@ -71,7 +72,7 @@ pub fn limits_for(spec: &EventSpec) -> Limits {
     let mut limits = Limits::default();
     if let Some(declared) = &spec.limits {
         if let Some(mib) = declared.memory_mib {
-            limits.memory_bytes = mib as usize * 1024 * 1024;
+            limits.memory_bytes = u64::from(mib) << 20;
         }
         if let Some(ms) = declared.timeout_millis {
             limits.deadline = Duration::from_millis(ms);
@@ -113,7 +114,15 @@ impl LocalExecutor {
             match loaded {
                 Ok(module) => {
                     let capabilities = Capabilities {
-                        env: entry.spec.env.iter().map(|v| (v.name.clone(), v.value.clone())).collect(),
+                        env: entry
+                            .spec
+                            .env
+                            .iter()
+                            .map(|v| EnvVar {
+                                name: v.name.clone(),
+                                value: v.value.clone(),
+                            })
+                            .collect(),
                         ..Capabilities::default()
                     };
                     prepared.insert(
@@ -151,7 +160,9 @@ impl LocalExecutor {
                 }
             };
             let Some(record) = record else { break };
-            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
             let prepared = prepared.clone();
             tokio::task::spawn_blocking(move || {
                 run_one(&prepared, &record);
@@ -182,15 +193,44 @@ fn run_one(prepared: &HashMap<(String, String), Prepared>, record: &EventRecord)
         tracing::error!(event = %tag, "no module prepared for this event; event dropped");
         return;
     };
-    let outcome = p
-        .module
-        .run(&record.to_exec(), &p.limits, &p.capabilities, &mut TaggedStdout { tag: &tag });
+    let outcome = p.module.run(
+        &record.to_exec(),
+        &p.limits,
+        &p.capabilities,
+        &mut TaggedStdout { tag: &tag },
+    );
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "[{tag}] {outcome}");
+    let _ = writeln!(out, "[{tag}] {}", describe(&outcome));
     let _ = out.flush();
+}
+
+/// One line saying how an event ended.
+pub fn describe(outcome: &EventOutcome) -> String {
+    let millis = outcome.duration.as_secs_f64() * 1000.0;
+    if outcome.succeeded() {
+        return format!("succeeded in {millis:.1} ms");
+    }
+    let kind = outcome
+        .error
+        .map(|k| {
+            serde_json::to_value(k)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+        })
+        .flatten()
+        .unwrap_or_else(|| "error".into());
+    let code = outcome
+        .exit_code
+        .map(|c| format!(", code {c}"))
+        .unwrap_or_default();
+    let message = outcome.message.as_deref().unwrap_or("");
+    format!("failed ({kind}{code}) in {millis:.1} ms: {message}")
 }
 
 /// The module directories to search, ignoring ones that do not exist.
 pub fn existing_dirs(dirs: &[PathBuf]) -> Vec<PathBuf> {
-    dirs.iter().filter(|d| Path::new(d).is_dir()).cloned().collect()
+    dirs.iter()
+        .filter(|d| Path::new(d).is_dir())
+        .cloned()
+        .collect()
 }

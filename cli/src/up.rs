@@ -92,7 +92,11 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
     if events.is_empty() {
         anyhow::bail!(
             "no usable events in {}: add Job resources (see samples/ev1.yaml)",
-            manifests.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            manifests
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
 
@@ -103,7 +107,13 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
     let runtime = wasm_exec::Runtime::new(wasm_exec::RuntimeConfig::default())
         .context("cannot start the WebAssembly runtime")?;
     let (executor, failures) = tokio::task::block_in_place(|| {
-        LocalExecutor::prepare(&runtime, &events, &manifest, &existing_dirs(&module_dirs), parallelism)
+        LocalExecutor::prepare(
+            &runtime,
+            &events,
+            &manifest,
+            &existing_dirs(&module_dirs),
+            parallelism,
+        )
     });
     let catalog = Arc::new(Catalog::new());
     catalog.replace(events);
@@ -113,10 +123,18 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
     }
 
     let (queue, receiver) = MemoryQueue::new(args.queue_capacity);
-    let state = web::Data::new(AppState::new(catalog.clone(), Arc::new(queue), args.max_body_bytes));
+    let state = web::Data::new(AppState::new(
+        catalog.clone(),
+        Arc::new(queue),
+        args.max_body_bytes,
+    ));
     let bound = server::bind(args.listen, args.http_workers, state)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let mut names: Vec<_> = catalog.snapshot().values().map(|e| (e.namespace.clone(), e.spec.name.clone(), e.schema.is_ok())).collect();
+    let mut names: Vec<_> = catalog
+        .snapshot()
+        .values()
+        .map(|e| (e.namespace.clone(), e.spec.name.clone(), e.schema.is_ok()))
+        .collect();
     names.sort();
     for (namespace, event, ready) in names {
         let url = format!("http://{}/execute/{namespace}/{event}", bound.local_addr);

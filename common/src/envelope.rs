@@ -78,8 +78,12 @@ mod tests {
         let one = ExecEvent::parse_many(br#"{"id":"a","data":{"x":1}}"#).unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].data, json!({"x":1}));
-        let many = ExecEvent::parse_many(br#"[{"id":"a","data":1},{"id":"b","data":null}]"#).unwrap();
-        assert_eq!(many.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let many =
+            ExecEvent::parse_many(br#"[{"id":"a","data":1},{"id":"b","data":null}]"#).unwrap();
+        assert_eq!(
+            many.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
     }
 
     #[test]

@@ -75,7 +75,10 @@ mod tests {
 
     #[test]
     fn states_serialise_in_kebab_case_and_records_omit_empty_fields() {
-        assert_eq!(serde_json::to_string(&EventState::DeadLettered).unwrap(), "\"dead-lettered\"");
+        assert_eq!(
+            serde_json::to_string(&EventState::DeadLettered).unwrap(),
+            "\"dead-lettered\""
+        );
         let status = EventStatus {
             id: "e1".into(),
             namespace: "default".into(),

