@@ -8,18 +8,22 @@
 use std::path::Path;
 use std::time::Duration;
 
+use jobico_common::state::exit;
 use serde::{Deserialize, Serialize};
 
+// The contract itself lives in `jobico_common::state::exit` (the dispatcher's pod failure
+// policy reads it); these are the same values as process exit codes.
+
 /// Exit code: every event succeeded.
-pub const EXIT_OK: u8 = 0;
+pub const EXIT_OK: u8 = exit::OK as u8;
 /// Exit code: the executor worked, but at least one event failed in the guest (non-zero exit,
 /// trap, deadline, memory or fuel limit, jobicolet error code, ABI violation). Retrying the
-/// same events is unlikely to help.
-pub const EXIT_GUEST_FAILED: u8 = 1;
+/// same events would fail the same way.
+pub const EXIT_GUEST_FAILED: u8 = exit::GUEST_FAILED as u8;
 /// Exit code: host or configuration error (bad flags, unreadable events, a module that cannot
 /// be loaded or fits no ABI, or an event that failed for a host reason). Also what clap uses
-/// for usage errors. Retrying may help once the configuration is fixed.
-pub const EXIT_HOST_ERROR: u8 = 2;
+/// for usage errors. Worth a retry once the cause is fixed.
+pub const EXIT_HOST_ERROR: u8 = exit::HOST_ERROR as u8;
 
 /// Kubernetes reads at most 4096 bytes of a container's termination message.
 pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
@@ -354,6 +358,13 @@ mod tests {
         assert_eq!(cut("short", 10), "short");
         let cutted = cut(&"é".repeat(100), 11);
         assert!(cutted.len() <= 11 && cutted.ends_with('…'), "{cutted}");
+    }
+
+    #[test]
+    fn exit_codes_match_the_shared_contract() {
+        assert_eq!(i32::from(EXIT_OK), exit::OK);
+        assert_eq!(i32::from(EXIT_GUEST_FAILED), exit::GUEST_FAILED);
+        assert_eq!(i32::from(EXIT_HOST_ERROR), exit::HOST_ERROR);
     }
 
     #[test]
