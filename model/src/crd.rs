@@ -19,7 +19,9 @@ pub const MAX_EVENTS_PER_JOB: usize = 64;
 pub const MAX_BATCH_EVENTS: u32 = 100;
 
 /// Desired state of a Jobico `Job`: the events it declares and how their Kubernetes Jobs look.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+// Each `printcolumn(...)` repeats `type_ = ...`, which clippy mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "jobico.coeux.dev",
     version = "v1",
@@ -31,12 +33,24 @@ pub const MAX_BATCH_EVENTS: u32 = 100;
     shortname = "jobico",
     category = "jobico",
     doc = "A set of events, each with a WebAssembly module and a JSON Schema.",
-    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
     printcolumn(name = "Events", type_ = "integer", json_path = ".status.events"),
-    printcolumn(name = "Dispatched", type_ = "integer", json_path = ".status.dispatched"),
+    printcolumn(
+        name = "Dispatched",
+        type_ = "integer",
+        json_path = ".status.dispatched"
+    ),
     printcolumn(name = "Succeeded", type_ = "integer", json_path = ".status.succeeded"),
     printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failed"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct JobSpec {
@@ -220,7 +234,10 @@ impl Job {
     pub fn modules_config_map(&self) -> String {
         match &self.spec.modules {
             Some(name) => name.clone(),
-            None => format!("{}-modules", self.metadata.name.as_deref().unwrap_or_default()),
+            None => format!(
+                "{}-modules",
+                self.metadata.name.as_deref().unwrap_or_default()
+            ),
         }
     }
 
@@ -262,15 +279,7 @@ mod tests {
 
     #[test]
     fn modules_config_map_defaults_to_name_suffix() {
-        let mut job = Job::new("job-for-ev1", JobSpec {
-            events: vec![],
-            modules: None,
-            template: None,
-            resources: None,
-            active_deadline_seconds: None,
-            backoff_limit: None,
-            ttl_seconds_after_finished: None,
-        });
+        let mut job = Job::new("job-for-ev1", JobSpec::default());
         assert_eq!(job.modules_config_map(), "job-for-ev1-modules");
         job.spec.modules = Some("shared-modules".into());
         assert_eq!(job.modules_config_map(), "shared-modules");

@@ -65,6 +65,22 @@ fn from_value<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Resul
     })
 }
 
+/// Deserialises a named object and fills in its namespace, as `kubectl apply` would.
+fn object<T>(value: serde_yaml::Value) -> Result<T, String>
+where
+    T: serde::de::DeserializeOwned + kube::Resource<DynamicType = ()>,
+{
+    let mut object: T = from_value(value)?;
+    if object.meta().name.is_none() {
+        return Err(format!("{} has no metadata.name", T::kind(&())));
+    }
+    object
+        .meta_mut()
+        .namespace
+        .get_or_insert_with(|| DEFAULT_NAMESPACE.into());
+    Ok(object)
+}
+
 impl Manifest {
     /// Reads every `.yaml`/`.yml` file in `path` (not recursive), or `path` itself if it is a
     /// file. Files are read in name order so results are stable.
@@ -105,33 +121,16 @@ impl Manifest {
                 index,
                 message,
             };
-            let value = serde_yaml::Value::deserialize(document).map_err(|e| fail(e.to_string()))?;
+            let value =
+                serde_yaml::Value::deserialize(document).map_err(|e| fail(e.to_string()))?;
             if value.is_null() {
                 continue;
             }
             let meta: TypeMeta =
                 serde_yaml::from_value(value.clone()).map_err(|e| fail(e.to_string()))?;
             match (meta.api_version.as_str(), meta.kind.as_str()) {
-                ("jobico.coeux.dev/v1", "Job") => {
-                    let mut job: Job = from_value(value).map_err(fail)?;
-                    job.metadata
-                        .namespace
-                        .get_or_insert_with(|| DEFAULT_NAMESPACE.into());
-                    if job.metadata.name.is_none() {
-                        return Err(fail("Job has no metadata.name".into()));
-                    }
-                    self.jobs.push(job);
-                }
-                ("v1", "ConfigMap") => {
-                    let mut map: ConfigMap = from_value(value).map_err(fail)?;
-                    map.metadata
-                        .namespace
-                        .get_or_insert_with(|| DEFAULT_NAMESPACE.into());
-                    if map.metadata.name.is_none() {
-                        return Err(fail("ConfigMap has no metadata.name".into()));
-                    }
-                    self.config_maps.push(map);
-                }
+                ("jobico.coeux.dev/v1", "Job") => self.jobs.push(object(value).map_err(fail)?),
+                ("v1", "ConfigMap") => self.config_maps.push(object(value).map_err(fail)?),
                 _ => {}
             }
         }
@@ -183,7 +182,10 @@ metadata:
         let mut manifest = Manifest::default();
         manifest.read_str(Path::new("t.yaml"), TWO_DOCS).unwrap();
         assert_eq!(manifest.jobs.len(), 1);
-        assert_eq!(manifest.jobs[0].metadata.namespace.as_deref(), Some("team-a"));
+        assert_eq!(
+            manifest.jobs[0].metadata.namespace.as_deref(),
+            Some("team-a")
+        );
         assert_eq!(manifest.jobs[0].spec.events[0].wasm, "echo.wasm");
         let map = manifest.config_map("default", "schema-ev1").unwrap();
         assert!(map.data.as_ref().unwrap().contains_key("schema-ev1.json"));
@@ -198,7 +200,10 @@ metadata:
             .unwrap_err();
         let message = err.to_string();
         assert!(message.starts_with("bad.yaml: document 1: "), "{message}");
-        assert!(message.contains("spec.events[0].name: invalid type"), "{message}");
+        assert!(
+            message.contains("spec.events[0].name: invalid type"),
+            "{message}"
+        );
     }
 
     #[test]

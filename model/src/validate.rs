@@ -127,12 +127,7 @@ mod tests {
             "j",
             JobSpec {
                 events,
-                modules: None,
-                template: None,
-                resources: None,
-                active_deadline_seconds: None,
-                backoff_limit: None,
-                ttl_seconds_after_finished: None,
+                ..JobSpec::default()
             },
         );
         job.metadata.namespace = Some("default".into());
