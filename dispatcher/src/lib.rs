@@ -1,1 +1,26 @@
-//! Placeholder: the dispatcher (issue 5).
+//! The Jobico dispatcher: validated events from JetStream become Kubernetes Jobs running
+//! wasm-exec, exactly one Job per event (or per batch).
+//!
+//! - [`backend`]: the [`Backend`](backend::Backend) seam and the [`Batch`](backend::Batch) type.
+//! - [`consumer`]: durable JetStream pull consumers, batching, retries, dead letters, acks.
+//! - [`render`]: the handlebars Job template.
+//! - [`kubernetes`]: the Kubernetes backend (Job creation).
+//! - [`state`]: event state records in the NATS KV bucket.
+//! - [`metrics`]: Prometheus metrics; [`admin`]: the admin port.
+//! - [`controller`]: the Job resource controller; [`tracker`]: Job and pod watches for states.
+//! - [`leader`]: Lease-based leader election; [`app`]: the binary's wiring.
+
+pub mod admin;
+pub mod app;
+pub mod backend;
+pub mod consumer;
+pub mod controller;
+pub mod kubernetes;
+pub mod leader;
+pub mod metrics;
+pub mod render;
+pub mod state;
+pub mod tracker;
+
+pub use backend::{Backend, Batch, DispatchError, Dispatched};
+pub use consumer::{ConsumerSet, Dispatcher, RetryPolicy};

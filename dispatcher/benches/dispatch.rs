@@ -1,0 +1,3 @@
+//! Dispatch benchmark (written below).
+
+fn main() {}

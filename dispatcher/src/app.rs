@@ -1,0 +1,133 @@
+//! The `jobico-dispatcher` binary: arguments and the process wiring.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use jobico_common::telemetry::LogArgs;
+
+use crate::admin::{self, Readiness};
+use crate::consumer::{ConsumerSet, Dispatcher, RetryPolicy, wait_for_stream};
+use crate::controller::{self, Context};
+use crate::kubernetes::KubeBackend;
+use crate::leader::{Elector, LeaseConfig};
+use crate::metrics::Metrics;
+use crate::render::Renderer;
+use crate::tracker;
+
+/// Turns events from the JetStream stream into Kubernetes Jobs running wasm-exec.
+#[derive(Debug, Parser)]
+#[command(name = "jobico-dispatcher", version)]
+pub struct Args {
+    /// NATS server URL.
+    #[arg(long, env = "JOBICO_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// Container image of the executor (runs `wasm-exec run`).
+    #[arg(long, env = "JOBICO_EXEC_IMAGE")]
+    pub exec_image: String,
+    /// Address of the admin port (/healthz, /readyz, /metrics).
+    #[arg(long, env = "JOBICO_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+    /// Namespace of the leader-election Lease (the dispatcher's own namespace).
+    #[arg(long, env = "JOBICO_LEASE_NAMESPACE", default_value = "jobico-system")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "JOBICO_LEASE_NAME", default_value = "jobico-dispatcher")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (the pod name).
+    #[arg(long, env = "HOSTNAME", default_value = "jobico-dispatcher")]
+    pub identity: String,
+    /// Dispatch attempts before an event is dead-lettered.
+    #[arg(long, env = "JOBICO_MAX_ATTEMPTS", default_value_t = 6)]
+    pub max_attempts: u32,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Runs the dispatcher until SIGTERM / Ctrl-C or until leadership is lost.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = jobico_common::shutdown::on_signals();
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Readiness::default();
+    let listener = admin::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin port {}", args.admin_listen))?;
+    let admin = tokio::spawn(admin::serve(
+        listener,
+        readiness.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    let client = kube::Client::try_default()
+        .await
+        .context("loading the kubeconfig or in-cluster configuration")?;
+    controller::check_crd(&client).await?;
+    let nats = async_nats::connect(&args.nats)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", args.nats))?;
+    let js = async_nats::jetstream::new(nats);
+    if wait_for_stream(&js, &shutdown).await.is_none() {
+        return Ok(());
+    }
+    readiness.set(true);
+
+    let elector = Elector::new(
+        client.clone(),
+        LeaseConfig::new(&args.lease_namespace, &args.lease_name, &args.identity),
+    );
+    if !elector.acquire(&shutdown).await {
+        return Ok(());
+    }
+    metrics.leader.set(1);
+
+    let backend = Arc::new(KubeBackend::new(
+        client.clone(),
+        Renderer::new(&args.exec_image),
+    ));
+    let retry = RetryPolicy {
+        max_attempts: args.max_attempts.max(1),
+        ..RetryPolicy::default()
+    };
+    let dispatcher = Dispatcher::connect(js, backend.clone(), metrics.clone(), retry)
+        .await
+        .context("opening the state bucket and dead-letter stream")?;
+    // Everything below stops on `work`: a signal, or the lease lost.
+    let work = shutdown.child_token();
+    let consumers = Arc::new(ConsumerSet::new(dispatcher.clone(), work.clone()));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        consumers.clone(),
+        Some(args.identity.clone()),
+    ));
+    let tracker = tokio::spawn(tracker::run(
+        client.clone(),
+        dispatcher.states.clone(),
+        backend.active.clone(),
+        dispatcher.counters.clone(),
+        metrics.clone(),
+        work.clone(),
+    ));
+    let counters = tokio::spawn(controller::flush_counters(
+        client.clone(),
+        dispatcher.counters.clone(),
+        work.clone(),
+    ));
+    let controller = tokio::spawn(controller::run(ctx, work.clone()));
+
+    let lost = elector.hold(&shutdown).await;
+    work.cancel();
+    // Drain: in-flight batches finish and are acked before the process ends.
+    consumers.shutdown().await;
+    let _ = tokio::join!(tracker, counters, controller);
+    metrics.leader.set(0);
+    if lost {
+        anyhow::bail!("lost the leader lease; exiting so a fresh start campaigns again");
+    }
+    elector.release().await;
+    shutdown.cancel();
+    let _ = admin.await;
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! Kubernetes Job rendering: a handlebars template (strict mode) filled with a batch's values,
+//! parsed into a `batch/v1` Job.
+//!
+//! Values reach the YAML only through two forms, so an event payload can never inject YAML:
+//! `{{x}}` writes `x` as a JSON string (quoted and escaped; JSON strings are valid YAML
+//! double-quoted scalars) and `{{json x}}` writes any value as JSON (YAML flow style).
+//! The variables are listed in [`TemplateContext`] and documented in the crate README.
+
+use std::collections::BTreeMap;
+
+use handlebars::{Context, Handlebars, Helper, HelperResult, Output, RenderContext};
+use jobico_common::state::exit;
+use jobico_model::EventSpec;
+use k8s_openapi::api::batch::v1::Job as BatchJob;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::backend::{Batch, keys};
+
+/// The default template, embedded in the binary.
+pub const DEFAULT_TEMPLATE: &str = include_str!("../templates/job.yaml.hbs");
+/// Default data key of a template ConfigMap named by a resource's `spec.template`.
+pub const DEFAULT_TEMPLATE_KEY: &str = "job.yaml.hbs";
+/// Where the module ConfigMap is mounted in the executor container.
+pub const MODULE_DIR: &str = "/jobico/module";
+
+/// Pod retries after a host failure when the resource sets none.
+pub const DEFAULT_BACKOFF_LIMIT: i32 = 2;
+/// Seconds a Job may run when the resource sets none: ample for a batch of 10-second events.
+pub const DEFAULT_ACTIVE_DEADLINE_SECONDS: i64 = 300;
+/// Seconds a finished Job is kept when the resource sets none; the event state outlives it.
+pub const DEFAULT_TTL_SECONDS_AFTER_FINISHED: i32 = 3600;
+/// Guest memory per event in MiB when the event sets none (wasm-exec's default).
+pub const DEFAULT_MEMORY_MIB: u32 = 64;
+/// Wall-clock limit per event in milliseconds when the event sets none (wasm-exec's default).
+pub const DEFAULT_TIMEOUT_MILLIS: u64 = 10_000;
+
+const TEMPLATE_NAME: &str = "default";
+
+/// Why a Job could not be rendered. Always permanent: the same input renders the same way.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The event is no longer declared by its resource.
+    #[error("event {0:?} is not declared by its resource")]
+    UnknownEvent(String),
+    /// The resource has no uid (the owner reference needs it).
+    #[error("resource {0} has no uid")]
+    NoUid(String),
+    /// The template failed to compile or render (strict mode: a missing variable is an error).
+    #[error("template: {0}")]
+    Template(#[source] Box<handlebars::RenderError>),
+    /// The output is not a valid Kubernetes Job.
+    #[error("rendered Job is not valid: {0}")]
+    Parse(#[source] serde_yaml::Error),
+    /// The output changed a field the dispatcher relies on.
+    #[error("rendered Job must keep {field} = {expected:?}")]
+    Identity {
+        /// The field.
+        field: &'static str,
+        /// The value it must have.
+        expected: String,
+    },
+}
+
+/// The values a template sees (serialised in camelCase).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateContext {
+    /// The Job name (deterministic, from the batch's first event id).
+    pub name: String,
+    /// The namespace.
+    pub namespace: String,
+    /// The event name.
+    pub event: String,
+    /// The event ids, in batch order.
+    pub ids: Vec<String>,
+    /// Labels for the Job and its pod.
+    pub labels: BTreeMap<String, String>,
+    /// Annotations for the Job and its pod (the event ids).
+    pub annotations: BTreeMap<String, String>,
+    /// The owner reference fields: `apiVersion`, `kind`, `name`, `uid`.
+    pub owner: BTreeMap<&'static str, String>,
+    /// The executor image (`--exec-image`).
+    pub image: String,
+    /// The container arguments (`run` and one `--env NAME=VALUE` per granted variable).
+    pub args: Vec<String>,
+    /// The events as the JSON text wasm-exec reads from `JOBICO_EVENTS`.
+    pub events: String,
+    /// The module: `configMap`, `key` (the wasm file name), `dir` and `path`.
+    pub module: BTreeMap<&'static str, String>,
+    /// Per-event limits in wasm-exec's syntax: `memory` (`64Mi`), `deadline` (`10000ms`),
+    /// `fuel` (a string, or null).
+    pub limits: Value,
+    /// The container's `resources`.
+    pub resources: Value,
+    /// `spec.backoffLimit`.
+    pub backoff_limit: i32,
+    /// `spec.activeDeadlineSeconds`.
+    pub active_deadline_seconds: i64,
+    /// `spec.ttlSecondsAfterFinished`.
+    pub ttl_seconds_after_finished: i32,
+    /// wasm-exec's exit codes: `ok`, `guestFailed`, `hostError`.
+    pub exit_codes: BTreeMap<&'static str, i32>,
+}
+
+/// Renders Jobs from the default template or from a resource's own.
+pub struct Renderer {
+    registry: Handlebars<'static>,
+    image: String,
+}
+
+impl std::fmt::Debug for Renderer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Renderer")
+            .field("image", &self.image)
+            .finish()
+    }
+}
+
+/// `value` as JSON that YAML reads back unchanged: serde_json's output with the characters
+/// YAML treats as line breaks or forbids (NEL, LS, PS, DEL, C1 controls, BOM, U+FFFE/U+FFFF)
+/// escaped as `\uXXXX`, which both JSON and YAML double-quoted scalars understand. JSON's
+/// structure is ASCII, so these characters can only occur inside strings.
+pub fn to_yaml_safe_json<T: Serialize + ?Sized>(value: &T) -> String {
+    let text = serde_json::to_string(value).expect("JSON values always serialise");
+    if text.is_ascii() {
+        return text;
+    }
+    let mut safe = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\u{7f}'..='\u{9f}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{feff}'
+            | '\u{fffe}'
+            | '\u{ffff}' => {
+                safe.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            _ => safe.push(c),
+        }
+    }
+    safe
+}
+
+fn json_helper(
+    h: &Helper<'_>,
+    _: &Handlebars<'_>,
+    _: &Context,
+    _: &mut RenderContext<'_, '_>,
+    out: &mut dyn Output,
+) -> HelperResult {
+    let value = h
+        .param(0)
+        .ok_or_else(|| handlebars::RenderErrorReason::ParamNotFoundForIndex("json", 0))?;
+    if value.is_value_missing() {
+        return Err(handlebars::RenderErrorReason::MissingVariable(Some(
+            value.relative_path().cloned().unwrap_or_default(),
+        ))
+        .into());
+    }
+    out.write(&to_yaml_safe_json(value.value()))?;
+    Ok(())
+}
+
+impl Renderer {
+    /// A renderer whose Jobs run `image`.
+    pub fn new(image: impl Into<String>) -> Self {
+        let mut registry = Handlebars::new();
+        registry.set_strict_mode(true);
+        registry.register_escape_fn(to_yaml_safe_json::<str>);
+        registry.register_helper("json", Box::new(json_helper));
+        registry
+            .register_template_string(TEMPLATE_NAME, DEFAULT_TEMPLATE)
+            .expect("the embedded template compiles");
+        Self {
+            registry,
+            image: image.into(),
+        }
+    }
+
+    /// The values a template sees for `batch`.
+    pub fn context(&self, batch: &Batch) -> Result<TemplateContext, RenderError> {
+        let spec: &EventSpec = batch
+            .spec()
+            .ok_or_else(|| RenderError::UnknownEvent(batch.event.clone()))?;
+        let owner = &batch.owner;
+        let owner_name = batch.owner_name().to_owned();
+        let uid = owner
+            .metadata
+            .uid
+            .clone()
+            .ok_or_else(|| RenderError::NoUid(format!("{}/{owner_name}", batch.namespace())))?;
+        let ids: Vec<String> = batch.ids().into_iter().map(str::to_owned).collect();
+        let mut labels = BTreeMap::from([
+            (keys::EVENT.to_owned(), batch.event.clone()),
+            (keys::JOB.to_owned(), owner_name.clone()),
+            (keys::MANAGED_BY.to_owned(), keys::MANAGER.to_owned()),
+        ]);
+        if let [only] = ids.as_slice() {
+            labels.insert(keys::EVENT_ID.to_owned(), only.clone());
+        }
+        let annotations = BTreeMap::from([(keys::EVENT_IDS.to_owned(), ids.join(","))]);
+        let exec: Vec<_> = batch.events.iter().map(|e| e.to_exec()).collect();
+        let limits = spec.limits.clone().unwrap_or_default();
+        let mut args = vec!["run".to_owned()];
+        for var in &spec.env {
+            args.push("--env".to_owned());
+            args.push(format!("{}={}", var.name, var.value));
+        }
+        let resources = match &owner.spec.resources {
+            Some(resources) => serde_json::to_value(resources).expect("resources serialise"),
+            None => json!({
+                "requests": {"cpu": "100m", "memory": "64Mi"},
+                "limits": {"memory": "128Mi"},
+            }),
+        };
+        Ok(TemplateContext {
+            name: batch.job_name(),
+            namespace: batch.namespace().to_owned(),
+            event: batch.event.clone(),
+            ids,
+            labels,
+            annotations,
+            owner: BTreeMap::from([
+                ("apiVersion", "jobico.coeux.dev/v1".to_owned()),
+                ("kind", "Job".to_owned()),
+                ("name", owner_name),
+                ("uid", uid),
+            ]),
+            image: self.image.clone(),
+            args,
+            events: serde_json::to_string(&exec).expect("events serialise"),
+            module: BTreeMap::from([
+                ("configMap", owner.modules_config_map()),
+                ("key", spec.wasm.clone()),
+                ("dir", MODULE_DIR.to_owned()),
+                ("path", format!("{MODULE_DIR}/{}", spec.wasm)),
+            ]),
+            limits: json!({
+                "memory": format!("{}Mi", limits.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB)),
+                "deadline": format!("{}ms", limits.timeout_millis.unwrap_or(DEFAULT_TIMEOUT_MILLIS)),
+                "fuel": limits.fuel.map(|f| f.to_string()),
+            }),
+            resources,
+            backoff_limit: owner.spec.backoff_limit.unwrap_or(DEFAULT_BACKOFF_LIMIT),
+            active_deadline_seconds: owner
+                .spec
+                .active_deadline_seconds
+                .unwrap_or(DEFAULT_ACTIVE_DEADLINE_SECONDS),
+            ttl_seconds_after_finished: owner
+                .spec
+                .ttl_seconds_after_finished
+                .unwrap_or(DEFAULT_TTL_SECONDS_AFTER_FINISHED),
+            exit_codes: BTreeMap::from([
+                ("ok", exit::OK),
+                ("guestFailed", exit::GUEST_FAILED),
+                ("hostError", exit::HOST_ERROR),
+            ]),
+        })
+    }
+
+    /// Renders `batch` with the default template (`template` = None) or the given source,
+    /// and checks the result keeps the name, namespace, labels and ids annotation the
+    /// dispatcher relies on (they are added to the Job and pod template when a custom
+    /// template leaves them out).
+    pub fn render(&self, batch: &Batch, template: Option<&str>) -> Result<BatchJob, RenderError> {
+        let text = self.render_text(batch, template)?;
+        let mut job: BatchJob = serde_yaml::from_str(&text).map_err(RenderError::Parse)?;
+        let context = self.context(batch)?;
+        let identity = |field, expected: &str, actual: Option<&String>| {
+            if actual.map(String::as_str) == Some(expected) {
+                Ok(())
+            } else {
+                Err(RenderError::Identity {
+                    field,
+                    expected: expected.to_owned(),
+                })
+            }
+        };
+        identity("metadata.name", &context.name, job.metadata.name.as_ref())?;
+        identity(
+            "metadata.namespace",
+            &context.namespace,
+            job.metadata.namespace.as_ref(),
+        )?;
+        let mut metas = vec![&mut job.metadata];
+        if let Some(spec) = job.spec.as_mut() {
+            metas.push(spec.template.metadata.get_or_insert_with(Default::default));
+        }
+        for meta in metas {
+            meta.labels
+                .get_or_insert_with(Default::default)
+                .extend(context.labels.clone());
+            meta.annotations
+                .get_or_insert_with(Default::default)
+                .extend(context.annotations.clone());
+        }
+        Ok(job)
+    }
+
+    /// The template's output text, before parsing.
+    pub fn render_text(
+        &self,
+        batch: &Batch,
+        template: Option<&str>,
+    ) -> Result<String, RenderError> {
+        let context = self.context(batch)?;
+        let result = match template {
+            None => self.registry.render(TEMPLATE_NAME, &context),
+            Some(source) => self.registry.render_template(source, &context),
+        };
+        result.map_err(|e| RenderError::Template(Box::new(e)))
+    }
+}

@@ -1,0 +1,196 @@
+//! The Kubernetes backend against a scripted fake API (exact methods, paths and bodies).
+
+mod support;
+
+use std::time::Duration;
+
+use jobico_dispatcher::backend::{Backend, DispatchError, Dispatched};
+use jobico_dispatcher::kubernetes::KubeBackend;
+use jobico_dispatcher::render::Renderer;
+use serde_json::{Value, json};
+use support::fake_api::{Verifier, status, too_many_requests, verifier};
+use support::{batch, golden, sample};
+
+const IMAGE: &str = "ghcr.io/coeux/wasm-exec:0.1.0";
+const CREATE: &str = "/apis/batch/v1/namespaces/default/jobs?&fieldManager=jobico-dispatcher";
+
+/// What the fake API does with the create, controller-rs style.
+enum Scenario {
+    /// 201 Created.
+    Created,
+    /// 409 AlreadyExists, then the existing Job carries these ids.
+    AlreadyExists(&'static str),
+    /// 429 with Retry-After.
+    Throttled(u32),
+    /// 500.
+    ServerError,
+    /// 422 Invalid.
+    Invalid,
+}
+
+impl Scenario {
+    async fn run(self, mut api: Verifier, name: String) -> Value {
+        let job_path = format!("/apis/batch/v1/namespaces/default/jobs/{name}");
+        match self {
+            Scenario::Created => api.expect("POST", CREATE, 201, json!({})).await,
+            Scenario::AlreadyExists(ids) => {
+                let body = api
+                    .expect(
+                        "POST",
+                        CREATE,
+                        409,
+                        status(409, "AlreadyExists", "jobs.batch exists"),
+                    )
+                    .await;
+                let existing = json!({"apiVersion": "batch/v1", "kind": "Job",
+                    "metadata": {"name": name, "namespace": "default",
+                                 "annotations": {"jobico.coeux.dev/event-ids": ids}}});
+                assert_eq!(
+                    api.expect("GET", &job_path, 200, existing).await,
+                    Value::Null
+                );
+                body
+            }
+            Scenario::Throttled(seconds) => {
+                api.expect("POST", CREATE, 429, too_many_requests(seconds))
+                    .await
+            }
+            Scenario::ServerError => {
+                api.expect(
+                    "POST",
+                    CREATE,
+                    500,
+                    status(500, "InternalError", "etcd timeout"),
+                )
+                .await
+            }
+            Scenario::Invalid => {
+                api.expect(
+                    "POST",
+                    CREATE,
+                    422,
+                    status(422, "Invalid", "spec.template: bad"),
+                )
+                .await
+            }
+        }
+    }
+}
+
+async fn dispatch(scenario: Scenario, ids: &[&str]) -> (Result<Dispatched, DispatchError>, Value) {
+    let (client, api) = verifier();
+    let backend = KubeBackend::new(client, Renderer::new(IMAGE));
+    let owner = sample("ev1.yaml");
+    let b = batch(&owner, ids);
+    let server = tokio::spawn(scenario.run(api, b.job_name()));
+    let result = tokio::time::timeout(Duration::from_secs(10), backend.dispatch(&b))
+        .await
+        .unwrap();
+    let body = server.await.unwrap();
+    (result, body)
+}
+
+#[tokio::test]
+async fn create_posts_the_golden_job_body() {
+    let (result, body) =
+        dispatch(Scenario::Created, &["0190c5a1-7b7e-7c3e-9f00-000000000001"]).await;
+    let dispatched = result.unwrap();
+    assert!(dispatched.created);
+    assert_eq!(dispatched.job, "jobico-ev1-2cba2f84d9735b38");
+    golden(
+        "ev1-create-request.json",
+        &(serde_json::to_string_pretty(&body).unwrap() + "\n"),
+    );
+    // The body is the rendered Job, nothing else.
+    let rendered: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/ev1.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(body, rendered);
+}
+
+#[tokio::test]
+async fn already_exists_with_the_same_ids_counts_as_created() {
+    let (result, _) = dispatch(Scenario::AlreadyExists("a1,b2"), &["a1", "b2"]).await;
+    assert_eq!(
+        result.unwrap(),
+        Dispatched {
+            job: jobico_dispatcher::backend::job_name("ev1", "a1"),
+            created: false
+        }
+    );
+}
+
+#[tokio::test]
+async fn already_exists_with_other_ids_reports_what_the_job_holds() {
+    let (result, _) = dispatch(Scenario::AlreadyExists("a1"), &["a1", "b2"]).await;
+    match result.unwrap_err() {
+        DispatchError::Taken { ids, .. } => assert_eq!(ids, ["a1"]),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn throttling_is_retryable_with_the_servers_delay() {
+    let (result, _) = dispatch(Scenario::Throttled(3), &["a1"]).await;
+    match result.unwrap_err() {
+        DispatchError::Retryable { retry_after, .. } => {
+            assert_eq!(retry_after, Some(Duration::from_secs(3)))
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn server_errors_retry_and_invalid_objects_do_not() {
+    let (result, _) = dispatch(Scenario::ServerError, &["a1"]).await;
+    assert!(matches!(
+        result.unwrap_err(),
+        DispatchError::Retryable {
+            retry_after: None,
+            ..
+        }
+    ));
+    let (result, _) = dispatch(Scenario::Invalid, &["a1"]).await;
+    assert!(matches!(
+        result.unwrap_err(),
+        DispatchError::Permanent { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_template_configmap_is_read_once_and_used() {
+    let (client, mut api) = verifier();
+    let backend = KubeBackend::new(client, Renderer::new(IMAGE));
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.spec.template = Some(jobico_model::TemplateRef {
+        name: "tpl".into(),
+        key: None,
+    });
+    let owner = std::sync::Arc::new(owner);
+    let template = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {{name}}\n  namespace: {{namespace}}\n  labels: {custom: \"yes\"}\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers: [{name: wasm-exec, image: {{image}}}]\n";
+    let server = tokio::spawn(async move {
+        let map = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tpl"}, "data": {"job.yaml.hbs": template}});
+        api.expect("GET", "/api/v1/namespaces/default/configmaps/tpl", 200, map)
+            .await;
+        let first = api.expect("POST", CREATE, 201, json!({})).await;
+        // Cached: the second dispatch goes straight to the create.
+        let second = api.expect("POST", CREATE, 201, json!({})).await;
+        (first, second)
+    });
+    backend.dispatch(&batch(&owner, &["a1"])).await.unwrap();
+    backend.dispatch(&batch(&owner, &["b2"])).await.unwrap();
+    let (first, second) = server.await.unwrap();
+    assert_eq!(first["metadata"]["labels"]["custom"], "yes");
+    assert_eq!(
+        first["metadata"]["labels"]["jobico.coeux.dev/event-id"],
+        "a1"
+    );
+    assert_eq!(
+        second["metadata"]["labels"]["jobico.coeux.dev/event-id"],
+        "b2"
+    );
+}

@@ -1,0 +1,181 @@
+//! Job rendering against golden files, one per sample, plus escaping and custom templates.
+
+mod support;
+
+use jobico_dispatcher::render::{RenderError, Renderer};
+use jobico_model::{BatchSpec, EnvVar, EventLimits};
+use k8s_openapi::api::batch::v1::Job as BatchJob;
+use serde_json::json;
+use support::{batch, golden, record, sample};
+
+const IMAGE: &str = "ghcr.io/coeux/wasm-exec:0.1.0";
+
+fn yaml(job: &BatchJob) -> String {
+    serde_yaml::to_string(job).unwrap()
+}
+
+#[test]
+fn samples_render_to_their_golden_jobs() {
+    let renderer = Renderer::new(IMAGE);
+    for (file, golden_name) in [("ev1.yaml", "ev1.yaml"), ("ev2.yaml", "ev2.yaml")] {
+        let owner = sample(file);
+        let job = renderer
+            .render(
+                &batch(&owner, &["0190c5a1-7b7e-7c3e-9f00-000000000001"]),
+                None,
+            )
+            .unwrap();
+        golden(golden_name, &yaml(&job));
+    }
+}
+
+#[test]
+fn a_batch_with_env_fuel_and_overrides_renders_to_its_golden_job() {
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.metadata.namespace = Some("team-a".into());
+    owner.spec.modules = Some("shared-modules".into());
+    owner.spec.backoff_limit = Some(0);
+    owner.spec.active_deadline_seconds = Some(60);
+    owner.spec.ttl_seconds_after_finished = Some(120);
+    owner.spec.resources =
+        Some(serde_json::from_value(json!({"limits": {"cpu": "1", "memory": "256Mi"}})).unwrap());
+    let event = &mut owner.spec.events[0];
+    event.batch = Some(BatchSpec {
+        max_events: 10,
+        max_wait_millis: None,
+        max_bytes: None,
+    });
+    event.limits = Some(EventLimits {
+        memory_mib: Some(32),
+        timeout_millis: Some(500),
+        fuel: Some(1_000_000),
+    });
+    event.env = vec![EnvVar {
+        name: "GREETING".into(),
+        value: "hello world".into(),
+    }];
+    let owner = std::sync::Arc::new(owner);
+    let job = Renderer::new(IMAGE)
+        .render(&batch(&owner, &["a1", "b2", "c3"]), None)
+        .unwrap();
+    golden("ev1-batch.yaml", &yaml(&job));
+    // A batch carries no single event-id label, but the ids annotation.
+    let labels = job.metadata.labels.as_ref().unwrap();
+    assert!(!labels.contains_key("jobico.coeux.dev/event-id"));
+    assert_eq!(
+        job.metadata.annotations.as_ref().unwrap()["jobico.coeux.dev/event-ids"],
+        "a1,b2,c3"
+    );
+}
+
+#[test]
+fn payloads_cannot_inject_yaml() {
+    let owner = sample("ev1.yaml");
+    let mut b = batch(&owner, &["x1"]);
+    let nasty = json!({
+        "firstName": "\"\n  evil: true\nspec: {}\n#",
+        "lastName": "{{name}} }} ]] ' \\ \u{2028} \t",
+        "unicode": "ünïcode ✓ \u{0000}",
+    });
+    b.events = vec![record("default", "ev1", "x1", nasty.clone())];
+    let job = Renderer::new(IMAGE).render(&b, None).unwrap();
+    let container = &job
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    let events = container
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "JOBICO_EVENTS")
+        .unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(events.value.as_deref().unwrap()).unwrap();
+    assert_eq!(parsed, json!([{"id": "x1", "data": nasty}]));
+    assert_eq!(job.metadata.name.as_deref(), Some(b.job_name().as_str()));
+    assert!(job.spec.as_ref().unwrap().backoff_limit == Some(2));
+}
+
+#[test]
+fn custom_templates_are_strict_and_keep_the_identity_fields() {
+    let owner = sample("ev1.yaml");
+    let b = batch(&owner, &["e1"]);
+    let renderer = Renderer::new(IMAGE);
+    let missing = renderer
+        .render(&b, Some("metadata:\n  name: {{nope}}\n"))
+        .unwrap_err();
+    assert!(matches!(missing, RenderError::Template(_)), "{missing}");
+    let minimal = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {{name}}\n  namespace: {{namespace}}\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers: [{name: x, image: {{image}}}]\n";
+    let job = renderer.render(&b, Some(minimal)).unwrap();
+    for meta in [
+        &job.metadata,
+        job.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap(),
+    ] {
+        assert_eq!(
+            meta.labels.as_ref().unwrap()["jobico.coeux.dev/event-id"],
+            "e1"
+        );
+        assert_eq!(meta.labels.as_ref().unwrap()["event"], "ev1");
+        assert_eq!(
+            meta.annotations.as_ref().unwrap()["jobico.coeux.dev/event-ids"],
+            "e1"
+        );
+    }
+    let renamed = minimal.replace("{{name}}", "other");
+    assert!(matches!(
+        renderer.render(&b, Some(&renamed)).unwrap_err(),
+        RenderError::Identity { .. }
+    ));
+    let broken = renderer.render(&b, Some("{{#if}")).unwrap_err();
+    assert!(matches!(broken, RenderError::Template(_)), "{broken}");
+}
+
+#[test]
+fn an_event_no_longer_declared_or_without_uid_is_an_error() {
+    let owner = sample("ev1.yaml");
+    let mut b = batch(&owner, &["e1"]);
+    b.event = "gone".into();
+    assert!(matches!(
+        Renderer::new(IMAGE).render(&b, None).unwrap_err(),
+        RenderError::UnknownEvent(_)
+    ));
+    let mut no_uid = (*owner).clone();
+    no_uid.metadata.uid = None;
+    let b = batch(&std::sync::Arc::new(no_uid), &["e1"]);
+    assert!(matches!(
+        Renderer::new(IMAGE).render(&b, None).unwrap_err(),
+        RenderError::NoUid(_)
+    ));
+}
+
+#[test]
+fn yaml_line_breaks_and_controls_survive_the_round_trip() {
+    use jobico_dispatcher::render::to_yaml_safe_json;
+    for text in [
+        "a\u{2028}b",
+        "\u{85} \u{2029} \u{feff}x",
+        "\u{7f}\u{9f}",
+        "plain",
+        "ü ✓ 😀",
+    ] {
+        let json = to_yaml_safe_json(text);
+        let via_yaml: String = serde_yaml::from_str(&json).unwrap();
+        let via_json: String = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            (via_yaml.as_str(), via_json.as_str()),
+            (text, text),
+            "{json}"
+        );
+    }
+}

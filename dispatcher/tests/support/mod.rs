@@ -1,0 +1,83 @@
+//! Fixtures shared by the dispatcher's integration tests.
+#![allow(dead_code, missing_docs)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use jobico_common::{EventId, EventRecord};
+use jobico_dispatcher::backend::Batch;
+use jobico_model::{Job as JobicoJob, Manifest};
+use serde_json::json;
+
+pub mod fake_api;
+
+/// The UID given to sample resources (the API server would assign one).
+pub const UID: &str = "6f1c9a4e-2b7d-4c1e-9a52-0c8f4a1d2e3b";
+
+/// The Jobico `Job` resources of `samples/<file>`, with a fixed uid.
+pub fn sample(file: &str) -> Arc<JobicoJob> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../samples")
+        .join(file);
+    let mut manifest = Manifest::default();
+    manifest.read_path(&path).expect("sample reads");
+    let mut job = manifest.jobs.into_iter().next().expect("sample has a Job");
+    job.metadata.uid = Some(UID.into());
+    Arc::new(job)
+}
+
+/// An event record of `event` in `namespace` with id `id`.
+pub fn record(namespace: &str, event: &str, id: &str, data: serde_json::Value) -> EventRecord {
+    EventRecord {
+        id: EventId::parse(id).expect("valid id"),
+        namespace: namespace.into(),
+        event: event.into(),
+        data,
+        attributes: Default::default(),
+    }
+}
+
+/// A batch of events with ids `ids` for the first event of `owner`.
+pub fn batch(owner: &Arc<JobicoJob>, ids: &[&str]) -> Batch {
+    let event = owner.spec.events[0].name.clone();
+    let namespace = owner.metadata.namespace.clone().unwrap();
+    Batch {
+        owner: owner.clone(),
+        event: event.clone(),
+        events: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                record(
+                    &namespace,
+                    &event,
+                    id,
+                    json!({"firstName": "Ada", "lastName": "Lovelace", "n": i}),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Compares `actual` with `tests/golden/<name>`; `JOBICO_BLESS=1` rewrites the file.
+pub fn golden(name: &str, actual: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("JOBICO_BLESS").is_some() {
+        std::fs::write(&path, actual).expect("write golden");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with JOBICO_BLESS=1 to create it)",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual,
+        expected,
+        "{} differs (JOBICO_BLESS=1 to accept)",
+        path.display()
+    );
+}
