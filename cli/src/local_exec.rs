@@ -23,9 +23,21 @@ struct Prepared {
     capabilities: Capabilities,
 }
 
+/// `(namespace, event name)`.
+pub type EventKey = (String, String);
+
+/// An event whose module could not be loaded, and why.
+#[derive(Debug)]
+pub struct Unloadable {
+    /// The event.
+    pub key: EventKey,
+    /// Why its module cannot run.
+    pub reason: String,
+}
+
 /// Modules by `(namespace, event)`.
 pub struct LocalExecutor {
-    prepared: HashMap<(String, String), Prepared>,
+    prepared: HashMap<EventKey, Prepared>,
     parallelism: usize,
 }
 
@@ -91,7 +103,7 @@ impl LocalExecutor {
         manifest: &Manifest,
         module_dirs: &[PathBuf],
         parallelism: usize,
-    ) -> (Self, Vec<((String, String), String)>) {
+    ) -> (Self, Vec<Unloadable>) {
         let mut compiled: HashMap<Vec<u8>, Module> = HashMap::new();
         let mut prepared = HashMap::new();
         let mut failures = Vec::new();
@@ -134,7 +146,10 @@ impl LocalExecutor {
                         },
                     );
                 }
-                Err(error) => failures.push((key, format!("{error:#}"))),
+                Err(error) => failures.push(Unloadable {
+                    key,
+                    reason: format!("{error:#}"),
+                }),
             }
         }
         (
@@ -186,7 +201,7 @@ impl OutputSink for TaggedStdout<'_> {
     }
 }
 
-fn run_one(prepared: &HashMap<(String, String), Prepared>, record: &EventRecord) {
+fn run_one(prepared: &HashMap<EventKey, Prepared>, record: &EventRecord) {
     let tag = format!("{}/{} {}", record.namespace, record.event, record.id);
     let Some(p) = prepared.get(&(record.namespace.clone(), record.event.clone())) else {
         // Cannot happen: the ingress only accepts events whose module is prepared.
@@ -212,12 +227,7 @@ pub fn describe(outcome: &EventOutcome) -> String {
     }
     let kind = outcome
         .error
-        .map(|k| {
-            serde_json::to_value(k)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-        })
-        .flatten()
+        .and_then(|k| serde_json::to_value(k).ok()?.as_str().map(String::from))
         .unwrap_or_else(|| "error".into());
     let code = outcome
         .exit_code

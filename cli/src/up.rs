@@ -117,9 +117,10 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
     });
     let catalog = Arc::new(Catalog::new());
     catalog.replace(events);
-    for ((namespace, event), reason) in failures {
-        tracing::error!(event = %format!("{namespace}/{event}"), "{reason}");
-        catalog.set_unavailable(&namespace, &event, reason);
+    for failure in failures {
+        let (namespace, event) = &failure.key;
+        tracing::error!(event = %format!("{namespace}/{event}"), "{}", failure.reason);
+        catalog.set_unavailable(namespace, event, failure.reason);
     }
 
     let (queue, receiver) = MemoryQueue::new(args.queue_capacity);
