@@ -222,3 +222,54 @@ pub fn catalog_from_objects(
         cache,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn job(name: &str, wasm: &str, created: &str) -> Arc<Job> {
+        let mut job: Job = serde_json::from_value(serde_json::json!({
+            "apiVersion": "jobico.coeux.dev/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"events": [{"name": "ev1", "wasm": wasm, "schema": {"key": "s", "optional": true}}]}
+        }))
+        .unwrap();
+        job.metadata.creation_timestamp = Some(Time(created.parse().unwrap()));
+        Arc::new(job)
+    }
+
+    #[test]
+    fn the_oldest_job_keeps_a_contested_event_name() {
+        let jobs = [
+            job("newer", "new.wasm", "2026-02-01T00:00:00Z"),
+            job("older", "old.wasm", "2026-01-01T00:00:00Z"),
+        ];
+        let (events, problems) =
+            catalog_from_objects(&jobs, &HashMap::new(), &mut SchemaCache::new());
+        let entry = &events[&("default".to_string(), "ev1".to_string())];
+        assert_eq!(
+            (entry.job.as_str(), entry.spec.wasm.as_str()),
+            ("older", "old.wasm")
+        );
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].job, "newer");
+    }
+
+    #[test]
+    fn problems_are_reported_once() {
+        let problem = CatalogProblem {
+            namespace: "default".into(),
+            job: "j".into(),
+            message: "m".into(),
+        };
+        let mut reported = BTreeSet::new();
+        report(std::slice::from_ref(&problem), &mut reported);
+        assert_eq!(reported.len(), 1);
+        report(&[], &mut reported);
+        assert!(
+            reported.is_empty(),
+            "a fixed problem is forgotten, so it is reported if it returns"
+        );
+    }
+}
