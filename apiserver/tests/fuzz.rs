@@ -140,7 +140,7 @@ async fn arbitrary_requests_never_panic_or_fail_with_5xx_other_than_503() {
     let mut seen = std::collections::BTreeMap::<u16, usize>::new();
     for case in 0..CASES {
         let method = actix_web::http::Method::from_bytes(rng.pick(&methods).as_bytes()).unwrap();
-        let path: &str = rng.pick(&paths);
+        let path = *rng.pick(&paths);
         let mut req = test::TestRequest::default().method(method).uri(path);
         let content_type = *rng.pick(&content_types);
         if !content_type.is_empty() {
