@@ -37,7 +37,7 @@ const DEAD_LETTER_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
 pub const MAX_IN_FLIGHT_BATCHES: usize = 32;
 /// How long JetStream waits for an ack before redelivering. Dispatch retries send progress
 /// acks, so only a dead dispatcher lets it expire.
-const ACK_WAIT: Duration = Duration::from_secs(60);
+pub const ACK_WAIT: Duration = Duration::from_secs(60);
 /// Most unacked messages per consumer: in-flight batches of the largest size, plus prefetch.
 const MAX_ACK_PENDING: i64 = 4_000;
 /// A consumer nobody pulls from for this long is removed by the server (its event was
@@ -122,6 +122,8 @@ pub struct Dispatcher<B> {
     pub counters: Counters,
     /// Dispatch retries.
     pub retry: RetryPolicy,
+    /// The consumers' ack wait (set when a consumer is created; [`ACK_WAIT`] by default).
+    pub ack_wait: Duration,
 }
 
 impl<B> std::fmt::Debug for Dispatcher<B> {
@@ -139,6 +141,18 @@ impl<B: Backend> Dispatcher<B> {
         backend: B,
         metrics: Arc<Metrics>,
         retry: RetryPolicy,
+    ) -> Result<Arc<Self>, ConsumerError> {
+        Self::connect_with(js, backend, metrics, retry, ACK_WAIT).await
+    }
+
+    /// [`Dispatcher::connect`] with another ack wait (tests use a short one to see
+    /// redeliveries quickly).
+    pub async fn connect_with(
+        js: jetstream::Context,
+        backend: B,
+        metrics: Arc<Metrics>,
+        retry: RetryPolicy,
+        ack_wait: Duration,
     ) -> Result<Arc<Self>, ConsumerError> {
         let states = StateStore::open(&js)
             .await
@@ -161,6 +175,7 @@ impl<B: Backend> Dispatcher<B> {
             metrics,
             counters: Counters::default(),
             retry,
+            ack_wait,
         }))
     }
 }
@@ -256,7 +271,7 @@ async fn consume<B: Backend>(
                 durable_name: Some(name.clone()),
                 filter_subject: event_subject(&namespace, event),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
+                ack_wait: ctx.ack_wait,
                 max_deliver: -1,
                 max_ack_pending: MAX_ACK_PENDING,
                 inactive_threshold: INACTIVE_THRESHOLD,

@@ -11,6 +11,10 @@ use serde_json::json;
 
 pub mod fake_api;
 
+use async_nats::jetstream;
+use jobico_common::subject::{HEADER_EVENT_ID, STREAM, STREAM_SUBJECTS, event_subject};
+use jobico_testkit::NatsServer;
+
 /// The UID given to sample resources (the API server would assign one).
 pub const UID: &str = "6f1c9a4e-2b7d-4c1e-9a52-0c8f4a1d2e3b";
 
@@ -80,4 +84,81 @@ pub fn golden(name: &str, actual: &str) {
         "{} differs (JOBICO_BLESS=1 to accept)",
         path.display()
     );
+}
+
+/// A nats-server with the event stream created as the ingress would.
+pub async fn nats() -> (NatsServer, jetstream::Context) {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url())
+        .await
+        .expect("connect to nats");
+    let js = jetstream::new(client);
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec![STREAM_SUBJECTS.into()],
+        ..Default::default()
+    })
+    .await
+    .expect("create the event stream");
+    (server, js)
+}
+
+/// A fresh JetStream context on a new connection (what a restarted process would have).
+pub async fn reconnect(server: &NatsServer) -> jetstream::Context {
+    jetstream::new(
+        async_nats::connect(server.url())
+            .await
+            .expect("connect to nats"),
+    )
+}
+
+/// Publishes `count` events `<prefix>-<i>` of `event` in `namespace`, as the ingress does.
+pub async fn publish(
+    js: &jetstream::Context,
+    namespace: &str,
+    event: &str,
+    prefix: &str,
+    count: usize,
+) -> Vec<String> {
+    let mut acks = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..count {
+        let id = format!("{prefix}-{i}");
+        let body = serde_json::to_vec(&record(
+            namespace,
+            event,
+            &id,
+            json!({"firstName": "Ada", "lastName": "Lovelace", "i": i}),
+        ))
+        .unwrap();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        headers.insert(HEADER_EVENT_ID, id.as_str());
+        acks.push(
+            js.publish_with_headers(event_subject(namespace, event), headers, body.into())
+                .await
+                .unwrap(),
+        );
+        ids.push(id);
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    ids
+}
+
+/// Polls `check` every 20 ms until it holds, failing after `seconds`.
+pub async fn eventually<F, Fut>(seconds: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

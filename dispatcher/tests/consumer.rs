@@ -1,0 +1,463 @@
+//! The consumer loop against a real nats-server, with a recording backend or the Kubernetes
+//! backend on a fake API: acks, batching, retries, dead letters, redelivery, crash, drain.
+
+mod support;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use jobico_common::EventState;
+use jobico_common::subject::STREAM;
+use jobico_dispatcher::backend::{Backend, Batch, DispatchError, Dispatched};
+use jobico_dispatcher::consumer::{
+    self, DEAD_LETTER_STREAM, HEADER_DEAD_LETTER_REASON, consumer_name,
+};
+use jobico_dispatcher::kubernetes::KubeBackend;
+use jobico_dispatcher::metrics::Metrics;
+use jobico_dispatcher::render::Renderer;
+use jobico_dispatcher::{Dispatcher, RetryPolicy};
+use jobico_model::{BatchSpec, Job as JobicoJob};
+use support::fake_api::{FakeCluster, status, too_many_requests};
+use support::{eventually, nats, publish, reconnect, sample};
+use tokio_util::sync::CancellationToken;
+
+const FAST: RetryPolicy = RetryPolicy {
+    max_attempts: 3,
+    base: Duration::from_millis(10),
+    max: Duration::from_millis(50),
+};
+
+/// Records every batch; answers from a script first, then "created".
+#[derive(Default)]
+struct Recording {
+    calls: Mutex<Vec<Vec<String>>>,
+    script: Mutex<VecDeque<DispatchError>>,
+    active: AtomicUsize,
+    delay: Mutex<Option<Duration>>,
+}
+
+impl Recording {
+    fn calls(&self) -> Vec<Vec<String>> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl Backend for Recording {
+    async fn dispatch(&self, batch: &Batch) -> Result<Dispatched, DispatchError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(batch.ids().iter().map(|s| s.to_string()).collect());
+        let delay = *self.delay.lock().unwrap();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        if let Some(error) = self.script.lock().unwrap().pop_front() {
+            return Err(error);
+        }
+        Ok(Dispatched {
+            job: batch.job_name(),
+            created: true,
+        })
+    }
+
+    fn active(&self, _: &str, _: &str) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+fn retryable() -> DispatchError {
+    DispatchError::Retryable {
+        reason: "api down".into(),
+        retry_after: None,
+    }
+}
+
+fn with_batch(max_events: u32, max_wait_millis: u32) -> Arc<JobicoJob> {
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.spec.events[0].batch = Some(BatchSpec {
+        max_events,
+        max_wait_millis: Some(max_wait_millis),
+        max_bytes: None,
+    });
+    Arc::new(owner)
+}
+
+async fn start<B: Backend>(
+    js: &jetstream::Context,
+    backend: B,
+    owner: Arc<JobicoJob>,
+    ack_wait: Duration,
+) -> (
+    Arc<Dispatcher<B>>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let ctx = Dispatcher::connect_with(
+        js.clone(),
+        backend,
+        Arc::new(Metrics::new()),
+        FAST,
+        ack_wait,
+    )
+    .await
+    .unwrap();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(consumer::run(
+        ctx.clone(),
+        owner,
+        "ev1".into(),
+        token.clone(),
+    ));
+    (ctx, token, handle)
+}
+
+/// (pending, ack-pending) of the event's consumer.
+async fn backlog(js: &jetstream::Context) -> (u64, usize) {
+    let stream = js.get_stream(STREAM).await.unwrap();
+    // Not created yet: report a backlog.
+    let Ok(mut consumer) = stream
+        .get_consumer::<jetstream::consumer::pull::Config>(&consumer_name("default", "ev1"))
+        .await
+    else {
+        return (u64::MAX, usize::MAX);
+    };
+    let info = consumer.info().await.unwrap();
+    (info.num_pending, info.num_ack_pending)
+}
+
+async fn state_of<B: Backend>(ctx: &Dispatcher<B>, id: &str) -> Option<jobico_common::EventStatus> {
+    ctx.states.get("default", id).await.unwrap()
+}
+
+#[tokio::test]
+async fn each_event_is_dispatched_recorded_and_acked() {
+    let (_server, js) = nats().await;
+    let backend = Arc::new(Recording::default());
+    let ids = publish(&js, "default", "ev1", "e", 5).await;
+    let (ctx, token, handle) =
+        start(&js, backend.clone(), sample("ev1.yaml"), consumer::ACK_WAIT).await;
+    eventually(10, "5 dispatches", || async { backend.calls().len() == 5 }).await;
+    eventually(10, "all acked", || async { backlog(&js).await == (0, 0) }).await;
+    for id in &ids {
+        let status = state_of(&ctx, id).await.unwrap();
+        assert_eq!(status.state, EventState::Dispatched);
+        assert_eq!(
+            status.job.as_deref(),
+            Some(jobico_dispatcher::backend::job_name("ev1", id).as_str())
+        );
+    }
+    let mut calls = backend.calls();
+    calls.sort();
+    assert_eq!(
+        calls,
+        ids.iter().map(|id| vec![id.clone()]).collect::<Vec<_>>()
+    );
+    assert_eq!(ctx.metrics.events_dispatched.get(), 5);
+    token.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn events_are_grouped_up_to_max_events() {
+    let (_server, js) = nats().await;
+    let backend = Arc::new(Recording::default());
+    publish(&js, "default", "ev1", "b", 25).await;
+    let (_ctx, token, handle) = start(
+        &js,
+        backend.clone(),
+        with_batch(10, 300),
+        consumer::ACK_WAIT,
+    )
+    .await;
+    eventually(10, "25 events dispatched", || async {
+        backend.calls().iter().map(Vec::len).sum::<usize>() == 25
+    })
+    .await;
+    let mut sizes: Vec<usize> = backend.calls().iter().map(Vec::len).collect();
+    sizes.sort();
+    assert_eq!(sizes, [5, 10, 10]);
+    token.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn failures_retry_then_dead_letter_with_the_reason() {
+    let (_server, js) = nats().await;
+    let backend = Arc::new(Recording::default());
+    // One transient failure, then success, for the first event; three (= max attempts) for
+    // the second, which is dead-lettered.
+    backend
+        .script
+        .lock()
+        .unwrap()
+        .extend([retryable(), retryable(), retryable(), retryable()]);
+    publish(&js, "default", "ev1", "r", 1).await;
+    let (ctx, token, handle) =
+        start(&js, backend.clone(), sample("ev1.yaml"), consumer::ACK_WAIT).await;
+    eventually(10, "dead-lettered", || async {
+        state_of(&ctx, "r-0")
+            .await
+            .is_some_and(|s| s.state == EventState::DeadLettered)
+    })
+    .await;
+    assert_eq!(backend.calls().len(), 3, "max_attempts bounds the attempts");
+    let status = state_of(&ctx, "r-0").await.unwrap();
+    assert!(
+        status
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("after 3 attempt(s): api down"),
+        "{status:?}"
+    );
+    // The event is durable in the dead-letter stream, with the reason, and gone from the main one.
+    let dlq = js.get_stream(DEAD_LETTER_STREAM).await.unwrap();
+    let message = dlq
+        .get_last_raw_message_by_subject("jobico-dlq.default.ev1")
+        .await
+        .unwrap();
+    let reason = message
+        .headers
+        .get(HEADER_DEAD_LETTER_REASON)
+        .unwrap()
+        .to_string();
+    assert!(reason.contains("api down"));
+    let record: jobico_common::EventRecord = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(record.id.as_str(), "r-0");
+    eventually(10, "acked", || async { backlog(&js).await == (0, 0) }).await;
+    assert_eq!(ctx.metrics.dispatch_retries.get(), 2);
+    // A second event succeeds after one transient failure.
+    publish(&js, "default", "ev1", "s", 1).await;
+    eventually(10, "dispatched", || async {
+        state_of(&ctx, "s-0")
+            .await
+            .is_some_and(|s| s.state == EventState::Dispatched)
+    })
+    .await;
+    assert_eq!(backend.calls().len(), 5);
+    token.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn throttling_waits_for_retry_after_and_server_errors_retry() {
+    let (_server, js) = nats().await;
+    let (client, cluster) = FakeCluster::start();
+    cluster.fail_next(too_many_requests(1));
+    cluster.fail_next(status(500, "InternalError", "etcd timeout"));
+    let backend = KubeBackend::new(client, Renderer::new("exec:1"));
+    let started = Instant::now();
+    publish(&js, "default", "ev1", "t", 1).await;
+    let (ctx, token, handle) = start(&js, backend, sample("ev1.yaml"), consumer::ACK_WAIT).await;
+    eventually(10, "job created", || async {
+        cluster.created.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 was not honoured"
+    );
+    assert_eq!(cluster.requests.load(Ordering::Relaxed), 3);
+    assert_eq!(ctx.metrics.dispatch_retries.get(), 2);
+    token.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_concurrency_cap_stops_pulling_until_jobs_finish() {
+    let (_server, js) = nats().await;
+    let backend = Arc::new(Recording::default());
+    backend.active.store(2, Ordering::Relaxed);
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.spec.events[0].concurrency = Some(2);
+    publish(&js, "default", "ev1", "c", 3).await;
+    let (_ctx, token, handle) =
+        start(&js, backend.clone(), Arc::new(owner), consumer::ACK_WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(backend.calls().is_empty(), "pulled at the cap");
+    backend.active.store(0, Ordering::Relaxed);
+    eventually(10, "dispatched after the cap lifted", || async {
+        backend.calls().len() == 3
+    })
+    .await;
+    token.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_batches_and_acks_them() {
+    let (_server, js) = nats().await;
+    let backend = Arc::new(Recording::default());
+    *backend.delay.lock().unwrap() = Some(Duration::from_millis(500));
+    publish(&js, "default", "ev1", "d", 1).await;
+    let (ctx, token, handle) =
+        start(&js, backend.clone(), sample("ev1.yaml"), consumer::ACK_WAIT).await;
+    eventually(10, "dispatch started", || async {
+        backend.calls().len() == 1
+    })
+    .await;
+    token.cancel();
+    handle.await.unwrap();
+    // run() returned only after the slow dispatch finished and was acked.
+    assert_eq!(
+        state_of(&ctx, "d-0").await.unwrap().state,
+        EventState::Dispatched
+    );
+    assert_eq!(backlog(&js).await, (0, 0));
+}
+
+/// Creates the Job, then hangs forever on every `hang_every`-th batch (as if the process died
+/// between the create and the ack).
+struct Crashing {
+    inner: KubeBackend,
+    calls: AtomicUsize,
+    hang_every: usize,
+}
+
+impl Backend for Crashing {
+    async fn dispatch(&self, batch: &Batch) -> Result<Dispatched, DispatchError> {
+        let result = self.inner.dispatch(batch).await;
+        if self.calls.fetch_add(1, Ordering::Relaxed) % self.hang_every == self.hang_every - 1 {
+            std::future::pending::<()>().await;
+        }
+        result
+    }
+}
+
+fn ids_per_job(cluster: &FakeCluster) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for job in cluster.jobs().values() {
+        let ids = job["metadata"]["annotations"]["jobico.coeux.dev/event-ids"]
+            .as_str()
+            .unwrap();
+        for id in ids.split(',') {
+            *seen.entry(id.to_owned()).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+async fn crash_and_restart(owner: Arc<JobicoJob>, events: usize) {
+    let (server, js) = nats().await;
+    let (client, cluster) = FakeCluster::start();
+    let ids = publish(&js, "default", "ev1", "k", events).await;
+    let ack_wait = Duration::from_secs(1);
+    let crashing = Crashing {
+        inner: KubeBackend::new(client.clone(), Renderer::new("exec:1")),
+        calls: AtomicUsize::new(0),
+        hang_every: 3,
+    };
+    let (_ctx, _token, handle) = start(&js, crashing, owner.clone(), ack_wait).await;
+    // Three batches means at least one hangs after its create.
+    eventually(10, "some Jobs created", || async {
+        cluster.created.load(Ordering::Relaxed) >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Kill the consumer mid-batch: hung dispatches have created Jobs that were never acked.
+    handle.abort();
+    let _ = handle.await;
+    assert!(backlog(&js).await.1 > 0, "the crash left unacked messages");
+    // Restart with a new connection and a healthy backend.
+    let js = reconnect(&server).await;
+    let (ctx, token, handle) = start(
+        &js,
+        KubeBackend::new(client, Renderer::new("exec:1")),
+        owner,
+        ack_wait,
+    )
+    .await;
+    eventually(20, "every event dispatched and acked", || async {
+        backlog(&js).await == (0, 0)
+    })
+    .await;
+    let seen = ids_per_job(&cluster);
+    assert_eq!(seen.len(), events, "every event is in a Job");
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "an event is in two Jobs: {seen:?}"
+    );
+    for id in &ids {
+        assert_eq!(
+            state_of(&ctx, id).await.unwrap().state,
+            EventState::Dispatched
+        );
+    }
+    token.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn killing_the_consumer_mid_batch_still_gives_one_job_per_event() {
+    crash_and_restart(sample("ev1.yaml"), 30).await;
+}
+
+#[tokio::test]
+async fn killing_a_batching_consumer_mid_batch_still_gives_one_job_per_event() {
+    crash_and_restart(with_batch(4, 50), 30).await;
+}
+
+#[tokio::test]
+async fn a_replay_to_a_recreated_consumer_creates_no_second_job() {
+    let (_server, js) = nats().await;
+    let (client, cluster) = FakeCluster::start();
+    publish(&js, "default", "ev1", "p", 4).await;
+    let (_ctx, token, handle) = start(
+        &js,
+        KubeBackend::new(client.clone(), Renderer::new("exec:1")),
+        sample("ev1.yaml"),
+        consumer::ACK_WAIT,
+    )
+    .await;
+    eventually(10, "acked", || async { backlog(&js).await == (0, 0) }).await;
+    token.cancel();
+    handle.await.unwrap();
+    // The durable consumer is deleted (e.g. expired); a new one replays the whole stream.
+    js.get_stream(STREAM)
+        .await
+        .unwrap()
+        .delete_consumer(&consumer_name("default", "ev1"))
+        .await
+        .unwrap();
+    let (ctx, token, handle) = start(
+        &js,
+        KubeBackend::new(client, Renderer::new("exec:1")),
+        sample("ev1.yaml"),
+        consumer::ACK_WAIT,
+    )
+    .await;
+    eventually(10, "replayed and acked", || async {
+        ctx.metrics.events_skipped.get() == 4
+    })
+    .await;
+    assert_eq!(cluster.created.load(Ordering::Relaxed), 4);
+    assert_eq!(cluster.jobs().len(), 4);
+    token.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn unreadable_messages_are_dead_lettered() {
+    let (_server, js) = nats().await;
+    js.publish("jobico.default.ev1", "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let backend = Arc::new(Recording::default());
+    let (ctx, token, handle) =
+        start(&js, backend.clone(), sample("ev1.yaml"), consumer::ACK_WAIT).await;
+    eventually(10, "dead-lettered", || async {
+        ctx.metrics.events_dead_lettered.get() == 1
+    })
+    .await;
+    assert!(backend.calls().is_empty());
+    let mut dlq = js.get_stream(DEAD_LETTER_STREAM).await.unwrap();
+    assert_eq!(dlq.info().await.unwrap().state.messages, 1);
+    token.cancel();
+    handle.await.unwrap();
+}
