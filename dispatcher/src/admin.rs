@@ -100,3 +100,46 @@ pub async fn serve(
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_health_readiness_and_metrics() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let readiness = Readiness::default();
+        let metrics = Arc::new(Metrics::new());
+        metrics.jobs_created.inc();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            readiness.clone(),
+            metrics,
+            shutdown.clone(),
+        ));
+        let get = |path: &'static str| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).await.unwrap();
+            text
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+        readiness.set(true);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        let metrics = get("/metrics?x=1").await;
+        assert!(
+            metrics.contains("jobico_dispatcher_jobs_created_total 1"),
+            "{metrics}"
+        );
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        shutdown.cancel();
+        server.await.unwrap();
+    }
+}

@@ -131,3 +131,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _ = admin.await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        let args =
+            Args::try_parse_from(["jobico-dispatcher", "--exec-image", "wasm-exec:1"]).unwrap();
+        assert_eq!(args.exec_image, "wasm-exec:1");
+        assert_eq!(args.admin_listen.port(), 9090);
+        assert_eq!(args.max_attempts, 6);
+        assert!(
+            Args::try_parse_from([
+                "jobico-dispatcher",
+                "--admin-listen",
+                "nope",
+                "--exec-image",
+                "x"
+            ])
+            .is_err()
+        );
+    }
+}
