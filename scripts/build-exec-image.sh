@@ -29,5 +29,10 @@ fi
 context="$(mktemp -d)"
 trap 'rm -rf "$context"' EXIT
 cp "$binary" "$context/wasm-exec"
+# The release profile keeps symbols (strip = "debuginfo"); the image does not need them.
+if command -v strip > /dev/null; then
+    strip "$context/wasm-exec"
+fi
+echo "image binary: $(stat -c %s "$context/wasm-exec") bytes"
 docker build --file wasm-exec/Dockerfile --tag "$image" "$context"
 echo "image: $image"

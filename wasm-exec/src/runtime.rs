@@ -90,6 +90,10 @@ fn pooling_config(config: &RuntimeConfig) -> PoolingAllocationConfig {
         .total_core_instances(count)
         .total_memories(count)
         .total_tables(count)
+        // Everything else we never use: wasmtime's defaults (1000 of each) cost about a
+        // thousand mprotect calls at every process start.
+        .total_stacks(count)
+        .total_component_instances(count)
         // Jobicolet and WASI guests use one memory and one table.
         .max_memories_per_module(1)
         .max_tables_per_module(1);
