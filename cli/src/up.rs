@@ -11,6 +11,7 @@ use std::sync::Arc;
 use actix_web::web;
 use anyhow::Context;
 use clap::Args;
+use jobico_apiserver::auth::{Auth, StaticTokens};
 use jobico_apiserver::http::DEFAULT_MAX_BODY_BYTES;
 use jobico_apiserver::{AppState, Catalog, MemoryQueue, catalog, server};
 use jobico_model::Manifest;
@@ -48,6 +49,10 @@ pub struct UpArgs {
     /// Events run at once (0: one per CPU core).
     #[arg(long, env = "JOBICO_EXECUTORS", default_value_t = 0)]
     pub executors: usize,
+    /// File of accepted bearer tokens (one per line, optionally followed by the namespaces it
+    /// may use, comma separated). Without it anyone may send events.
+    #[arg(long, env = "JOBICO_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// HTTP worker threads (0: one per CPU core).
     #[arg(long, env = "JOBICO_HTTP_WORKERS", default_value_t = 0)]
     pub http_workers: usize,
@@ -124,11 +129,14 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
     }
 
     let (queue, receiver) = MemoryQueue::new(args.queue_capacity);
-    let state = web::Data::new(AppState::new(
-        catalog.clone(),
-        Arc::new(queue),
-        args.max_body_bytes,
-    ));
+    let mut state = AppState::new(catalog.clone(), Arc::new(queue), args.max_body_bytes);
+    if let Some(path) = &args.token_file {
+        let tokens = StaticTokens::read(path)
+            .with_context(|| format!("cannot read the token file {}", path.display()))?;
+        state.auth = Arc::new(Auth::Static(tokens));
+        tracing::info!(file = %path.display(), "bearer tokens required");
+    }
+    let state = web::Data::new(state);
     let bound = server::bind(args.listen, args.http_workers, state)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let mut names: Vec<_> = catalog

@@ -80,18 +80,22 @@ impl Up {
 
     /// PUTs `body`; returns the status and the JSON answer.
     fn put(&self, path: &str, body: &str) -> (u16, Value) {
+        self.put_with(path, body, None)
+    }
+
+    /// PUTs `body` with an optional bearer token.
+    fn put_with(&self, path: &str, body: &str, token: Option<&str>) -> (u16, Value) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async {
             let url = format!("{}{path}", self.base);
-            let response = reqwest::Client::new()
-                .put(url)
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap();
+            let mut request = reqwest::Client::new().put(url).body(body.to_string());
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
             let status = response.status().as_u16();
             (status, response.json::<Value>().await.unwrap())
         })
@@ -231,4 +235,42 @@ fn a_missing_module_makes_only_its_event_unavailable() {
     assert_eq!(status, 202);
     up.wait_for(|l| l.contains("[default/ev1") && l.contains("succeeded in"));
     assert!(up.stop().0.success());
+}
+
+#[test]
+fn a_token_file_requires_bearer_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "s3cret default\nother-ns elsewhere\n").unwrap();
+    let samples = repo().join("samples");
+    let mut up = Up::start(
+        dir.path(),
+        &[
+            "--manifests",
+            samples.to_str().unwrap(),
+            "--token-file",
+            tokens.to_str().unwrap(),
+        ],
+    );
+    let body = r#"{"firstName":"A","lastName":"B"}"#;
+    assert_eq!(up.put("/execute/default/ev1", body).0, 401);
+    assert_eq!(
+        up.put_with("/execute/default/ev1", body, Some("wrong")).0,
+        401
+    );
+    assert_eq!(
+        up.put_with("/execute/default/ev1", body, Some("other-ns"))
+            .0,
+        403
+    );
+    let (status, answer) = up.put_with("/execute/default/ev1", body, Some("s3cret"));
+    assert_eq!(status, 202, "{answer}");
+    up.wait_for(|l| l.contains("[default/ev1") && l.contains("succeeded in"));
+    let (status, lines) = up.stop();
+    assert!(status.success());
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("succeeded in")).count(),
+        1,
+        "only the authorised event ran"
+    );
 }
