@@ -49,6 +49,9 @@ const STREAM_POLL: Duration = Duration::from_secs(2);
 const CAP_POLL: Duration = Duration::from_millis(200);
 /// Pause before re-creating a consumer whose message stream failed.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
+/// Consecutive pull errors (missed heartbeats, server restarts) before the consumer is
+/// re-created; single errors are normal and recovered by the client.
+const MAX_PULL_ERRORS: u32 = 10;
 /// Default wait for a batch to fill (the CRD's documented default).
 const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(1000);
 /// Default data bytes per batch (the CRD's documented default).
@@ -300,6 +303,7 @@ async fn consume<B: Backend>(
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
     let mut carry: Option<Message> = None;
+    let mut pull_errors = 0;
     let result = 'pull: loop {
         while tasks.try_join_next().is_some() {}
         if let Some(cap) = cap {
@@ -322,9 +326,16 @@ async fn consume<B: Backend>(
             None => tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 next = messages.next() => match next {
-                    Some(Ok(message)) => message,
+                    Some(Ok(message)) => {
+                        pull_errors = 0;
+                        message
+                    }
                     Some(Err(error)) => {
-                        tracing::debug!(%error, "pull error");
+                        pull_errors += 1;
+                        tracing::debug!(%error, pull_errors, "pull error");
+                        if pull_errors >= MAX_PULL_ERRORS {
+                            break Err(ConsumerError::Nats { what: format!("pulling from {name}"), message: error.to_string() });
+                        }
                         continue;
                     }
                     None => break Err(ConsumerError::Nats { what: format!("pulling from {name}"), message: "message stream ended".into() }),

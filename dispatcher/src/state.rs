@@ -94,7 +94,8 @@ impl StateStore {
             Err(_) => js
                 .create_key_value(kv::Config {
                     bucket: STATE_BUCKET.into(),
-                    history: 1,
+                    // As the ingress creates it: a few states per event for debugging.
+                    history: 8,
                     max_age: STATE_MAX_AGE,
                     ..Default::default()
                 })

@@ -223,9 +223,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let config = watcher::Config::default().labels(&selector());
-    let jobs = watcher(Api::<BatchJob>::all(client.clone()), config.clone())
-        .default_backoff()
-        .applied_objects();
+    let jobs = watcher(Api::<BatchJob>::all(client.clone()), config.clone()).default_backoff();
     let pods = watcher(Api::<Pod>::all(client), config)
         .default_backoff()
         .applied_objects();
@@ -233,13 +231,20 @@ pub async fn run(
         let mut jobs = std::pin::pin!(jobs);
         loop {
             match jobs.try_next().await {
-                Ok(Some(job)) => {
+                Ok(Some(watcher::Event::Apply(job) | watcher::Event::InitApply(job))) => {
                     let (origin, finished, updates) = job_updates(&job);
                     if let Some(origin) = origin {
                         active.set(&origin.namespace, &origin.event, &origin.job, !finished);
                         record(&states, &counters, &metrics, &origin, updates).await;
                     }
                 }
+                // A Job deleted before it finished no longer counts against the cap.
+                Ok(Some(watcher::Event::Delete(job))) => {
+                    if let (Some(origin), _, _) = job_updates(&job) {
+                        active.set(&origin.namespace, &origin.event, &origin.job, false);
+                    }
+                }
+                Ok(Some(watcher::Event::Init | watcher::Event::InitDone)) => {}
                 Ok(None) => break,
                 Err(error) => tracing::warn!(%error, "job watch failed, retrying"),
             }
