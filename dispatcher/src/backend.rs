@@ -144,6 +144,20 @@ pub trait Backend: Send + Sync + 'static {
         batch: &Batch,
     ) -> impl Future<Output = Result<Dispatched, DispatchError>> + Send;
 
+    /// Whether the run named `job` (an earlier [`Dispatched::job`]) exists and holds event
+    /// `id`. Asked for a redelivered or replayed event whose state record names a Job, to tell
+    /// a Job that exists from a claim whose create never happened. Backends that cannot tell
+    /// return `Ok(true)`, trusting the record.
+    fn holds(
+        &self,
+        namespace: &str,
+        job: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<bool, DispatchError>> + Send {
+        let _ = (namespace, job, id);
+        async { Ok(true) }
+    }
+
     /// How many Jobs of this event are currently active, for the per-event `concurrency` cap.
     /// Backends that cannot tell return 0 (no cap).
     fn active(&self, namespace: &str, event: &str) -> usize {
@@ -158,6 +172,15 @@ impl<B: Backend> Backend for Arc<B> {
         batch: &Batch,
     ) -> impl Future<Output = Result<Dispatched, DispatchError>> + Send {
         (**self).dispatch(batch)
+    }
+
+    fn holds(
+        &self,
+        namespace: &str,
+        job: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<bool, DispatchError>> + Send {
+        (**self).holds(namespace, job, id)
     }
 
     fn active(&self, namespace: &str, event: &str) -> usize {

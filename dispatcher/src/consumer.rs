@@ -408,21 +408,40 @@ async fn process<B: Backend>(
                     return None;
                 }
             };
-            // A redelivery, or a replay to a re-created consumer: the state says whether a
-            // Job already has the event.
-            match ctx.states.get(&namespace, record.id.as_str()).await {
-                Ok(Some(status)) if rank(status.state) >= rank(EventState::Dispatched) => {
-                    tracing::debug!(id = %record.id, state = ?status.state, "already dispatched, acking");
-                    ctx.metrics.events_skipped.inc();
-                    ack(&message).await;
-                    None
-                }
-                Ok(_) => Some((message, record)),
+            // A redelivery, or a replay to a re-created consumer: the state says whether the
+            // event was claimed for a Job, and the backend whether that Job really holds it
+            // (a crash between the claim and the create leaves a claim without a Job).
+            let id = record.id.as_str();
+            let status = match ctx.states.get(&namespace, id).await {
+                Ok(status) => status,
                 Err(error) => {
                     tracing::warn!(%error, "cannot read event state, dispatching anyway (the Job name deduplicates)");
-                    Some((message, record))
+                    None
                 }
+            };
+            let done = match &status {
+                Some(s) if rank(s.state) > rank(EventState::Dispatched) => true,
+                Some(s) if s.state == EventState::Dispatched => {
+                    let job = s.job.as_deref().unwrap_or_default();
+                    match ctx.backend.holds(&namespace, job, id).await {
+                        Ok(held) => held,
+                        Err(error) => {
+                            // Unknown: do not risk a second Job; try again later.
+                            tracing::warn!(%error, job, "cannot check the claimed Job, retrying the event later");
+                            let _ = message.ack_with(AckKind::Nak(Some(RESTART_DELAY * 5))).await;
+                            return None;
+                        }
+                    }
+                }
+                _ => false,
+            };
+            if done {
+                tracing::debug!(id, "already dispatched, acking");
+                ctx.metrics.events_skipped.inc();
+                ack(&message).await;
+                return None;
             }
+            Some((message, record))
         }
     });
     let mut pending: Vec<(Message, EventRecord)> = futures::future::join_all(checks)
@@ -433,6 +452,38 @@ async fn process<B: Backend>(
     let mut attempt = 0;
     while !pending.is_empty() {
         attempt += 1;
+        let batch = Batch {
+            owner: owner.clone(),
+            event: event.clone(),
+            events: pending.iter().map(|(_, r)| r.clone()).collect(),
+        };
+        // Claim every event for this Job name before creating it, so a crash after the
+        // create is recognised on redelivery however the events are regrouped.
+        let name = batch.job_name();
+        let claims = pending.iter().map(|(_, record)| {
+            ctx.states
+                .claim(&namespace, &event, record.id.as_str(), &name)
+        });
+        let claims = futures::future::join_all(claims).await;
+        let mut kept = Vec::with_capacity(pending.len());
+        for ((message, record), claim) in std::mem::take(&mut pending).into_iter().zip(claims) {
+            match claim {
+                Ok(None) => kept.push((message, record)),
+                Ok(Some(current)) => {
+                    tracing::debug!(id = %record.id, state = ?current.state, "already running or done, acking");
+                    ctx.metrics.events_skipped.inc();
+                    ack(&message).await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot claim the event, dispatching anyway (the Job name deduplicates)");
+                    kept.push((message, record));
+                }
+            }
+        }
+        pending = kept;
+        if pending.is_empty() {
+            return;
+        }
         let batch = Batch {
             owner: owner.clone(),
             event: event.clone(),
@@ -514,34 +565,22 @@ async fn ack(message: &Message) {
     }
 }
 
-/// Records `dispatched` for each event and acks its message.
+/// Acks the events of a dispatched batch (their `dispatched` state was written by the claim).
 async fn finish<B: Backend>(
     ctx: &Dispatcher<B>,
     batch: &Batch,
     events: Vec<(Message, EventRecord)>,
     dispatched: &Dispatched,
 ) {
-    let namespace = batch.namespace();
-    let writes = events.iter().map(|(message, record)| async move {
-        let mut status = state::status(
-            namespace,
-            &batch.event,
-            record.id.as_str(),
+    let acks = events.iter().map(|(message, _)| {
+        ctx.counters.add(
+            batch.namespace(),
+            batch.owner_name(),
             EventState::Dispatched,
         );
-        status.job = Some(dispatched.job.clone());
-        match ctx.states.advance(status).await {
-            Ok(Advanced::Moved) => {
-                ctx.metrics.state_updates.inc();
-                ctx.counters
-                    .add(namespace, batch.owner_name(), EventState::Dispatched);
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "cannot record the dispatched state"),
-        }
-        ack(message).await;
+        ack(message)
     });
-    futures::future::join_all(writes).await;
+    futures::future::join_all(acks).await;
     ctx.metrics.events_dispatched.inc_by(events.len() as u64);
     tracing::debug!(
         job = dispatched.job,

@@ -204,6 +204,14 @@ impl Backend for KubeBackend {
         }
     }
 
+    async fn holds(&self, namespace: &str, job: &str, id: &str) -> Result<bool, DispatchError> {
+        let jobs: Api<BatchJob> = Api::namespaced(self.client.clone(), namespace);
+        match jobs.get_opt(job).await.map_err(classify)? {
+            Some(existing) => Ok(job_ids(&existing).iter().any(|held| held == id)),
+            None => Ok(false),
+        }
+    }
+
     fn active(&self, namespace: &str, event: &str) -> usize {
         self.active.count(namespace, event)
     }

@@ -176,6 +176,69 @@ impl StateStore {
     }
 }
 
+impl StateStore {
+    /// Claims event `id` for Job `job` before the Job is created: writes `dispatched` with the
+    /// Job name unless the record is already `running` or later. A `dispatched` record naming
+    /// another Job is overwritten (the caller has checked that Job does not hold the event).
+    /// Returns `Ok(None)` when claimed, or the record that prevented it.
+    pub async fn claim(
+        &self,
+        namespace: &str,
+        event: &str,
+        id: &str,
+        job: &str,
+    ) -> Result<Option<EventStatus>, StateError> {
+        let key = state_key(namespace, id);
+        let fail = |message: String| StateError {
+            key: key.clone(),
+            message,
+        };
+        for _ in 0..CAS_ATTEMPTS {
+            let entry = self
+                .kv
+                .entry(key.clone())
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let current = entry
+                .as_ref()
+                .filter(|e| e.operation == kv::Operation::Put)
+                .and_then(|e| parse(&key, &e.value));
+            if let Some(current) = &current {
+                if rank(current.state) > rank(EventState::Dispatched) {
+                    return Ok(Some(current.clone()));
+                }
+                if current.state == EventState::Dispatched && current.job.as_deref() == Some(job) {
+                    return Ok(None);
+                }
+            }
+            let mut next = status(namespace, event, id, EventState::Dispatched);
+            next.job = Some(job.to_owned());
+            let body = serde_json::to_vec(&next).expect("status serialises");
+            let written = match entry {
+                Some(entry) => self
+                    .kv
+                    .update(&key, body.into(), entry.revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                None => self
+                    .kv
+                    .create(&key, body.into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            };
+            match written {
+                Ok(()) => return Ok(None),
+                Err(message) => tracing::debug!(key, message, "state claim raced, retrying"),
+            }
+        }
+        Err(fail(format!(
+            "gave up after {CAS_ATTEMPTS} conflicting writes"
+        )))
+    }
+}
+
 fn parse(key: &str, value: &[u8]) -> Option<EventStatus> {
     match serde_json::from_slice(value) {
         Ok(status) => Some(status),

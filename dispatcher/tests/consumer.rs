@@ -310,18 +310,22 @@ async fn shutdown_drains_in_flight_batches_and_acks_them() {
     assert_eq!(backlog(&js).await, (0, 0));
 }
 
-/// Creates the Job, then hangs forever on every `hang_every`-th batch (as if the process died
-/// between the create and the ack).
+/// Hangs forever on every third batch, after creating its Job (as if the process died between
+/// the create and the ack) or before (died between the state claim and the create).
 struct Crashing {
     inner: KubeBackend,
     calls: AtomicUsize,
-    hang_every: usize,
+    before_create: bool,
 }
 
 impl Backend for Crashing {
     async fn dispatch(&self, batch: &Batch) -> Result<Dispatched, DispatchError> {
+        let hang = self.calls.fetch_add(1, Ordering::Relaxed) % 3 == 2;
+        if hang && self.before_create {
+            std::future::pending::<()>().await;
+        }
         let result = self.inner.dispatch(batch).await;
-        if self.calls.fetch_add(1, Ordering::Relaxed) % self.hang_every == self.hang_every - 1 {
+        if hang {
             std::future::pending::<()>().await;
         }
         result
@@ -341,7 +345,11 @@ fn ids_per_job(cluster: &FakeCluster) -> BTreeMap<String, usize> {
     seen
 }
 
-async fn crash_and_restart(owner: Arc<JobicoJob>, events: usize) {
+/// Runs `before` until a few batches are through, kills it mid-batch, restarts with `after`
+/// (possibly batching differently, so redelivered events regroup) and checks that every event
+/// ends up in exactly one Job.
+async fn crash_and_restart(before: Arc<JobicoJob>, after: Arc<JobicoJob>, before_create: bool) {
+    let events = 30;
     let (server, js) = nats().await;
     let (client, cluster) = FakeCluster::start();
     let ids = publish(&js, "default", "ev1", "k", events).await;
@@ -349,10 +357,10 @@ async fn crash_and_restart(owner: Arc<JobicoJob>, events: usize) {
     let crashing = Crashing {
         inner: KubeBackend::new(client.clone(), Renderer::new("exec:1")),
         calls: AtomicUsize::new(0),
-        hang_every: 3,
+        before_create,
     };
-    let (_ctx, _token, handle) = start(&js, crashing, owner.clone(), ack_wait).await;
-    // Three batches means at least one hangs after its create.
+    let (_ctx, _token, handle) = start(&js, crashing, before, ack_wait).await;
+    // Four batches started means at least one hangs.
     eventually(10, "some Jobs created", || async {
         cluster.created.load(Ordering::Relaxed) >= 3
     })
@@ -367,7 +375,7 @@ async fn crash_and_restart(owner: Arc<JobicoJob>, events: usize) {
     let (ctx, token, handle) = start(
         &js,
         KubeBackend::new(client, Renderer::new("exec:1")),
-        owner,
+        after,
         ack_wait,
     )
     .await;
@@ -393,12 +401,17 @@ async fn crash_and_restart(owner: Arc<JobicoJob>, events: usize) {
 
 #[tokio::test]
 async fn killing_the_consumer_mid_batch_still_gives_one_job_per_event() {
-    crash_and_restart(sample("ev1.yaml"), 30).await;
+    crash_and_restart(sample("ev1.yaml"), sample("ev1.yaml"), false).await;
 }
 
 #[tokio::test]
-async fn killing_a_batching_consumer_mid_batch_still_gives_one_job_per_event() {
-    crash_and_restart(with_batch(4, 50), 30).await;
+async fn a_crash_after_the_create_with_regrouped_batches_gives_one_job_per_event() {
+    crash_and_restart(with_batch(4, 50), with_batch(3, 50), false).await;
+}
+
+#[tokio::test]
+async fn a_crash_between_claim_and_create_with_regrouped_batches_gives_one_job_per_event() {
+    crash_and_restart(with_batch(4, 50), with_batch(3, 50), true).await;
 }
 
 #[tokio::test]

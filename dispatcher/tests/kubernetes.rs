@@ -194,3 +194,44 @@ async fn a_template_configmap_is_read_once_and_used() {
         "b2"
     );
 }
+
+#[tokio::test]
+async fn holds_asks_whether_the_claimed_job_has_the_event() {
+    let (client, mut api) = verifier();
+    let backend = KubeBackend::new(client, Renderer::new(IMAGE));
+    let path = "/apis/batch/v1/namespaces/default/jobs/jobico-ev1-x";
+    let server = tokio::spawn(async move {
+        let job = json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "jobico-ev1-x", "namespace": "default", "annotations": {"jobico.coeux.dev/event-ids": "a1,b2"}}});
+        api.expect("GET", path, 200, job.clone()).await;
+        api.expect("GET", path, 200, job).await;
+        api.expect("GET", path, 404, status(404, "NotFound", "not found"))
+            .await;
+        api.expect("GET", path, 503, status(503, "ServiceUnavailable", "down"))
+            .await;
+    });
+    assert!(
+        backend
+            .holds("default", "jobico-ev1-x", "b2")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !backend
+            .holds("default", "jobico-ev1-x", "c3")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !backend
+            .holds("default", "jobico-ev1-x", "a1")
+            .await
+            .unwrap(),
+        "no Job, no hold"
+    );
+    assert!(matches!(
+        backend.holds("default", "jobico-ev1-x", "a1").await,
+        Err(DispatchError::Retryable { .. })
+    ));
+    server.await.unwrap();
+}
