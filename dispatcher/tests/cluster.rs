@@ -496,3 +496,66 @@ async fn the_tracker_relists_after_a_410_and_records_states() {
     shutdown.cancel();
     run.await.unwrap();
 }
+
+#[tokio::test]
+async fn the_crd_check_says_how_to_install_it() {
+    let (client, mut api) = verifier();
+    let server = tokio::spawn(async move {
+        let path = "/apis/jobico.coeux.dev/v1/jobs?&limit=1";
+        api.expect(
+            "GET",
+            path,
+            404,
+            status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        )
+        .await;
+        api.expect("GET", path, 200, json!({"apiVersion": "jobico.coeux.dev/v1", "kind": "JobList", "metadata": {}, "items": []})).await;
+    });
+    let missing = controller::check_crd(&client)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains("kubectl apply -f crds/job.yaml"),
+        "{missing}"
+    );
+    controller::check_crd(&client).await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_leader_that_sees_another_holder_gives_up_at_once() {
+    const LEASE: &str =
+        "/apis/coordination.k8s.io/v1/namespaces/jobico-system/leases/jobico-dispatcher";
+    let (client, mut api) = verifier();
+    let mut config = LeaseConfig::new("jobico-system", "jobico-dispatcher", "pod-a");
+    config.renew = Duration::from_millis(10);
+    let elector = Elector::new(client, config);
+    let now = jiff::Timestamp::now().to_string();
+    let server = tokio::spawn(async move {
+        // One renewal, then pod-b holds a fresh lease (we were partitioned).
+        api.expect("GET", LEASE, 200, lease("pod-a", &now, "3"))
+            .await;
+        api.expect(
+            "PUT",
+            &format!("{LEASE}?&fieldManager=jobico-dispatcher"),
+            200,
+            json!({}),
+        )
+        .await;
+        api.expect("GET", LEASE, 200, lease("pod-b", &now, "5"))
+            .await;
+    });
+    let lost = tokio::time::timeout(
+        Duration::from_secs(5),
+        elector.hold(&CancellationToken::new()),
+    )
+    .await
+    .unwrap();
+    assert!(lost);
+    server.await.unwrap();
+}
