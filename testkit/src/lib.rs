@@ -69,10 +69,17 @@ impl NatsServer {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let deadline = Instant::now() + START_TIMEOUT;
         while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("nats-server exited at start with {status}");
             }
-            assert!(Instant::now() < deadline, "nats-server did not start within {START_TIMEOUT:?}");
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start within {START_TIMEOUT:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
