@@ -102,7 +102,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         consumers.clone(),
         Some(args.identity.clone()),
     ));
-    let tracker = tokio::spawn(tracker::run(
+    let mut tracker = tokio::spawn(tracker::run(
         client.clone(),
         dispatcher.states.clone(),
         backend.active.clone(),
@@ -115,16 +115,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         dispatcher.counters.clone(),
         work.clone(),
     ));
-    let controller = tokio::spawn(controller::run(ctx, work.clone()));
+    let mut controller = tokio::spawn(controller::run(ctx, work.clone()));
 
-    let lost = elector.hold(&shutdown).await;
+    // Any of these ending is the end of the process: Kubernetes restarts it.
+    let failure = tokio::select! {
+        lost = elector.hold(&shutdown) => lost.then_some("lost the leader lease"),
+        // On SIGTERM these end too (their token is a child of `shutdown`): not a failure.
+        _ = &mut tracker => (!shutdown.is_cancelled()).then_some("the state tracker stopped"),
+        _ = &mut controller => (!shutdown.is_cancelled()).then_some("the controller stopped"),
+    };
     work.cancel();
     // Drain: in-flight batches finish and are acked before the process ends.
     consumers.shutdown().await;
-    let _ = tokio::join!(tracker, counters, controller);
+    for task in [tracker, controller, counters] {
+        if !task.is_finished() {
+            let _ = task.await;
+        }
+    }
     metrics.leader.set(0);
-    if lost {
-        anyhow::bail!("lost the leader lease; exiting so a fresh start campaigns again");
+    if let Some(failure) = failure {
+        anyhow::bail!("{failure}; exiting so a fresh start campaigns again");
     }
     elector.release().await;
     shutdown.cancel();

@@ -388,6 +388,7 @@ async fn consume<B: Backend>(
 }
 
 /// Processes one pulled batch: parse, skip what is already dispatched, dispatch the rest.
+#[tracing::instrument(level = "debug", skip_all, fields(messages = messages.len()))]
 async fn process<B: Backend>(
     ctx: &Dispatcher<B>,
     owner: Arc<JobicoJob>,
