@@ -100,6 +100,28 @@ fn pooling_config(config: &RuntimeConfig) -> PoolingAllocationConfig {
     pooling
 }
 
+/// WASI errno `NOTSUP`.
+const ERRNO_NOTSUP: i32 = 58;
+
+/// Replaces WASI's `poll_oneoff` with one that answers `NOTSUP`. Epoch interruption stops only
+/// running WebAssembly: a guest sleeping in `poll_oneoff` would hold its thread past the
+/// deadline. Stdin is an in-memory pipe, so the only thing a guest could wait for is a clock,
+/// and an event handler has no business sleeping.
+fn refuse_sleeping(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    linker.func_wrap(
+        "wasi_snapshot_preview1",
+        "poll_oneoff",
+        |_: wasmtime::Caller<'_, HostState>,
+         _subscriptions: i32,
+         _events: i32,
+         _count: i32,
+         _written: i32| { ERRNO_NOTSUP },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
 impl Runtime {
     /// Creates the engine, the linker (WASI preview1 plus `env.log`) and the epoch ticker.
     pub fn new(config: RuntimeConfig) -> Result<Self, Error> {
@@ -119,6 +141,7 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |state: &mut HostState| &mut state.wasi)
             .map_err(|e| Error::Engine { source: boxed(e) })?;
+        refuse_sleeping(&mut linker).map_err(|e| Error::Engine { source: boxed(e) })?;
         jobicolet::add_to_linker(&mut linker).map_err(|e| Error::Engine { source: boxed(e) })?;
         let ticker = spawn_ticker(engine.clone(), config.epoch_tick)?;
         let cache = config.cache_dir.clone().map(ModuleCache::new);

@@ -42,6 +42,26 @@ fn infinite_loop_stops_at_the_deadline() {
 }
 
 #[test]
+fn a_guest_cannot_sleep_past_its_deadline() {
+    // poll_oneoff would block in host code, where epoch interruption cannot reach; it is
+    // refused with NOTSUP (58) instead, which this guest turns into its exit code.
+    let module = load("wasi_modes.wat");
+    let limits = Limits {
+        deadline: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let started = Instant::now();
+    let (outcome, _) = run_with(&module, json!("zzz"), &limits);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(outcome.error, Some(ErrorKind::Exit), "{outcome:?}");
+    assert_eq!(outcome.exit_code, Some(58));
+}
+
+#[test]
 fn memory_growth_past_the_limit_fails_with_memory() {
     let module = load("wasi_modes.wat");
     let limits = Limits {
