@@ -97,15 +97,31 @@ pub async fn check_crd(client: &kube::Client) -> anyhow::Result<()> {
     }
 }
 
+/// Longest resource name the dispatcher accepts: the name is the value of the
+/// `jobico.coeux.dev/job` label on every Job, and label values are at most 63 characters.
+pub const MAX_NAME_LEN: usize = 63;
+
 /// The `Ready` condition and message for a resource, and whether it is valid.
 pub fn readiness(cr: &JobicoJob) -> (bool, &'static str, String) {
-    match validate_job(cr) {
-        Ok(()) => (
+    let mut problems = match validate_job(cr) {
+        Ok(()) => vec![],
+        Err(invalid) => invalid.problems,
+    };
+    let name = cr.name_any();
+    if name.len() > MAX_NAME_LEN {
+        problems.push(format!(
+            "metadata.name: must be at most {MAX_NAME_LEN} characters (it labels the Kubernetes Jobs), found {}",
+            name.len()
+        ));
+    }
+    if problems.is_empty() {
+        (
             true,
             REASON_DISPATCHING,
             format!("{} event(s) consumed", cr.spec.events.len()),
-        ),
-        Err(invalid) => (false, REASON_INVALID, invalid.problems.join("; ")),
+        )
+    } else {
+        (false, REASON_INVALID, problems.join("; "))
     }
 }
 
@@ -306,5 +322,30 @@ pub async fn flush_counters(client: kube::Client, counters: Counters, shutdown: 
         if stop {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_too_long_for_a_label_are_invalid() {
+        let mut cr = JobicoJob::new(
+            &"a".repeat(64),
+            serde_json::from_value(serde_json::json!({
+                "events": [{"name": "ev1", "wasm": "echo.wasm", "schema": {"key": "s"}}]
+            }))
+            .unwrap(),
+        );
+        cr.metadata.namespace = Some("default".into());
+        let (ready, reason, message) = readiness(&cr);
+        assert!(!ready && reason == REASON_INVALID, "{message}");
+        assert!(
+            message.starts_with("metadata.name: must be at most 63"),
+            "{message}"
+        );
+        cr.metadata.name = Some("a".repeat(63));
+        assert!(readiness(&cr).0);
     }
 }
