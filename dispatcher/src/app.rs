@@ -8,7 +8,8 @@ use clap::Parser;
 use jobico_common::telemetry::LogArgs;
 
 use crate::admin::{self, Readiness};
-use crate::consumer::{ConsumerSet, Dispatcher, RetryPolicy, wait_for_stream};
+use crate::consumer::{Dispatcher, RetryPolicy, wait_for_stream};
+use crate::consumers::ConsumerSet;
 use crate::controller::{self, Context};
 use crate::kubernetes::KubeBackend;
 use crate::leader::{Elector, LeaseConfig};

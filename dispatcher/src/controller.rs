@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
-use crate::consumer::ConsumerSet;
+use crate::consumers::ConsumerSet;
 use crate::kubernetes::FIELD_MANAGER;
 use crate::state::{Counters, Deltas};
 

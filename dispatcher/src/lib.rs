@@ -2,7 +2,8 @@
 //! wasm-exec, exactly one Job per event (or per batch).
 //!
 //! - [`backend`]: the [`Backend`](backend::Backend) seam and the [`Batch`](backend::Batch) type.
-//! - [`consumer`]: durable JetStream pull consumers, batching, retries, dead letters, acks.
+//! - [`consumer`]: durable JetStream pull consumers, batching, retries, dead letters, acks;
+//!   [`consumers`]: one consumer task per declared event.
 //! - [`render`]: the handlebars Job template.
 //! - [`kubernetes`]: the Kubernetes backend (Job creation).
 //! - [`state`]: event state records in the NATS KV bucket.
@@ -14,6 +15,7 @@ pub mod admin;
 pub mod app;
 pub mod backend;
 pub mod consumer;
+pub mod consumers;
 pub mod controller;
 pub mod kubernetes;
 pub mod leader;
@@ -23,4 +25,5 @@ pub mod state;
 pub mod tracker;
 
 pub use backend::{Backend, Batch, DispatchError, Dispatched};
-pub use consumer::{ConsumerSet, Dispatcher, RetryPolicy};
+pub use consumer::{Dispatcher, RetryPolicy};
+pub use consumers::ConsumerSet;

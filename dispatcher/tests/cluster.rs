@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use jobico_common::EventState;
 use jobico_dispatcher::backend::{Backend, Batch, DispatchError, Dispatched};
-use jobico_dispatcher::consumer::ConsumerSet;
+use jobico_dispatcher::consumers::ConsumerSet;
 use jobico_dispatcher::controller::{self, Context};
 use jobico_dispatcher::kubernetes::ActiveJobs;
 use jobico_dispatcher::leader::{Elector, LeaseConfig};
