@@ -78,22 +78,13 @@ pub struct RunArgs {
     #[arg(long, env = "JOBICO_OUTPUT_CAP", default_value = "1Mi", value_parser = parse_bytes)]
     pub output_cap: u64,
     /// Preopen a host directory for the guest: HOST::GUEST, or HOST::GUEST:ro for read-only.
-    /// Repeatable; the environment fallback is comma-separated.
-    #[arg(
-        long = "dir",
-        env = "JOBICO_DIRS",
-        value_name = "HOST::GUEST[:ro]",
-        value_delimiter = ','
-    )]
+    /// Repeatable. Grants have no environment fallback: any delimiter to split one variable
+    /// into several values would corrupt values containing it.
+    #[arg(long = "dir", value_name = "HOST::GUEST[:ro]")]
     pub dirs: Vec<DirGrant>,
-    /// Give the guest an environment variable NAME=VALUE. Repeatable; the environment fallback
-    /// is comma-separated (so its values cannot contain commas).
-    #[arg(
-        long = "env",
-        env = "JOBICO_GUEST_ENV",
-        value_name = "NAME=VALUE",
-        value_delimiter = ','
-    )]
+    /// Give the guest an environment variable NAME=VALUE (the value may contain anything,
+    /// commas included). Repeatable; no environment fallback, as for `--dir`.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
     pub env: Vec<EnvVar>,
     /// Where to write the size-limited JSON summary (Kubernetes' termination message).
     #[arg(
@@ -264,4 +255,29 @@ fn compile(args: &CompileArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", output.display()))?;
     tracing::info!(input = %args.input.display(), output = %output.display(), bytes = compiled.len(), "compiled");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_env_values_keep_their_commas() {
+        let cli = Cli::try_parse_from([
+            "wasm-exec",
+            "m.wasm",
+            "--env",
+            "LIST=a,b,c",
+            "--env",
+            "EMPTY=",
+        ])
+        .unwrap();
+        let env: Vec<_> = cli
+            .run
+            .env
+            .iter()
+            .map(|v| (v.name.as_str(), v.value.as_str()))
+            .collect();
+        assert_eq!(env, [("LIST", "a,b,c"), ("EMPTY", "")]);
+    }
 }
