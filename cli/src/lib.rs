@@ -1,6 +1,8 @@
 //! The `jobico` command: local mode (`jobico up`) and manifest tooling.
 
+pub mod durable;
 pub mod embedded;
+pub mod local_backend;
 pub mod local_exec;
 pub mod up;
 

@@ -1,5 +1,8 @@
-//! The local executor: runs each accepted event's module on this machine through the wasm-exec
-//! library. One compiled module per module file, a fresh instance per event, limits per event.
+//! Running events on this machine through the wasm-exec library: one compiled module per module
+//! file, a fresh instance per event, limits per event, output on stdout tagged with the event.
+//!
+//! [`Modules`] is shared by both local modes: [`LocalExecutor`] drains the in-memory queue, and
+//! the durable mode's [`crate::local_backend::LocalBackend`] runs batches from JetStream.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -35,9 +38,14 @@ pub struct Unloadable {
     pub reason: String,
 }
 
-/// Modules by `(namespace, event)`.
-pub struct LocalExecutor {
+/// Compiled modules by `(namespace, event)`, with each event's limits and capabilities.
+pub struct Modules {
     prepared: HashMap<EventKey, Prepared>,
+}
+
+/// Runs the in-memory queue's events through [`Modules`], a bounded number at once.
+pub struct LocalExecutor {
+    modules: Arc<Modules>,
     parallelism: usize,
 }
 
@@ -94,7 +102,7 @@ pub fn limits_for(spec: &EventSpec) -> Limits {
     limits
 }
 
-impl LocalExecutor {
+impl Modules {
     /// Compiles the module of every event in `events`. Events whose module cannot be loaded are
     /// returned with the reason, so the caller can mark them unavailable.
     pub fn prepare(
@@ -102,7 +110,6 @@ impl LocalExecutor {
         events: &EventMap,
         manifest: &Manifest,
         module_dirs: &[PathBuf],
-        parallelism: usize,
     ) -> (Self, Vec<Unloadable>) {
         let mut compiled: HashMap<Vec<u8>, Module> = HashMap::new();
         let mut prepared = HashMap::new();
@@ -152,20 +159,49 @@ impl LocalExecutor {
                 }),
             }
         }
-        (
-            Self {
-                prepared,
-                parallelism: parallelism.max(1),
-            },
-            failures,
-        )
+        (Self { prepared }, failures)
+    }
+
+    /// Whether event `event` of `namespace` has a module ready to run.
+    pub fn contains(&self, namespace: &str, event: &str) -> bool {
+        self.prepared
+            .contains_key(&(namespace.to_owned(), event.to_owned()))
+    }
+
+    /// Runs one event and prints its output, then how it ended, each line tagged
+    /// `[namespace/event id]`. Blocks: call it from a blocking thread. `None` when the event
+    /// has no module prepared.
+    pub fn run(&self, record: &EventRecord) -> Option<EventOutcome> {
+        let p = self
+            .prepared
+            .get(&(record.namespace.clone(), record.event.clone()))?;
+        let tag = format!("{}/{} {}", record.namespace, record.event, record.id);
+        let outcome = p.module.run(
+            &record.to_exec(),
+            &p.limits,
+            &p.capabilities,
+            &mut TaggedStdout { tag: &tag },
+        );
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "[{tag}] {}", describe(&outcome));
+        let _ = out.flush();
+        Some(outcome)
+    }
+}
+
+impl LocalExecutor {
+    /// An executor running at most `parallelism` events at once (at least one).
+    pub fn new(modules: Arc<Modules>, parallelism: usize) -> Self {
+        Self {
+            modules,
+            parallelism: parallelism.max(1),
+        }
     }
 
     /// Runs events from `queue` until it is closed and empty, at most `parallelism` at once.
     /// When `shutdown` fires the queue is closed to new events and what is in it still runs.
     pub async fn run(self, mut queue: mpsc::Receiver<EventRecord>, shutdown: CancellationToken) {
         let permits = Arc::new(Semaphore::new(self.parallelism));
-        let prepared = Arc::new(self.prepared);
         loop {
             let record = tokio::select! {
                 record = queue.recv() => record,
@@ -178,9 +214,13 @@ impl LocalExecutor {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
-            let prepared = prepared.clone();
+            let modules = self.modules.clone();
             tokio::task::spawn_blocking(move || {
-                run_one(&prepared, &record);
+                if modules.run(&record).is_none() {
+                    // Cannot happen: the ingress only accepts events whose module is prepared.
+                    tracing::error!(event = %format!("{}/{} {}", record.namespace, record.event, record.id),
+                        "no module prepared for this event; event dropped");
+                }
                 drop(permit);
             });
         }
@@ -199,24 +239,6 @@ impl OutputSink for TaggedStdout<'_> {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "[{}] {}: {line}", self.tag, stream);
     }
-}
-
-fn run_one(prepared: &HashMap<EventKey, Prepared>, record: &EventRecord) {
-    let tag = format!("{}/{} {}", record.namespace, record.event, record.id);
-    let Some(p) = prepared.get(&(record.namespace.clone(), record.event.clone())) else {
-        // Cannot happen: the ingress only accepts events whose module is prepared.
-        tracing::error!(event = %tag, "no module prepared for this event; event dropped");
-        return;
-    };
-    let outcome = p.module.run(
-        &record.to_exec(),
-        &p.limits,
-        &p.capabilities,
-        &mut TaggedStdout { tag: &tag },
-    );
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "[{tag}] {}", describe(&outcome));
-    let _ = out.flush();
 }
 
 /// One line saying how an event ended.

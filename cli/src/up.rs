@@ -1,23 +1,28 @@
 //! `jobico up`: local mode.
 //!
 //! The same ingress as in a cluster (catalog, schema validation, error shapes), with the
-//! dispatcher's Kubernetes backend replaced by the local executor and JetStream by a bounded
-//! in-memory queue. Events accepted but not yet run are lost if the process is killed.
+//! dispatcher's Kubernetes backend replaced by the local executor. By default JetStream is
+//! replaced by a bounded in-memory queue: events accepted but not yet run are lost if the
+//! process is killed. With `--nats URL` events go through JetStream and the dispatcher's
+//! consumers ([`crate::durable`]), so they survive a crash.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::web;
 use anyhow::Context;
 use clap::Args;
 use jobico_apiserver::auth::{Auth, StaticTokens};
 use jobico_apiserver::http::DEFAULT_MAX_BODY_BYTES;
-use jobico_apiserver::{AppState, Catalog, MemoryQueue, catalog, server};
+use jobico_apiserver::{AppState, Catalog, MemoryQueue, Publisher, catalog, server};
+use jobico_dispatcher::consumer::ACK_WAIT;
 use jobico_model::Manifest;
 
+use crate::durable;
 use crate::embedded;
-use crate::local_exec::{LocalExecutor, existing_dirs};
+use crate::local_exec::{LocalExecutor, Modules, existing_dirs};
 
 /// Where local mode looks for manifests and modules unless told otherwise.
 const DEFAULT_DIR: &str = "samples";
@@ -56,6 +61,15 @@ pub struct UpArgs {
     /// HTTP worker threads (0: one per CPU core).
     #[arg(long, env = "JOBICO_HTTP_WORKERS", default_value_t = 0)]
     pub http_workers: usize,
+    /// Durable local mode: keep accepted events and their states in NATS JetStream at this
+    /// URL (e.g. nats://127.0.0.1:4222, a `nats-server -js`) instead of in memory, and run
+    /// each at least once, surviving a crash of this process.
+    #[arg(long = "nats", env = "JOBICO_NATS_URL", value_name = "URL")]
+    pub nats: Option<String>,
+    /// With --nats: seconds an event may stay unacknowledged before NATS hands it out again;
+    /// how soon events a crashed process was running are run again after a restart.
+    #[arg(long, env = "JOBICO_ACK_WAIT_SECS", default_value_t = ACK_WAIT.as_secs(), requires = "nats")]
+    pub ack_wait_secs: u64,
 }
 
 /// Runs local mode until SIGTERM or Ctrl-C.
@@ -111,25 +125,46 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
     };
     let runtime = wasm_exec::Runtime::new(wasm_exec::RuntimeConfig::default())
         .context("cannot start the WebAssembly runtime")?;
-    let (executor, failures) = tokio::task::block_in_place(|| {
-        LocalExecutor::prepare(
-            &runtime,
-            &events,
-            &manifest,
-            &existing_dirs(&module_dirs),
-            parallelism,
-        )
+    let (modules, failures) = tokio::task::block_in_place(|| {
+        Modules::prepare(&runtime, &events, &manifest, &existing_dirs(&module_dirs))
     });
+    let modules = Arc::new(modules);
     let catalog = Arc::new(Catalog::new());
-    catalog.replace(events);
+    catalog.replace(events.clone());
     for failure in failures {
         let (namespace, event) = &failure.key;
         tracing::error!(event = %format!("{namespace}/{event}"), "{}", failure.reason);
         catalog.set_unavailable(namespace, event, failure.reason);
     }
 
-    let (queue, receiver) = MemoryQueue::new(args.queue_capacity);
-    let mut state = AppState::new(catalog.clone(), Arc::new(queue), args.max_body_bytes);
+    let shutdown = jobico_common::shutdown::on_signals();
+    let (publisher, worker, mode): (Arc<dyn Publisher>, _, _) = match &args.nats {
+        None => {
+            let (queue, receiver) = MemoryQueue::new(args.queue_capacity);
+            let executor = LocalExecutor::new(modules, parallelism);
+            let worker = tokio::spawn(executor.run(receiver, shutdown.clone()));
+            let mode =
+                "in-memory queue: accepted events not yet run are lost if this process is killed"
+                    .to_owned();
+            (Arc::new(queue), worker, mode)
+        }
+        Some(url) => {
+            let ack_wait = Duration::from_secs(args.ack_wait_secs);
+            let durable = durable::start(
+                url,
+                ack_wait,
+                &manifest,
+                &events,
+                modules,
+                parallelism,
+                shutdown.clone(),
+            )
+            .await?;
+            let mode = format!("durable: events kept in NATS at {url}, each run at least once");
+            (durable.publisher, durable.drained, mode)
+        }
+    };
+    let mut state = AppState::new(catalog.clone(), publisher, args.max_body_bytes);
     if let Some(path) = &args.token_file {
         let tokens = StaticTokens::read(path)
             .with_context(|| format!("cannot read the token file {}", path.display()))?;
@@ -153,12 +188,10 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
             tracing::warn!("unavailable: {url}");
         }
     }
-    tracing::info!(listen = %bound.local_addr, "local mode ready (in-memory queue: accepted events not yet run are lost if this process is killed)");
+    tracing::info!(listen = %bound.local_addr, "local mode ready ({mode})");
 
-    let shutdown = jobico_common::shutdown::on_signals();
-    let executor = tokio::spawn(executor.run(receiver, shutdown.clone()));
     let served = bound.run(shutdown.clone()).await;
     shutdown.cancel();
-    executor.await.context("the executor task failed")?;
+    worker.await.context("the executor task failed")?;
     served.context("the HTTP server failed")
 }

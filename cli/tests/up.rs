@@ -1,131 +1,9 @@
 //! `jobico up` end to end: the real binary, real HTTP, real modules through wasmtime.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod common;
 
-use serde_json::{Value, json};
-
-/// Generous: the first request may wait for nothing, but a loaded CI machine is slow.
-const WAIT: Duration = Duration::from_secs(30);
-
-struct Up {
-    child: Child,
-    base: String,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Up {
-    fn start(dir: &Path, args: &[&str]) -> Self {
-        let port = jobico_testkit::free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_jobico"))
-            .arg("up")
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--http-workers",
-                "2",
-            ])
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let mut up = Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            lines,
-            seen: Vec::new(),
-        };
-        up.wait_for(|l| l.contains("local mode ready"));
-        up
-    }
-
-    /// Waits for a line matching `pred`, returning it.
-    fn wait_for(&mut self, pred: impl Fn(&str) -> bool) -> String {
-        if let Some(line) = self.seen.iter().find(|l| pred(l)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if pred(&line) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("no matching line; output so far:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    /// PUTs `body`; returns the status and the JSON answer.
-    fn put(&self, path: &str, body: &str) -> (u16, Value) {
-        self.put_with(path, body, None)
-    }
-
-    /// PUTs `body` with an optional bearer token.
-    fn put_with(&self, path: &str, body: &str, token: Option<&str>) -> (u16, Value) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let url = format!("{}{path}", self.base);
-            let mut request = reqwest::Client::new().put(url).body(body.to_string());
-            if let Some(token) = token {
-                request = request.bearer_auth(token);
-            }
-            let response = request.send().await.unwrap();
-            let status = response.status().as_u16();
-            (status, response.json::<Value>().await.unwrap())
-        })
-    }
-
-    /// SIGTERM, then the exit status.
-    fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Collect what is left of the output.
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.seen.push(line);
-                }
-                return (status, self.seen);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "jobico up did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::{Up, repo, runs};
+use serde_json::json;
 
 #[test]
 fn local_mode_validates_runs_and_tags_output() {
@@ -186,10 +64,7 @@ fn local_mode_validates_runs_and_tags_output() {
 
     let (status, lines) = up.stop();
     assert!(status.success(), "{status}");
-    let ran: Vec<_> = lines
-        .iter()
-        .filter(|l| l.contains("succeeded in") || l.contains("failed ("))
-        .collect();
+    let ran = runs(&lines);
     assert_eq!(ran.len(), 2, "exactly the two accepted events ran: {ran:?}");
 }
 

@@ -1,0 +1,155 @@
+//! Durable local mode (`jobico up --nats URL`): the ingress publishes to JetStream as in a
+//! cluster, and the dispatcher's consumers hand the events to [`LocalBackend`], which runs them
+//! on this machine. Accepted events survive a crash of this process; each runs at least once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use jobico_apiserver::Metrics;
+use jobico_apiserver::catalog::EventMap;
+use jobico_apiserver::jetstream::{JetStreamPublisher, StreamSettings};
+use jobico_dispatcher::metrics::Metrics as DispatcherMetrics;
+use jobico_dispatcher::state::StateStore;
+use jobico_dispatcher::{ConsumerSet, Dispatcher, RetryPolicy};
+use jobico_model::{Job as JobicoJob, Manifest};
+use tokio_util::sync::CancellationToken;
+
+use crate::local_backend::LocalBackend;
+use crate::local_exec::Modules;
+
+/// The running durable mode.
+pub struct Durable {
+    /// The ingress's publisher: stream `JOBICO`, state bucket, deduplication.
+    pub publisher: Arc<JetStreamPublisher>,
+    /// Ends once shutdown was requested and the consumers have drained (what ran is acked).
+    pub drained: tokio::task::JoinHandle<()>,
+}
+
+/// Connects to NATS at `url` (stream and state bucket as the cluster's ingress sets them up)
+/// and starts one consumer per event declared in `manifest` and present in `events`.
+pub async fn start(
+    url: &str,
+    ack_wait: Duration,
+    manifest: &Manifest,
+    events: &EventMap,
+    modules: Arc<Modules>,
+    parallelism: usize,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Durable> {
+    let publisher = JetStreamPublisher::connect(url, StreamSettings::default(), Metrics::new())
+        .await
+        .with_context(|| format!("cannot use NATS at {url} (start one with `nats-server -js`)"))?;
+    let js = publisher.context().clone();
+    let states = StateStore::open(&js)
+        .await
+        .context("cannot open the event state bucket")?;
+    let backend = LocalBackend::new(modules, states, parallelism);
+    let dispatcher = Dispatcher::connect_with(
+        js,
+        backend,
+        Arc::new(DispatcherMetrics::new()),
+        RetryPolicy::default(),
+        ack_wait,
+    )
+    .await
+    .context("cannot set up the event consumers")?;
+    let consumers = ConsumerSet::new(dispatcher, shutdown.clone());
+    for owner in owners(manifest, events, parallelism) {
+        consumers.ensure(Arc::new(owner));
+    }
+    let drained = tokio::spawn(async move {
+        shutdown.cancelled().await;
+        consumers.shutdown().await;
+    });
+    Ok(Durable {
+        publisher: Arc::new(publisher),
+        drained,
+    })
+}
+
+/// The manifest's Job resources as the consumers need them: only the events the catalog
+/// accepted from that resource, a uid (the dispatcher keys consumers on it), and a concurrency
+/// of at most `parallelism` so no more messages wait unacked than can run.
+fn owners(manifest: &Manifest, events: &EventMap, parallelism: usize) -> Vec<JobicoJob> {
+    let cap = u32::try_from(parallelism.max(1)).unwrap_or(u32::MAX);
+    manifest
+        .jobs
+        .iter()
+        .filter_map(|job| {
+            let mut job = job.clone();
+            let namespace = job.metadata.namespace.clone().unwrap_or_default();
+            let name = job.metadata.name.clone().unwrap_or_default();
+            job.spec.events.retain(|spec| {
+                events
+                    .get(&(namespace.clone(), spec.name.clone()))
+                    .is_some_and(|entry| entry.job == name)
+            });
+            for spec in &mut job.spec.events {
+                spec.concurrency = Some(spec.concurrency.map_or(cap, |c| c.min(cap)));
+            }
+            job.metadata
+                .uid
+                .get_or_insert_with(|| format!("local-{namespace}-{name}"));
+            (!job.spec.events.is_empty()).then_some(job)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn owners_keep_catalogued_events_with_a_uid_and_a_concurrency_cap() {
+        let yaml = "\
+apiVersion: jobico.coeux.dev/v1
+kind: Job
+metadata: {name: j1}
+spec:
+  events:
+    - {name: ev1, wasm: echo.wasm, schema: {key: s, optional: true}}
+    - {name: ev2, wasm: echo.wasm, schema: {key: s, optional: true}, concurrency: 1}
+---
+apiVersion: jobico.coeux.dev/v1
+kind: Job
+metadata: {name: j2, namespace: team}
+spec:
+  events:
+    - {name: ev1, wasm: echo.wasm, schema: {key: s, optional: true}, concurrency: 9}
+";
+        let mut manifest = Manifest::default();
+        manifest.read_str(Path::new("t.yaml"), yaml).unwrap();
+        let (mut events, _) = jobico_apiserver::catalog::from_manifest(&manifest);
+        events.remove(&("default".to_owned(), "ev2".to_owned()));
+        let owners = owners(&manifest, &events, 4);
+        let summary: Vec<_> = owners
+            .iter()
+            .map(|j| {
+                (
+                    j.metadata.uid.clone().unwrap(),
+                    j.spec
+                        .events
+                        .iter()
+                        .map(|e| (e.name.clone(), e.concurrency))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    "local-default-j1".to_owned(),
+                    vec![("ev1".to_owned(), Some(4))]
+                ),
+                (
+                    "local-team-j2".to_owned(),
+                    vec![("ev1".to_owned(), Some(4))]
+                ),
+            ]
+        );
+    }
+}

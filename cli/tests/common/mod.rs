@@ -1,0 +1,194 @@
+//! The `jobico up` harness shared by the end-to-end tests: the real binary on a free port, its
+//! output collected line by line, requests through reqwest.
+
+// Each test crate compiles this module and uses a different part of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long to wait for a line or an exit. Generous: the first request may wait for nothing, but a loaded CI machine is slow.
+const WAIT: Duration = Duration::from_secs(30);
+
+pub struct Up {
+    child: Child,
+    base: String,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Up {
+    pub fn start(dir: &Path, args: &[&str]) -> Self {
+        let port = jobico_testkit::free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_jobico"))
+            .arg("up")
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--http-workers",
+                "2",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let mut up = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            lines,
+            seen: Vec::new(),
+        };
+        up.wait_for(|l| l.contains("local mode ready"));
+        up
+    }
+
+    /// Waits for a line matching `pred`, returning it.
+    pub fn wait_for(&mut self, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(line) = self.seen.iter().find(|l| pred(l)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no matching line; output so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// PUTs `body`; returns the status and the JSON answer.
+    pub fn put(&self, path: &str, body: &str) -> (u16, Value) {
+        self.put_with(path, body, None)
+    }
+
+    /// PUTs `body` with an optional bearer token.
+    pub fn put_with(&self, path: &str, body: &str, token: Option<&str>) -> (u16, Value) {
+        let answer = self.send(reqwest::Method::PUT, path, Some(body), token);
+        (answer.status, answer.body)
+    }
+
+    /// GETs `path`; returns the status and the JSON answer.
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let answer = self.send(reqwest::Method::GET, path, None, None);
+        (answer.status, answer.body)
+    }
+
+    /// Sends one request and waits for the whole answer.
+    pub fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> Answer {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let url = format!("{}{path}", self.base);
+            let mut request = reqwest::Client::new().request(method, url);
+            if let Some(body) = body {
+                request = request.body(body.to_string());
+            }
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = response.json::<Value>().await.unwrap();
+            Answer {
+                status,
+                retry_after,
+                body,
+            }
+        })
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(self) -> (std::process::ExitStatus, Vec<String>) {
+        self.signal("TERM")
+    }
+
+    /// SIGKILL, as a crash would; then the exit status and the output.
+    pub fn kill(self) -> (std::process::ExitStatus, Vec<String>) {
+        self.signal("KILL")
+    }
+
+    fn signal(mut self, signal: &str) -> (std::process::ExitStatus, Vec<String>) {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args([format!("-{signal}"), pid])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Collect what is left of the output.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return (status, self.seen);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "jobico up did not stop on SIG{signal}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The answer to one request.
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// The `Retry-After` header, if any.
+    pub retry_after: Option<String>,
+    /// The JSON body.
+    pub body: Value,
+}
+
+/// The repository root (the samples live there).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The lines saying how an event ended: one per run.
+pub fn runs(lines: &[String]) -> Vec<&String> {
+    lines
+        .iter()
+        .filter(|l| l.contains("succeeded in") || l.contains("failed ("))
+        .collect()
+}

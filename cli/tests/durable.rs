@@ -1,0 +1,195 @@
+//! `jobico up --nats`: durable local mode end to end, the real binary against a real
+//! nats-server.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Up, repo, runs};
+use jobico_testkit::NatsServer;
+use serde_json::Value;
+
+/// How long an event may take to reach a state; generous for a loaded machine.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A valid `ev1` event of the samples.
+const ADA: &str = r#"{"firstName":"Ada","lastName":"Lovelace"}"#;
+
+/// A WASI command that spins for about half a second (200 million iterations) and prints
+/// `done`: long enough to kill `jobico up` while it runs. Guests cannot sleep (wasm-exec
+/// refuses poll_oneoff).
+const SLOW_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "done\n")
+  (func (export "_start")
+    (local $i i64)
+    (local.set $i (i64.const 200000000))
+    (loop $spin
+      (local.set $i (i64.sub (local.get $i) (i64.const 1)))
+      (br_if $spin (i64.ne (local.get $i) (i64.const 0))))
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 5))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+
+/// A WASI command that traps at once.
+const TRAP_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_start") unreachable))"#;
+
+/// Events `slow` and `trap` (any JSON accepted), with their modules, in `dir`.
+fn write_fixtures(dir: &Path) {
+    std::fs::write(dir.join("slow.wasm"), wat::parse_str(SLOW_WAT).unwrap()).unwrap();
+    std::fs::write(dir.join("trap.wasm"), wat::parse_str(TRAP_WAT).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("fixtures.yaml"),
+        "apiVersion: jobico.coeux.dev/v1\nkind: Job\nmetadata: {name: fixtures}\nspec:\n  events:\n    - {name: slow, wasm: slow.wasm, schema: {key: any, optional: true}}\n    - {name: trap, wasm: trap.wasm, schema: {key: any, optional: true}}\n",
+    )
+    .unwrap();
+}
+
+/// Polls the event's state record until `done` holds for it; returns the record.
+fn wait_for_state(up: &Up, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, record) = up.get(&format!("/events/default/{id}"));
+        if status == 200 && done(&record) {
+            return record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "event {id} did not reach the expected state; last answer {status}: {record}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn accepted_id(up: &Up, path: &str, body: &str) -> String {
+    let (status, answer) = up.put(path, body);
+    assert_eq!(status, 202, "{answer}");
+    answer["ids"][0].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn durable_mode_runs_events_and_records_their_states() {
+    let nats = NatsServer::start();
+    let fixtures = tempfile::tempdir().unwrap();
+    write_fixtures(fixtures.path());
+    let samples = repo().join("samples");
+    let mut up = Up::start(
+        &repo(),
+        &[
+            "--nats",
+            &nats.url(),
+            "--manifests",
+            samples.to_str().unwrap(),
+            "--manifests",
+            fixtures.path().to_str().unwrap(),
+        ],
+    );
+    up.wait_for(|l| l.contains("local mode ready (durable"));
+
+    // Accepted, run with its output tagged as in memory mode, then recorded with the summary.
+    let id = accepted_id(&up, "/execute/default/ev1", ADA);
+    let tag = format!("[default/ev1 {id}]");
+    let echoed = up.wait_for(|l| l.starts_with(&tag) && l.contains("stdout:"));
+    assert_eq!(echoed, format!("{tag} stdout: {ADA}"));
+    let record = wait_for_state(&up, &id, |r| r["state"] == "succeeded");
+    assert_eq!(record["exitCode"], 0, "{record}");
+    assert_eq!(record["summary"]["id"], id.as_str(), "{record}");
+    assert_eq!(record["summary"]["status"], "succeeded", "{record}");
+    assert_eq!(record["summary"]["output_bytes"], ADA.len(), "{record}");
+    assert!(
+        record["job"].as_str().unwrap().starts_with("jobico-ev1-"),
+        "{record}"
+    );
+
+    // A guest failure is recorded as failed, with wasm-exec's exit code and the reason.
+    let trapped = accepted_id(&up, "/execute/default/trap", "{}");
+    let record = wait_for_state(&up, &trapped, |r| r["state"] == "failed");
+    assert_eq!(record["exitCode"], 1, "{record}");
+    assert_eq!(record["summary"]["error"], "trap", "{record}");
+    assert!(record["reason"].is_string(), "{record}");
+
+    // A rejected event is never published, so never run.
+    let (status, _) = up.put("/execute/default/ev1", r#"{"firstName":"Ada"}"#);
+    assert_eq!(status, 422);
+
+    let (status, lines) = up.stop();
+    assert!(status.success(), "{status}");
+    let ran = runs(&lines);
+    assert_eq!(ran.len(), 2, "exactly the two accepted events ran: {ran:?}");
+}
+
+#[test]
+fn accepted_events_survive_a_crash_and_run_after_a_restart() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    write_fixtures(dir.path());
+    let url = nats.url();
+    // One event at a time, so the first runs while the others wait in the stream; a short ack
+    // wait so the event the crash interrupted is handed out again quickly.
+    let args = [
+        "--manifests",
+        ".",
+        "--nats",
+        &url,
+        "--executors",
+        "1",
+        "--ack-wait-secs",
+        "2",
+    ];
+    let up = Up::start(dir.path(), &args);
+    let ids: Vec<_> = (0..3)
+        .map(|_| accepted_id(&up, "/execute/default/slow", "{}"))
+        .collect();
+    // Kill while the first event runs: it is claimed and not finished.
+    wait_for_state(&up, &ids[0], |r| {
+        r["state"] == "dispatched" || r["state"] == "running"
+    });
+    let (_, before) = up.kill();
+    let finished_before: Vec<_> = ids
+        .iter()
+        .filter(|id| {
+            before
+                .iter()
+                .any(|l| l.contains(id.as_str()) && l.contains("succeeded in"))
+        })
+        .collect();
+    assert!(
+        finished_before.len() < ids.len(),
+        "the crash came after every event had run: {finished_before:?}"
+    );
+
+    let mut up = Up::start(dir.path(), &args);
+    for id in &ids {
+        let record = wait_for_state(&up, id, |r| r["state"] == "succeeded");
+        assert_eq!(record["summary"]["status"], "succeeded", "{record}");
+    }
+    // Every event the crash interrupted or kept from running ran in the new process.
+    for id in ids.iter().filter(|id| !finished_before.contains(id)) {
+        up.wait_for(|l| l.contains(&format!("[default/slow {id}] succeeded in")));
+    }
+    assert!(up.stop().0.success());
+}
+
+#[test]
+fn nats_away_means_503_with_retry_after() {
+    let mut nats = NatsServer::start();
+    let up = Up::start(&repo(), &["--nats", &nats.url()]);
+    nats.kill();
+    let answer = up.send(
+        reqwest::Method::PUT,
+        "/execute/default/ev1",
+        Some(ADA),
+        None,
+    );
+    assert_eq!(
+        (answer.status, answer.retry_after.as_deref()),
+        (503, Some("2")),
+        "{}",
+        answer.body
+    );
+    assert!(up.stop().0.success());
+}
