@@ -175,6 +175,24 @@ fn accepted_events_survive_a_crash_and_run_after_a_restart() {
 }
 
 #[test]
+fn sigterm_lets_a_running_event_finish_before_exiting() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    write_fixtures(dir.path());
+    let up = Up::start(dir.path(), &["--manifests", ".", "--nats", &nats.url()]);
+    let id = accepted_id(&up, "/execute/default/slow", "{}");
+    wait_for_state(&up, &id, |r| r["state"] == "dispatched");
+    let (status, lines) = up.stop();
+    assert!(status.success(), "{status}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("[default/slow {id}] succeeded in"))),
+        "the running event was drained: {lines:?}"
+    );
+}
+
+#[test]
 fn nats_away_means_503_with_retry_after() {
     let mut nats = NatsServer::start();
     let up = Up::start(&repo(), &["--nats", &nats.url()]);
