@@ -158,7 +158,7 @@ impl Up {
                 while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
                     self.seen.push(line);
                 }
-                return (status, self.seen);
+                return (status, std::mem::take(&mut self.seen));
             }
             assert!(
                 Instant::now() < deadline,
@@ -166,6 +166,14 @@ impl Up {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+impl Drop for Up {
+    /// A failed test must not leave `jobico up` running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
