@@ -206,13 +206,7 @@ pub fn catalog_from_objects(
     cache: &mut SchemaCache,
 ) -> (crate::catalog::EventMap, Vec<CatalogProblem>) {
     let mut ordered: Vec<&Job> = jobs.iter().map(Arc::as_ref).collect();
-    ordered.sort_by_key(|job| {
-        (
-            job.metadata.creation_timestamp.clone().map(|t| t.0),
-            job.metadata.namespace.clone(),
-            job.metadata.name.clone(),
-        )
-    });
+    ordered.sort_by_key(|job| (job.metadata.namespace.clone(), job.claim_order()));
     build_cached(
         ordered,
         |ns, name| {

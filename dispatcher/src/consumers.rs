@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use jobico_model::Job as JobicoJob;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
@@ -12,9 +13,20 @@ use crate::consumer::{Dispatcher, run};
 
 struct Running {
     owner: String,
+    /// The owner's [`JobicoJob::claim_order`].
+    order: (Option<Time>, String),
     fingerprint: String,
     token: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
+}
+
+/// An event a resource declares that an older resource of its namespace already holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The event name.
+    pub event: String,
+    /// The holder, as `namespace/name`.
+    pub holder: String,
 }
 
 /// The running consumers, one per declared (namespace, event). The controller calls
@@ -56,9 +68,13 @@ impl<B: Backend> ConsumerSet<B> {
     }
 
     /// Runs one consumer per event `owner` declares; restarts those whose declaration
-    /// changed; stops those of events it no longer declares.
-    pub fn ensure(&self, owner: Arc<JobicoJob>) {
+    /// changed; stops those of events it no longer declares. An event whose consumer belongs
+    /// to an older resource of the namespace (see [`JobicoJob::claim_order`]) is left to it
+    /// and returned as a conflict; a younger holder is replaced.
+    pub fn ensure(&self, owner: Arc<JobicoJob>) -> Vec<Conflict> {
         let key = owner_key(&owner);
+        let order = owner.claim_order();
+        let mut conflicts = Vec::new();
         let namespace = owner.metadata.namespace.clone().unwrap_or_default();
         let mut running = self.running.lock().expect("consumer set lock");
         running.retain(|(_, event), r| {
@@ -84,6 +100,16 @@ impl<B: Backend> ConsumerSet<B> {
             .expect("spec serialises");
             let slot = (namespace.clone(), spec.name.clone());
             if let Some(current) = running.get(&slot)
+                && current.owner != key
+                && current.order < order
+            {
+                conflicts.push(Conflict {
+                    event: spec.name.clone(),
+                    holder: current.owner.clone(),
+                });
+                continue;
+            }
+            if let Some(current) = running.get(&slot)
                 && current.fingerprint == fingerprint
                 && !current.handle.is_finished()
             {
@@ -103,12 +129,14 @@ impl<B: Backend> ConsumerSet<B> {
                 slot,
                 Running {
                     owner: key.clone(),
+                    order: order.clone(),
                     fingerprint,
                     token,
                     handle,
                 },
             );
         }
+        conflicts
     }
 
     /// Stops every consumer of resource `namespace/name`.

@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
-use crate::consumers::ConsumerSet;
+use crate::consumers::{Conflict, ConsumerSet};
 use crate::kubernetes::FIELD_MANAGER;
 use crate::state::{Counters, Deltas};
 
@@ -31,6 +31,8 @@ pub const READY: &str = "Ready";
 pub const REASON_DISPATCHING: &str = "Dispatching";
 /// Reason: the resource failed validation.
 pub const REASON_INVALID: &str = "Invalid";
+/// Reason: an older resource of the namespace declares one of this resource's event names.
+pub const REASON_DUPLICATE_EVENT: &str = "DuplicateEvent";
 /// How often a healthy resource is reconciled without a change (a safety net only).
 const RESYNC: Duration = Duration::from_secs(300);
 /// Wait before retrying a failed reconcile.
@@ -125,9 +127,25 @@ pub fn readiness(cr: &JobicoJob) -> (bool, &'static str, String) {
     }
 }
 
+/// The readiness of a valid resource some of whose events older resources hold.
+pub fn conflicted(conflicts: &[Conflict]) -> (bool, &'static str, String) {
+    let problems: Vec<_> = conflicts
+        .iter()
+        .map(|c| {
+            format!(
+                "event {:?} is already declared by Job {}; ignored here",
+                c.event, c.holder
+            )
+        })
+        .collect();
+    (false, REASON_DUPLICATE_EVENT, problems.join("; "))
+}
+
 /// The status to apply, keeping the transition time when the condition did not change.
-pub fn desired_status(cr: &JobicoJob) -> serde_json::Value {
-    let (ready, reason, message) = readiness(cr);
+pub fn desired_status(
+    cr: &JobicoJob,
+    (ready, reason, message): (bool, &'static str, String),
+) -> serde_json::Value {
     let status = if ready { "True" } else { "False" };
     let previous = cr
         .status
@@ -206,9 +224,18 @@ async fn apply<B: Backend>(
 ) -> Result<Action, Error> {
     let name = cr.name_any();
     let namespace = cr.namespace().unwrap_or_default();
-    let (ready, reason, message) = readiness(&cr);
+    let (mut ready, mut reason, mut message) = readiness(&cr);
     if ready {
-        ctx.consumers.ensure(cr.clone());
+        let conflicts = ctx.consumers.ensure(cr.clone());
+        if !conflicts.is_empty() {
+            (ready, reason, message) = conflicted(&conflicts);
+            tracing::warn!(
+                namespace,
+                name,
+                message,
+                "event names held by older resources"
+            );
+        }
     } else {
         tracing::warn!(
             namespace,
@@ -218,7 +245,7 @@ async fn apply<B: Backend>(
         );
         ctx.consumers.remove(&namespace, &name);
     }
-    let desired = desired_status(&cr);
+    let desired = desired_status(&cr, (ready, reason, message.clone()));
     if status_changed(&cr, &desired) {
         let params = PatchParams::apply(FIELD_MANAGER).force();
         api.patch_status(&name, &params, &Patch::Apply(&desired))

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use jobico_common::EventState;
 use jobico_dispatcher::backend::{Backend, Batch, DispatchError, Dispatched};
-use jobico_dispatcher::consumers::ConsumerSet;
+use jobico_dispatcher::consumers::{Conflict, ConsumerSet};
 use jobico_dispatcher::controller::{self, Context};
 use jobico_dispatcher::kubernetes::ActiveJobs;
 use jobico_dispatcher::leader::{Elector, LeaseConfig};
@@ -15,6 +15,7 @@ use jobico_dispatcher::metrics::Metrics;
 use jobico_dispatcher::state::Deltas;
 use jobico_dispatcher::{Dispatcher, RetryPolicy, tracker};
 use jobico_model::Job as JobicoJob;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::{Value, json};
 use support::fake_api::{status, verifier};
 use support::{golden, nats, sample};
@@ -558,4 +559,61 @@ async fn a_leader_that_sees_another_holder_gives_up_at_once() {
     .unwrap();
     assert!(lost);
     server.await.unwrap();
+}
+
+/// `samples/ev1.yaml`'s resource under another name and creation time.
+fn declaring_ev1(name: &str, created: &str) -> Arc<JobicoJob> {
+    let mut cr = (*sample("ev1.yaml")).clone();
+    cr.metadata.name = Some(name.into());
+    cr.metadata.uid = Some(format!("uid-{name}"));
+    cr.metadata.creation_timestamp = Some(Time(created.parse().unwrap()));
+    Arc::new(cr)
+}
+
+#[tokio::test]
+async fn the_oldest_resource_keeps_a_contested_event_name() {
+    let (_server, js) = nats().await;
+    let dispatcher = Dispatcher::connect(
+        js,
+        Nothing,
+        Arc::new(Metrics::new()),
+        RetryPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumers = ConsumerSet::new(dispatcher, shutdown.clone());
+    let old = declaring_ev1("old", "2026-01-01T00:00:00Z");
+    let young = declaring_ev1("young", "2026-06-01T00:00:00Z");
+
+    // The younger resource is applied first and holds ev1 until the older one arrives.
+    assert_eq!(consumers.ensure(young.clone()), vec![]);
+    assert_eq!(consumers.ensure(old.clone()), vec![]);
+    // From then on the younger one is refused, whichever is reconciled again.
+    let conflicts = consumers.ensure(young.clone());
+    assert_eq!(
+        conflicts,
+        vec![Conflict {
+            event: "ev1".into(),
+            holder: "default/old".into()
+        }]
+    );
+    assert_eq!(consumers.ensure(old.clone()), vec![]);
+    let (ready, reason, message) = controller::conflicted(&conflicts);
+    assert!(!ready);
+    assert_eq!(reason, controller::REASON_DUPLICATE_EVENT);
+    assert_eq!(
+        message,
+        "event \"ev1\" is already declared by Job default/old; ignored here"
+    );
+    assert_eq!(
+        consumers.events(),
+        [("default".to_string(), "ev1".to_string())]
+    );
+
+    // When the older resource goes, the younger one takes the event on its next reconcile.
+    consumers.remove("default", "old");
+    assert_eq!(consumers.ensure(young), vec![]);
+    assert_eq!(consumers.events().len(), 1);
+    consumers.shutdown().await;
 }

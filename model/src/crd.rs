@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -239,6 +239,16 @@ impl Job {
                 self.metadata.name.as_deref().unwrap_or_default()
             ),
         }
+    }
+
+    /// The order in which resources claim event names: when two resources in a namespace
+    /// declare the same event, the one whose key sorts first (the oldest, then by name) keeps
+    /// it. The ingress and the dispatcher both follow this rule.
+    pub fn claim_order(&self) -> (Option<Time>, String) {
+        (
+            self.metadata.creation_timestamp.clone(),
+            self.metadata.name.clone().unwrap_or_default(),
+        )
     }
 
     /// The event declared under `name`, if any.
