@@ -149,22 +149,7 @@ impl StateStore {
                 Some(current) if current.state == next.state => Advanced::Amended,
                 _ => Advanced::Moved,
             };
-            let body = serde_json::to_vec(&next).expect("status serialises");
-            let written = match entry {
-                Some(entry) => self
-                    .kv
-                    .update(&key, body.into(), entry.revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                None => self
-                    .kv
-                    .create(&key, body.into())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-            };
-            match written {
+            match self.write_at(&key, entry.as_ref(), &next).await {
                 Ok(()) => return Ok(outcome),
                 // Someone wrote in between: read again and decide again.
                 Err(message) => tracing::debug!(key, message, "state write raced, retrying"),
@@ -177,6 +162,31 @@ impl StateStore {
 }
 
 impl StateStore {
+    /// Writes `next` only if the record is still as read: an update at `read`'s revision, or a
+    /// create when there was no record. An error means someone wrote in between (or NATS failed).
+    async fn write_at(
+        &self,
+        key: &str,
+        read: Option<&kv::Entry>,
+        next: &EventStatus,
+    ) -> Result<(), String> {
+        let body = serde_json::to_vec(next).expect("status serialises");
+        match read {
+            Some(entry) => self
+                .kv
+                .update(key, body.into(), entry.revision)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => self
+                .kv
+                .create(key, body.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        }
+    }
+
     /// Claims event `id` for Job `job` before the Job is created: writes `dispatched` with the
     /// Job name unless the record is already `running` or later. A `dispatched` record naming
     /// another Job is overwritten (the caller has checked that Job does not hold the event).
@@ -213,22 +223,7 @@ impl StateStore {
             }
             let mut next = status(namespace, event, id, EventState::Dispatched);
             next.job = Some(job.to_owned());
-            let body = serde_json::to_vec(&next).expect("status serialises");
-            let written = match entry {
-                Some(entry) => self
-                    .kv
-                    .update(&key, body.into(), entry.revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                None => self
-                    .kv
-                    .create(&key, body.into())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-            };
-            match written {
+            match self.write_at(&key, entry.as_ref(), &next).await {
                 Ok(()) => return Ok(None),
                 Err(message) => tracing::debug!(key, message, "state claim raced, retrying"),
             }
