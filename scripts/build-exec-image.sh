@@ -1,38 +1,19 @@
 #!/usr/bin/env bash
-# Builds the static wasm-exec binary and the FROM-scratch executor image.
+# Builds only the executor: the static wasm-exec binary and its FROM-scratch image.
+# scripts/build-images.sh builds all three images (wasm-exec, apiserver, dispatcher).
 #
 #   scripts/build-exec-image.sh [IMAGE]      (default IMAGE: jobico/wasm-exec:dev)
 #
-# The binary is linked statically against glibc (`+crt-static`, no musl target needed) so the
-# image holds nothing else. Set SKIP_DOCKER=1 to build only the binary.
+# An IMAGE other than the default is tagged from jobico/wasm-exec:dev (which is rebuilt too).
+# Set SKIP_DOCKER=1 to build only the binary (scripts/bench-wasm-exec.sh does).
 set -euo pipefail
 
 image="${1:-jobico/wasm-exec:dev}"
-target=x86_64-unknown-linux-gnu
 root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
 
-RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-    cargo build --release --locked -p wasm-exec --target "$target"
+IMAGE_PREFIX=jobico "$root/scripts/build-images.sh" dev wasm-exec
 
-binary="target/$target/release/wasm-exec"
-if ldd "$binary" 2>&1 | grep -q "=>"; then
-    echo "error: $binary is dynamically linked" >&2
-    exit 1
+if [[ "${SKIP_DOCKER:-0}" != 1 && "$image" != "jobico/wasm-exec:dev" ]]; then
+    docker tag jobico/wasm-exec:dev "$image"
+    echo "image: $image"
 fi
-echo "binary: $binary ($(stat -c %s "$binary") bytes)"
-
-if [[ "${SKIP_DOCKER:-0}" == 1 ]]; then
-    exit 0
-fi
-
-context="$(mktemp -d)"
-trap 'rm -rf "$context"' EXIT
-cp "$binary" "$context/wasm-exec"
-# The release profile keeps symbols (strip = "debuginfo"); the image does not need them.
-if command -v strip > /dev/null; then
-    strip "$context/wasm-exec"
-fi
-echo "image binary: $(stat -c %s "$context/wasm-exec") bytes"
-docker build --file wasm-exec/Dockerfile --tag "$image" "$context"
-echo "image: $image"
