@@ -141,11 +141,16 @@ async fn nats_load(
                 let mut n = 0u64;
                 while Instant::now() < deadline {
                     let sent = Instant::now();
-                    let mut headers = HeaderMap::new();
-                    headers.insert("Nats-Msg-Id", format!("raw.{c}.{n}").as_str());
+                    let id = format!("raw-{c}-{n}");
                     n += 1;
+                    let mut headers = HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", id.as_str());
                     context
-                        .publish_with_headers("jobico.default.ev1", headers, payload.clone())
+                        .publish_with_headers(
+                            format!("jobico.default.ev1.{id}"),
+                            headers,
+                            payload.clone(),
+                        )
                         .await
                         .unwrap()
                         .await
@@ -187,21 +192,8 @@ async fn main() {
             .await
             .unwrap(),
     );
-    let no_state = Arc::new(
-        JetStreamPublisher::connect(
-            &nats.url(),
-            StreamSettings {
-                record_accepted: false,
-                ..Default::default()
-            },
-            Metrics::new(),
-        )
-        .await
-        .unwrap(),
-    );
     let context = full.context().clone();
     let (full_url, stop_full) = serve(full, true);
-    let (no_state_url, stop_no_state) = serve(no_state, true);
     let (ceiling_url, stop_ceiling) = serve(Arc::new(NullPublisher), false);
 
     println!(
@@ -220,14 +212,11 @@ async fn main() {
         purge(&context).await;
         let accepted = http_load(&full_url, clients, seconds).await;
         purge(&context).await;
-        let publish_only = http_load(&no_state_url, clients, seconds).await;
-        purge(&context).await;
         let lower = http.per_second.min(raw.per_second);
         for (name, f) in [
             ("(a) HTTP ceiling: no validation, no publish", &http),
             ("(b) NATS ceiling: raw acked publishes", &raw),
-            ("ingress: validate + publish + accepted state", &accepted),
-            ("ingress without the KV accepted state", &publish_only),
+            ("ingress: validate + publish, acked", &accepted),
         ] {
             println!(
                 "{name:<44} {clients:>8} {:>12.0} {:>8.2}ms {:>8.2}ms {:>13.0}%",
@@ -239,6 +228,5 @@ async fn main() {
         }
     }
     stop_full.cancel();
-    stop_no_state.cancel();
     stop_ceiling.cancel();
 }

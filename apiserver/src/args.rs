@@ -102,9 +102,6 @@ pub struct Args {
     /// Longest a request's publish may take before the client gets 503, in milliseconds.
     #[arg(long, env = "JOBICO_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
     pub publish_timeout_ms: u64,
-    /// Do not write the `accepted` state to the KV bucket (to measure its cost).
-    #[arg(long, env = "JOBICO_NO_ACCEPTED_STATE", hide = true)]
-    pub no_accepted_state: bool,
     /// Benchmark only: skip validation and publishing (measures the HTTP ceiling).
     #[arg(long, hide = true)]
     pub bench_http_ceiling: bool,
@@ -169,7 +166,6 @@ impl Args {
             retention: self.stream_retention,
             state_ttl: Duration::from_secs(self.state_ttl_secs),
             publish_timeout: Duration::from_millis(self.publish_timeout_ms),
-            record_accepted: !self.no_accepted_state,
         }
     }
 

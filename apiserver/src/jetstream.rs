@@ -1,11 +1,15 @@
-//! Publishing accepted events to NATS JetStream, and reading their states from the KV bucket.
+//! Publishing accepted events to NATS JetStream, and reading their states.
 //!
-//! One message per event on `jobico.<namespace>.<event>` in the stream `JOBICO`, with
+//! One message per event on `jobico.<namespace>.<event>.<id>` in the stream `JOBICO`, with
 //! `Nats-Msg-Id: <namespace>.<event>.<id>` so a retried request is deduplicated by the server
 //! within the stream's duplicate window. All events of a request are published at once and
-//! their acks awaited together; the answer is positive only when every ack arrived. After an
-//! event's ack, its `accepted` state is written to the KV bucket `jobico-events` with a KV
-//! *create* (only if absent), so it never overwrites a later state the dispatcher wrote first.
+//! their acks awaited together; the answer is positive only when every ack arrived.
+//!
+//! Accepting an event is that one write: its `accepted` state is the stored message itself.
+//! The dispatcher writes every later state to the KV bucket `jobico-events` before it acks
+//! (and so removes) the message, so a status query finds an event in the bucket or, failing
+//! that, in the stream by the id at the end of its subject; there is no moment when it is in
+//! neither.
 
 use std::time::{Duration, Instant};
 
@@ -58,10 +62,8 @@ pub struct StreamSettings {
     pub retention: Retention,
     /// How long event states are kept in the KV bucket (zero: forever).
     pub state_ttl: Duration,
-    /// Upper bound on one request's publish (all events, acks and state writes).
+    /// Upper bound on one request's publish (all events and their acks).
     pub publish_timeout: Duration,
-    /// Whether to write the `accepted` state after each ack (off only to measure its cost).
-    pub record_accepted: bool,
 }
 
 impl Default for StreamSettings {
@@ -80,7 +82,6 @@ impl Default for StreamSettings {
             state_ttl: Duration::from_secs(7 * 24 * 3600),
             // Acks take milliseconds; five seconds means NATS is not answering.
             publish_timeout: Duration::from_secs(5),
-            record_accepted: true,
         }
     }
 }
@@ -132,6 +133,7 @@ pub enum SetupError {
 pub struct JetStreamPublisher {
     client: async_nats::Client,
     context: jetstream::Context,
+    stream: stream::Stream<()>,
     states: kv::Store,
     settings: StreamSettings,
     metrics: Metrics,
@@ -165,6 +167,10 @@ impl JetStreamPublisher {
             .create_or_update_stream(settings.stream_config())
             .await
             .map_err(SetupError::Stream)?;
+        let stream = context
+            .get_stream_no_info(STREAM)
+            .await
+            .expect("the stream name is valid");
         let states = match context.get_key_value(STATE_BUCKET).await {
             Ok(store) => store,
             Err(_) => context
@@ -183,6 +189,7 @@ impl JetStreamPublisher {
         Ok(Self {
             client,
             context,
+            stream,
             states,
             settings,
             metrics,
@@ -201,7 +208,7 @@ impl JetStreamPublisher {
         }
     }
 
-    /// Publishes one event and waits for its ack; then records `accepted` (best effort).
+    /// Publishes one event and waits for its ack.
     async fn publish_one(&self, record: &EventRecord) -> Result<Published, PublishError> {
         let mut headers = HeaderMap::new();
         let msg_id = format!("{}.{}.{}", record.namespace, record.event, record.id);
@@ -213,7 +220,7 @@ impl JetStreamPublisher {
             headers.insert(subject::HEADER_TRACEPARENT, traceparent.as_str());
         }
         let payload = serde_json::to_vec(record).expect("an event record always serialises");
-        let subject = subject::event_subject(&record.namespace, &record.event);
+        let subject = subject::event_subject(&record.namespace, &record.event, record.id.as_str());
         let ack = self
             .context
             .publish_with_headers(subject, headers, payload.into())
@@ -228,38 +235,68 @@ impl JetStreamPublisher {
                 // Discard-new refusals (stream full) and other store errors arrive here.
                 _ => Self::unavailable(format!("NATS refused the event: {e}")),
             })?;
-        if self.settings.record_accepted && !ack.duplicate {
-            self.record_accepted(record).await;
-        }
         Ok(Published {
             id: record.id.clone(),
             duplicate: ack.duplicate,
         })
     }
 
-    async fn record_accepted(&self, record: &EventRecord) {
-        let status = EventStatus {
+    /// The state record of `namespace.id` in the bucket, if any.
+    async fn recorded(
+        &self,
+        namespace: &str,
+        id: &str,
+    ) -> Result<Option<EventStatus>, PublishError> {
+        let key = subject::state_key(namespace, id);
+        let entry = tokio::time::timeout(self.settings.publish_timeout, self.states.get(key))
+            .await
+            .map_err(|_| Self::unavailable("NATS did not answer in time"))?
+            .map_err(|e| Self::unavailable(format!("cannot read the event state: {e}")))?;
+        Ok(
+            entry.and_then(|bytes| match serde_json::from_slice(&bytes) {
+                Ok(status) => Some(status),
+                Err(error) => {
+                    tracing::warn!(%namespace, %id, %error, "unreadable event state record");
+                    None
+                }
+            }),
+        )
+    }
+
+    /// Event `id` as stored in the stream and not yet dispatched: its `accepted` state.
+    async fn stored(&self, namespace: &str, id: &str) -> Result<Option<EventStatus>, PublishError> {
+        let filter = subject::id_filter(namespace, id);
+        let lookup = self.stream.get_last_raw_message_by_subject(&filter);
+        let message = match tokio::time::timeout(self.settings.publish_timeout, lookup)
+            .await
+            .map_err(|_| Self::unavailable("NATS did not answer in time"))?
+        {
+            Ok(message) => message,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None);
+            }
+            Err(e) => return Err(Self::unavailable(format!("cannot look up the event: {e}"))),
+        };
+        let record: EventRecord = match serde_json::from_slice(&message.payload) {
+            Ok(record) => record,
+            Err(error) => {
+                tracing::warn!(subject = %message.subject, %error, "unreadable event in the stream");
+                return Ok(None);
+            }
+        };
+        let stored_at = jiff::Timestamp::from_nanosecond(message.time.unix_timestamp_nanos())
+            .unwrap_or_else(|_| jiff::Timestamp::now());
+        Ok(Some(EventStatus {
             id: record.id.to_string(),
-            namespace: record.namespace.clone(),
-            event: record.event.clone(),
+            namespace: record.namespace,
+            event: record.event,
             state: EventState::Accepted,
-            updated_at: jiff::Timestamp::now().to_string(),
+            updated_at: stored_at.to_string(),
             job: None,
             exit_code: None,
             summary: None,
             reason: None,
-        };
-        let value = serde_json::to_vec(&status).expect("a status always serialises");
-        let key = subject::state_key(&record.namespace, record.id.as_str());
-        match self.states.create(&key, value.into()).await {
-            Ok(_) => {}
-            // The dispatcher was faster and already wrote a later state: keep it.
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(error) => {
-                self.metrics.state_write_failures.inc();
-                tracing::warn!(%key, %error, "event kept in the stream, but its accepted state was not recorded");
-            }
-        }
+        }))
     }
 }
 
@@ -295,21 +332,19 @@ impl Publisher for JetStreamPublisher {
             if self.client.connection_state() != State::Connected {
                 return Err(Self::unavailable("NATS is not connected"));
             }
-            let key = subject::state_key(namespace, id);
-            let entry = tokio::time::timeout(self.settings.publish_timeout, self.states.get(key))
-                .await
-                .map_err(|_| Self::unavailable("NATS did not answer in time"))?
-                .map_err(|e| Self::unavailable(format!("cannot read the event state: {e}")))?;
-            match entry {
-                None => Ok(StatusLookup::NotFound),
-                Some(bytes) => match serde_json::from_slice(&bytes) {
-                    Ok(status) => Ok(StatusLookup::Found(status)),
-                    Err(error) => {
-                        tracing::warn!(%namespace, %id, %error, "unreadable event state record");
-                        Ok(StatusLookup::NotFound)
-                    }
-                },
+            // The bucket first (every state after `accepted`), then the stream (`accepted`),
+            // then the bucket again: the dispatcher may have written the record and acked the
+            // message between the first two reads.
+            if let Some(status) = self.recorded(namespace, id).await? {
+                return Ok(StatusLookup::Found(status));
             }
+            if let Some(status) = self.stored(namespace, id).await? {
+                return Ok(StatusLookup::Found(status));
+            }
+            Ok(match self.recorded(namespace, id).await? {
+                Some(status) => StatusLookup::Found(status),
+                None => StatusLookup::NotFound,
+            })
         })
     }
 }

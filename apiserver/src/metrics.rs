@@ -34,8 +34,6 @@ pub struct Metrics {
     pub publish_seconds: Histogram,
     /// Requests being handled.
     pub in_flight: Gauge,
-    /// Events stored whose `accepted` state could not be written.
-    pub state_write_failures: Counter,
     /// Authorization decisions answered from the cache.
     pub auth_cache_hits: Counter,
 }
@@ -83,12 +81,6 @@ impl Metrics {
             "Requests being handled",
             in_flight.clone(),
         );
-        let state_write_failures = Counter::default();
-        registry.register(
-            "state_write_failures",
-            "Stored events whose accepted state could not be recorded",
-            state_write_failures.clone(),
-        );
         let auth_cache_hits = Counter::default();
         registry.register(
             "auth_cache_hits",
@@ -101,7 +93,6 @@ impl Metrics {
             validation_failures,
             publish_seconds,
             in_flight,
-            state_write_failures,
             auth_cache_hits,
         }
     }

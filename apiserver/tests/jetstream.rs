@@ -49,7 +49,7 @@ async fn stream_messages(context: &jetstream::Context) -> u64 {
 }
 
 #[actix_web::test]
-async fn publishes_one_message_per_event_with_headers_and_records_accepted() {
+async fn publishes_one_message_per_event_with_headers_and_reports_it_accepted() {
     let nats = NatsServer::start();
     let (state, context) = connect(&nats, settings()).await;
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -62,7 +62,7 @@ async fn publishes_one_message_per_event_with_headers_and_records_accepted() {
 
     let stream = context.get_stream("JOBICO").await.unwrap();
     let message = stream
-        .get_last_raw_message_by_subject("jobico.default.ev1")
+        .get_last_raw_message_by_subject("jobico.default.ev1.order-1")
         .await
         .unwrap();
     let headers = message.headers;
@@ -90,6 +90,17 @@ async fn publishes_one_message_per_event_with_headers_and_records_accepted() {
         (body["state"].as_str(), body["event"].as_str()),
         (Some("accepted"), Some("ev1"))
     );
+    assert!(
+        body["updatedAt"]
+            .as_str()
+            .unwrap()
+            .parse::<jiff::Timestamp>()
+            .is_ok(),
+        "{body}"
+    );
+    // Accepting is one write: the stored message is the `accepted` state, nothing is in the bucket.
+    let kv = context.get_key_value(STATE_BUCKET).await.unwrap();
+    assert!(kv.get("default.order-1").await.unwrap().is_none());
     let (status, _, _) = send(
         &state,
         actix_web::test::TestRequest::get().uri("/events/default/unknown"),
@@ -132,34 +143,85 @@ async fn a_repeated_idempotency_key_returns_the_original_id_and_stores_nothing()
     assert_eq!(stream_messages(&context).await, 2);
 }
 
-#[actix_web::test]
-async fn the_accepted_state_never_overwrites_a_later_one() {
-    let nats = NatsServer::start();
-    let (state, context) = connect(&nats, settings()).await;
-    let kv = context.get_key_value(STATE_BUCKET).await.unwrap();
-    let running = EventStatus {
-        id: "fast".into(),
+fn recorded(id: &str, state: EventState) -> EventStatus {
+    EventStatus {
+        id: id.into(),
         namespace: "default".into(),
         event: "ev1".into(),
-        state: EventState::Running,
+        state,
         updated_at: "2026-01-01T00:00:00Z".into(),
         job: Some("job-1".into()),
         exit_code: None,
         summary: None,
         reason: None,
+    }
+}
+
+#[actix_web::test]
+async fn a_recorded_state_wins_over_the_stored_event_and_outlives_it() {
+    let nats = NatsServer::start();
+    let (state, context) = connect(&nats, settings()).await;
+    let kv = context.get_key_value(STATE_BUCKET).await.unwrap();
+    let status_of = |id: &'static str| {
+        let state = state.clone();
+        async move {
+            let uri = format!("/events/default/{id}");
+            send(&state, actix_web::test::TestRequest::get().uri(&uri)).await
+        }
     };
+    for id in ["fast", "gone"] {
+        let req = put("/execute/default/ev1", VALID).insert_header(("Idempotency-Key", id));
+        assert_eq!(send(&state, req).await.0, StatusCode::ACCEPTED);
+    }
+    // The dispatcher recorded a later state while the message is still in the stream.
+    let running = recorded("fast", EventState::Running);
     kv.put("default.fast", serde_json::to_vec(&running).unwrap().into())
         .await
         .unwrap();
-    let req = put("/execute/default/ev1", VALID).insert_header(("Idempotency-Key", "fast"));
-    assert_eq!(send(&state, req).await.0, StatusCode::ACCEPTED);
-    let (_, _, body) = send(
-        &state,
-        actix_web::test::TestRequest::get().uri("/events/default/fast"),
+    let (_, _, body) = status_of("fast").await;
+    assert_eq!(
+        (body["state"].as_str(), body["job"].as_str()),
+        (Some("running"), Some("job-1"))
+    );
+
+    // The dispatcher recorded `dispatched` and acked: the message is gone, the record stays.
+    let dispatched = recorded("gone", EventState::Dispatched);
+    kv.put(
+        "default.gone",
+        serde_json::to_vec(&dispatched).unwrap().into(),
     )
-    .await;
-    assert_eq!(body["state"], "running");
-    assert_eq!(body["job"], "job-1");
+    .await
+    .unwrap();
+    let stream = context.get_stream("JOBICO").await.unwrap();
+    let message = stream
+        .get_last_raw_message_by_subject("jobico.default.ev1.gone")
+        .await
+        .unwrap();
+    stream.delete_message(message.sequence).await.unwrap();
+    let (status, _, body) = status_of("gone").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "dispatched");
+
+    // Ids are whole: a prefix of a stored id is not that event.
+    let (status, _, _) = status_of("fas").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[actix_web::test]
+async fn ids_with_dots_are_found_in_the_stream() {
+    let nats = NatsServer::start();
+    let (state, _context) = connect(&nats, settings()).await;
+    let req = put("/execute/default/ev1", VALID).insert_header(("Idempotency-Key", "order.7.v2"));
+    let (status, _, body) = send(&state, req).await;
+    assert_eq!(
+        (status, body["ids"].clone()),
+        (StatusCode::ACCEPTED, json!(["order.7.v2"]))
+    );
+    for (id, found) in [("order.7.v2", true), ("order.7", false), ("7.v2", false)] {
+        let uri = format!("/events/default/{id}");
+        let (status, _, body) = send(&state, actix_web::test::TestRequest::get().uri(&uri)).await;
+        assert_eq!(status == StatusCode::OK, found, "{id}: {body}");
+    }
 }
 
 #[actix_web::test]

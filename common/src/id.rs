@@ -2,8 +2,9 @@
 //!
 //! One id follows an event everywhere: it is the JetStream `Nats-Msg-Id` (so retries are
 //! deduplicated), the value of the `jobico.coeux.dev/event-id` label, the seed of the Kubernetes
-//! Job's name and the key of the event's state record. It must therefore be a valid Kubernetes
-//! label value: at most 63 characters of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+//! Job's name, the last tokens of its NATS subject and the key of the event's state record. It
+//! must therefore be a valid Kubernetes label value (at most 63 characters of `[A-Za-z0-9._-]`,
+//! starting and ending alphanumeric) and a valid run of NATS subject tokens (no `..`).
 
 use std::fmt;
 
@@ -49,6 +50,9 @@ impl EventId {
             || !id.as_bytes()[id.len() - 1].is_ascii_alphanumeric()
         {
             Some("must start and end with a letter or digit")
+        } else if id.contains("..") {
+            // The id ends the event's NATS subject, where `..` would be an empty token.
+            Some("must not contain '..'")
         } else {
             None
         };
@@ -124,6 +128,8 @@ mod tests {
             ("", false),
             ("-abc", false),
             ("abc.", false),
+            ("a..b", false),
+            ("a.b.c", true),
             ("has space", false),
             ("slash/no", false),
             ("ünïcode", false),
@@ -142,6 +148,7 @@ mod tests {
         assert_eq!(hashed.as_str().len(), 41);
         assert!(EventId::parse(hashed.as_str()).is_ok());
         assert!(EventId::parse(EventId::from_client_key(&"x".repeat(500)).as_str()).is_ok());
+        assert!(EventId::from_client_key("a..b").as_str().starts_with('k'));
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! NATS names: the stream, its subjects and the message headers.
 //!
-//! Subject scheme: `jobico.<namespace>.<event>`. Kubernetes namespaces are DNS labels and event
-//! names are alphanumeric, so neither can contain the `.`, `*` or `>` that NATS treats specially.
+//! Subject scheme: `jobico.<namespace>.<event>.<id>`. Kubernetes namespaces are DNS labels and
+//! event names are alphanumeric, so neither can contain the `.`, `*` or `>` that NATS treats
+//! specially; an id may contain single dots (it is then several tokens, never an empty one) but
+//! never a wildcard. The id in the subject lets the status route find an event that is stored
+//! but not yet dispatched (`jobico.<namespace>.*.<id>`), so accepting an event takes a single
+//! JetStream write.
 
 /// The JetStream stream holding accepted events.
 pub const STREAM: &str = "JOBICO";
@@ -24,9 +28,19 @@ pub const HEADER_NAMESPACE: &str = "Jobico-Namespace";
 /// W3C trace context header, passed through from the HTTP request when present.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 
-/// The subject an event is published on.
-pub fn event_subject(namespace: &str, event: &str) -> String {
-    format!("jobico.{namespace}.{event}")
+/// The subject event `id` is published on.
+pub fn event_subject(namespace: &str, event: &str, id: &str) -> String {
+    format!("jobico.{namespace}.{event}.{id}")
+}
+
+/// The filter matching every event of one type (a consumer's filter subject).
+pub fn event_filter(namespace: &str, event: &str) -> String {
+    format!("jobico.{namespace}.{event}.>")
+}
+
+/// The filter matching event `id` of any type in `namespace` (the status route's stream lookup).
+pub fn id_filter(namespace: &str, id: &str) -> String {
+    format!("jobico.{namespace}.*.{id}")
 }
 
 /// The dead-letter subject for an event type.
@@ -45,9 +59,14 @@ mod tests {
 
     #[test]
     fn names_follow_the_documented_scheme() {
-        assert_eq!(event_subject("default", "ev1"), "jobico.default.ev1");
+        assert_eq!(
+            event_subject("default", "ev1", "x.1"),
+            "jobico.default.ev1.x.1"
+        );
+        assert_eq!(event_filter("default", "ev1"), "jobico.default.ev1.>");
+        assert_eq!(id_filter("default", "x.1"), "jobico.default.*.x.1");
         assert_eq!(dead_letter_subject("ns", "e"), "jobico-dlq.ns.e");
         assert_eq!(state_key("ns", "id-1"), "ns.id-1");
-        assert!(event_subject("a", "b").starts_with(STREAM_SUBJECTS.trim_end_matches('>')));
+        assert!(event_subject("a", "b", "c").starts_with(STREAM_SUBJECTS.trim_end_matches('>')));
     }
 }

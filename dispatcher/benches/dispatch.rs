@@ -59,7 +59,7 @@ async fn publish(js: &jetstream::Context, prefix: &str, count: usize) {
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
         acks.push(
             js.publish_with_headers(
-                event_subject("default", "ev1"),
+                event_subject("default", "ev1", &id),
                 headers,
                 serde_json::to_vec(&record).unwrap().into(),
             )

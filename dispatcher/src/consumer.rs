@@ -13,7 +13,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, Message, consumer::pull, stream};
 use futures::StreamExt;
 use jobico_common::subject::{
-    DEAD_LETTER_PREFIX, HEADER_EVENT_ID, STREAM, dead_letter_subject, event_subject,
+    DEAD_LETTER_PREFIX, HEADER_EVENT_ID, STREAM, dead_letter_subject, event_filter,
 };
 use jobico_common::{EventRecord, EventState};
 use jobico_model::Job as JobicoJob;
@@ -272,7 +272,7 @@ async fn consume<B: Backend>(
             &name,
             pull::Config {
                 durable_name: Some(name.clone()),
-                filter_subject: event_subject(&namespace, event),
+                filter_subject: event_filter(&namespace, event),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: ctx.ack_wait,
                 max_deliver: -1,

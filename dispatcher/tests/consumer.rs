@@ -456,7 +456,7 @@ async fn a_replay_to_a_recreated_consumer_creates_no_second_job() {
 #[tokio::test]
 async fn unreadable_messages_are_dead_lettered() {
     let (_server, js) = nats().await;
-    js.publish("jobico.default.ev1", "not json".into())
+    js.publish("jobico.default.ev1.garbled", "not json".into())
         .await
         .unwrap()
         .await

@@ -135,7 +135,7 @@ pub async fn publish(
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
         headers.insert(HEADER_EVENT_ID, id.as_str());
         acks.push(
-            js.publish_with_headers(event_subject(namespace, event), headers, body.into())
+            js.publish_with_headers(event_subject(namespace, event, &id), headers, body.into())
                 .await
                 .unwrap(),
         );
