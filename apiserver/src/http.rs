@@ -259,10 +259,14 @@ async fn accept(
             _ => None,
         };
         let authorization = header_str(req, header::AUTHORIZATION.as_str())?;
-        state
-            .auth
-            .check(authorization, &Access::execute(&namespace, job))
-            .await?;
+        // Boxed: the Kubernetes check is a large future, and unboxed it would enlarge every
+        // request's future, auth on or off.
+        Box::pin(
+            state
+                .auth
+                .check(authorization, &Access::execute(&namespace, job)),
+        )
+        .await?;
     }
     let entry = match lookup {
         Lookup::Found(entry) => entry,

@@ -11,6 +11,7 @@
 //! that, in the stream by the id at the end of its subject; there is no moment when it is in
 //! neither.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
@@ -23,10 +24,12 @@ use jobico_common::{EventRecord, EventState, EventStatus};
 
 use crate::metrics::Metrics;
 use crate::publish::{PublishError, Published, Publisher, StatusLookup};
+use crate::worker_connection::WorkerConnections;
 
-/// Publish acks awaited at once across all requests. async-nats blocks the publisher beyond
-/// 5,000 un-awaited acks; staying below keeps a burst from stalling every connection, and a
-/// request waiting for a slot is still bounded by the publish timeout.
+/// Publish acks awaited at once on one connection (the shared one, or one HTTP worker's).
+/// async-nats blocks the publisher beyond 5,000 un-awaited acks; staying below keeps a burst
+/// from stalling a connection, and a request waiting for a slot is still bounded by the
+/// publish timeout.
 pub const MAX_ACKS_IN_FLIGHT: usize = 4096;
 
 /// How long a client waits before retrying after a 503 caused by NATS.
@@ -133,6 +136,7 @@ pub enum SetupError {
 pub struct JetStreamPublisher {
     client: async_nats::Client,
     context: jetstream::Context,
+    workers: WorkerConnections,
     stream: stream::Stream<()>,
     states: kv::Store,
     settings: StreamSettings,
@@ -146,23 +150,12 @@ impl JetStreamPublisher {
         settings: StreamSettings,
         metrics: Metrics,
     ) -> Result<Self, SetupError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("jobico-apiserver")
-            .reconnect_delay_callback(|attempts| {
-                (Duration::from_millis(50) * attempts.min(20) as u32).min(MAX_RECONNECT_DELAY)
-            })
-            .connect(url)
+        let (client, context) = connect_context(url, &settings, "jobico-apiserver")
             .await
             .map_err(|source| SetupError::Connect {
                 url: url.to_string(),
                 source,
             })?;
-        let context = jetstream::ContextBuilder::new()
-            .timeout(settings.publish_timeout)
-            .ack_timeout(settings.publish_timeout)
-            .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
-            .backpressure_on_inflight(true)
-            .build(client.clone());
         context
             .create_or_update_stream(settings.stream_config())
             .await
@@ -186,14 +179,28 @@ impl JetStreamPublisher {
                 .await
                 .map_err(SetupError::Bucket)?,
         };
+        let (worker_url, worker_settings) = (url.to_string(), settings.clone());
+        let workers = WorkerConnections::new(Arc::new(move || {
+            let (url, settings) = (worker_url.clone(), worker_settings.clone());
+            Box::pin(
+                async move { connect_context(&url, &settings, "jobico-apiserver-worker").await },
+            )
+        }));
         Ok(Self {
             client,
             context,
+            workers,
             stream,
             states,
             settings,
             metrics,
         })
+    }
+
+    /// Whether the calling thread publishes through a connection of its own (see
+    /// [`crate::worker_connection`]); asking starts one where none is being made.
+    pub fn worker_connected(&self) -> bool {
+        self.workers.local().is_some()
     }
 
     /// The JetStream context (for tests and the benchmark).
@@ -208,8 +215,11 @@ impl JetStreamPublisher {
         }
     }
 
-    /// Publishes one event and waits for its ack.
-    async fn publish_one(&self, record: &EventRecord) -> Result<Published, PublishError> {
+    /// Publishes one event through `context` and waits for its ack.
+    async fn publish_one(
+        context: &jetstream::Context,
+        record: &EventRecord,
+    ) -> Result<Published, PublishError> {
         let mut headers = HeaderMap::new();
         let msg_id = format!("{}.{}.{}", record.namespace, record.event, record.id);
         headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
@@ -221,8 +231,7 @@ impl JetStreamPublisher {
         }
         let payload = serde_json::to_vec(record).expect("an event record always serialises");
         let subject = subject::event_subject(&record.namespace, &record.event, record.id.as_str());
-        let ack = self
-            .context
+        let ack = context
             .publish_with_headers(subject, headers, payload.into())
             .await
             .map_err(|e| Self::unavailable(format!("cannot publish to NATS: {e}")))?
@@ -300,17 +309,44 @@ impl JetStreamPublisher {
     }
 }
 
+/// Connects to `url` as `name` and builds the JetStream context every publish uses.
+async fn connect_context(
+    url: &str,
+    settings: &StreamSettings,
+    name: &str,
+) -> Result<(async_nats::Client, jetstream::Context), async_nats::ConnectError> {
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        .reconnect_delay_callback(|attempts| {
+            (Duration::from_millis(50) * attempts.min(20) as u32).min(MAX_RECONNECT_DELAY)
+        })
+        .connect(url)
+        .await?;
+    let context = jetstream::ContextBuilder::new()
+        .timeout(settings.publish_timeout)
+        .ack_timeout(settings.publish_timeout)
+        .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    Ok((client, context))
+}
+
 impl Publisher for JetStreamPublisher {
     fn publish(
         &self,
         events: Vec<EventRecord>,
     ) -> BoxFuture<'_, Result<Vec<Published>, PublishError>> {
         Box::pin(async move {
-            if self.client.connection_state() != State::Connected {
-                return Err(Self::unavailable("NATS is not connected"));
-            }
+            // This worker's own connection when it has one (and it is connected), else the
+            // shared one.
+            let local = self.workers.local();
+            let context = match &local {
+                Some(local) => &local.context,
+                None if self.client.connection_state() == State::Connected => &self.context,
+                None => return Err(Self::unavailable("NATS is not connected")),
+            };
             let started = Instant::now();
-            let all = join_all(events.iter().map(|e| self.publish_one(e)));
+            let all = join_all(events.iter().map(|e| Self::publish_one(context, e)));
             let results = tokio::time::timeout(self.settings.publish_timeout, all)
                 .await
                 .map_err(|_| Self::unavailable("NATS did not acknowledge in time"))?;

@@ -15,6 +15,7 @@ pub mod publish;
 pub mod schema;
 pub mod server;
 pub mod watch;
+pub mod worker_connection;
 
 pub use catalog::Catalog;
 pub use error::ApiError;

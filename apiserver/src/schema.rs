@@ -119,6 +119,10 @@ impl CompiledSchema {
 
     /// Checks `instance`; returns its violations (at most [`MAX_VIOLATIONS_PER_ITEM`]).
     pub fn violations(&self, item: usize, instance: &Value) -> Vec<Violation> {
+        // The fast path: `is_valid` stops at the first failure and builds no error values.
+        if self.0.is_valid(instance) {
+            return Vec::new();
+        }
         self.0
             .iter_errors(instance)
             .take(MAX_VIOLATIONS_PER_ITEM)

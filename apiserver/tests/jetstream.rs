@@ -224,6 +224,76 @@ async fn ids_with_dots_are_found_in_the_stream() {
     }
 }
 
+/// Polls `check` every 20 ms until it holds, failing after `seconds`.
+async fn eventually(seconds: u64, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_web::test]
+async fn an_http_worker_publishes_through_its_own_connection_and_survives_an_outage() {
+    let mut nats = NatsServer::start();
+    let publisher = Arc::new(
+        JetStreamPublisher::connect(&nats.url(), settings(), Metrics::new())
+            .await
+            .unwrap(),
+    );
+    let context = publisher.context().clone();
+    let state = state_with(publisher.clone(), LIMIT);
+    // actix's test runtime is single-threaded, like an HTTP worker's. The first request goes
+    // through the shared connection while this thread's own is being made.
+    assert_eq!(
+        send(&state, put("/execute/default/ev1", VALID)).await.0,
+        StatusCode::ACCEPTED
+    );
+    eventually(10, "the worker connection", || publisher.worker_connected()).await;
+    for _ in 0..10 {
+        assert_eq!(
+            send(&state, put("/execute/default/ev1", VALID)).await.0,
+            StatusCode::ACCEPTED
+        );
+    }
+    assert_eq!(stream_messages(&context).await, 11);
+
+    nats.kill();
+    let (status, _, body) = send(&state, put("/execute/default/ev1", VALID)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    nats.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while send(&state, put("/execute/default/ev1", VALID)).await.0 != StatusCode::ACCEPTED {
+        assert!(Instant::now() < deadline, "no recovery after NATS returned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(publisher.worker_connected());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_threaded_runtime_publishes_through_the_shared_connection() {
+    let nats = NatsServer::start();
+    let publisher = JetStreamPublisher::connect(&nats.url(), settings(), Metrics::new())
+        .await
+        .unwrap();
+    let record = EventRecord {
+        id: jobico_common::EventId::parse("mt-1").unwrap(),
+        namespace: "default".into(),
+        event: "ev1".into(),
+        data: json!({}),
+        attributes: Default::default(),
+    };
+    use jobico_apiserver::Publisher;
+    let published = publisher.publish(vec![record]).await.unwrap();
+    assert_eq!(published[0].id.as_str(), "mt-1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !publisher.worker_connected(),
+        "no per-thread connection on a shared runtime"
+    );
+    assert_eq!(stream_messages(publisher.context()).await, 1);
+}
+
 #[actix_web::test]
 async fn nats_down_is_503_and_recovers_without_restart() {
     let mut nats = NatsServer::start();

