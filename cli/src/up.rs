@@ -67,8 +67,8 @@ pub struct UpArgs {
     #[arg(long = "nats", env = "JOBICO_NATS_URL", value_name = "URL")]
     pub nats: Option<String>,
     /// With --nats: seconds an event may stay unacknowledged before NATS hands it out again;
-    /// how soon events a crashed process was running are run again after a restart. Applies
-    /// when an event type's consumer is first created in NATS.
+    /// how soon events a crashed process was running are run again after a restart. Applied
+    /// to each event type's consumer in NATS at start.
     #[arg(long, env = "JOBICO_ACK_WAIT_SECS", default_value_t = ACK_WAIT.as_secs(), requires = "nats")]
     pub ack_wait_secs: u64,
 }

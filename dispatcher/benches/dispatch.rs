@@ -2,6 +2,11 @@
 //! batch sizes 1, 10 and 100, through the whole consumer path (a real nats-server, state
 //! records, the Kubernetes backend rendering and creating Jobs) against the in-process fake
 //! API. Run with `scripts/bench-dispatcher.sh`. Not a timed test.
+//!
+//! Beside each, in the same run, two ceilings: (api) the same Jobs, rendered beforehand,
+//! created through kube-rs against the same fake API with the dispatcher's concurrency, and
+//! (nats) the same events pulled and double-acked from a JetStream consumer in batches of the
+//! same size, doing nothing else. The dispatcher's figures are given as ratios of them.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -11,8 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
-use jobico_common::subject::event_subject;
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use futures::StreamExt;
+use jobico_common::subject::{STREAM, event_filter, event_subject};
+use jobico_dispatcher::backend::Batch;
 use jobico_dispatcher::consumer;
 use jobico_dispatcher::kubernetes::KubeBackend;
 use jobico_dispatcher::metrics::Metrics;
@@ -77,6 +84,89 @@ async fn publish(js: &jetstream::Context, prefix: &str, count: usize) {
     }
 }
 
+/// The events of `publish(prefix, count)` grouped as the dispatcher groups them.
+fn batches(owner: &Arc<jobico_model::Job>, prefix: &str, count: usize, size: usize) -> Vec<Batch> {
+    let records: Vec<_> = (0..count)
+        .map(|i| {
+            support::record(
+                "default",
+                "ev1",
+                &format!("{prefix}-{i}"),
+                json!({"firstName": "Ada", "lastName": "Lovelace", "i": i}),
+            )
+        })
+        .collect();
+    records
+        .chunks(size)
+        .map(|events| Batch {
+            owner: owner.clone(),
+            event: "ev1".into(),
+            events: events.to_vec(),
+        })
+        .collect()
+}
+
+/// Ceiling (api): creates the Jobs of `batches`, rendered beforehand, `MAX_IN_FLIGHT_BATCHES`
+/// at a time, straight through kube-rs. Returns Jobs per second.
+async fn api_ceiling(batches: &[Batch]) -> f64 {
+    let (client, cluster) = FakeCluster::start();
+    let renderer = Renderer::new("ghcr.io/coeux/wasm-exec:0.1.0");
+    let jobs: Vec<_> = batches
+        .iter()
+        .map(|b| renderer.render(b, None).unwrap())
+        .collect();
+    let api: kube::Api<k8s_openapi::api::batch::v1::Job> = kube::Api::namespaced(client, "default");
+    let started = Instant::now();
+    futures::stream::iter(jobs)
+        .map(|job| {
+            let api = api.clone();
+            async move {
+                api.create(&Default::default(), &job).await.unwrap();
+            }
+        })
+        .buffer_unordered(consumer::MAX_IN_FLIGHT_BATCHES)
+        .collect::<Vec<()>>()
+        .await;
+    let elapsed = started.elapsed();
+    assert_eq!(cluster.created.load(Ordering::Relaxed), batches.len());
+    batches.len() as f64 / elapsed.as_secs_f64()
+}
+
+/// Ceiling (nats): pulls `events` messages from a new durable consumer with the dispatcher's
+/// prefetch and double-acks each, as many at once as the dispatcher may hold unacked
+/// (`MAX_IN_FLIGHT_BATCHES` batches of `size`). Returns events per second.
+async fn nats_ceiling(js: &jetstream::Context, events: usize, size: usize) -> f64 {
+    let stream = js.get_stream(STREAM).await.unwrap();
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("bench-ceiling".into()),
+            filter_subject: event_filter("default", "ev1"),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let window = consumer::MAX_IN_FLIGHT_BATCHES * size;
+    let started = Instant::now();
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(window.clamp(1, 1000))
+        .messages()
+        .await
+        .unwrap();
+    let acked = messages
+        .take(events)
+        .map(|message| async move { message.unwrap().double_ack_with(AckKind::Ack).await })
+        .buffer_unordered(window)
+        .filter(|result| std::future::ready(result.is_ok()))
+        .count()
+        .await;
+    let elapsed = started.elapsed();
+    assert_eq!(acked, events);
+    stream.delete_consumer("bench-ceiling").await.unwrap();
+    events as f64 / elapsed.as_secs_f64()
+}
+
 async fn run(batch: u32, events: usize) {
     let (_server, js) = support::nats().await;
     let (client, cluster) = FakeCluster::start();
@@ -88,7 +178,12 @@ async fn run(batch: u32, events: usize) {
             max_bytes: Some(1_048_576),
         });
     }
-    publish(&js, &format!("b{batch}"), events).await;
+    let prefix = format!("b{batch}");
+    publish(&js, &prefix, events).await;
+    // The stream's retention is limits: the ceiling's consumer reads the same messages.
+    let nats_ceiling = nats_ceiling(&js, events, batch as usize).await;
+    let owner_arc = Arc::new(owner.clone());
+    let api_ceiling = api_ceiling(&batches(&owner_arc, &prefix, events, batch as usize)).await;
     let metrics = Arc::new(Metrics::new());
     let backend = KubeBackend::new(client, Renderer::new("ghcr.io/coeux/wasm-exec:0.1.0"));
     let ctx = Dispatcher::connect(js.clone(), backend, metrics.clone(), RetryPolicy::default())
@@ -111,11 +206,15 @@ async fn run(batch: u32, events: usize) {
     token.cancel();
     handle.await.unwrap();
     let jobs = cluster.created.load(Ordering::Relaxed);
-    println!(
-        "batch {batch:>3}: {events:>6} events, {jobs:>5} Jobs in {:>6.2} s: {:>7.0} Jobs/s, {:>7.0} events/s, CPU {:>6.0} µs/Job ({:.0} µs/event)",
-        elapsed.as_secs_f64(),
+    let (jobs_per_s, events_per_s) = (
         jobs as f64 / elapsed.as_secs_f64(),
         events as f64 / elapsed.as_secs_f64(),
+    );
+    println!(
+        "batch {batch:>3}: {events:>6} events, {jobs:>5} Jobs in {:>5.2} s: {jobs_per_s:>6.0} Jobs/s ({:>3.0}% of api {api_ceiling:.0}), {events_per_s:>6.0} events/s ({:>3.0}% of nats {nats_ceiling:.0}), CPU {:>5.0} µs/Job ({:.0} µs/event)",
+        elapsed.as_secs_f64(),
+        100.0 * jobs_per_s / api_ceiling,
+        100.0 * events_per_s / nats_ceiling,
         cpu.as_micros() as f64 / jobs as f64,
         cpu.as_micros() as f64 / events as f64,
     );

@@ -267,22 +267,21 @@ async fn consume<B: Backend>(
         return Ok(());
     };
     let name = consumer_name(&namespace, event);
-    let consumer = stream
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: event_filter(&namespace, event),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: ctx.ack_wait,
-                max_deliver: -1,
-                max_ack_pending: MAX_ACK_PENDING,
-                inactive_threshold: INACTIVE_THRESHOLD,
-                ..Default::default()
-            },
-        )
+    // Create or update: a consumer left by an earlier start (or version) takes this one's
+    // filter subject and settings instead of keeping its own.
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: event_filter(&namespace, event),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: ctx.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: MAX_ACK_PENDING,
+            inactive_threshold: INACTIVE_THRESHOLD,
+            ..Default::default()
+        })
         .await
-        .map_err(|e| nats(format!("creating consumer {name}"))(&e))?;
+        .map_err(|e| nats(format!("creating or updating consumer {name}"))(&e))?;
     // Prefetch enough to keep every in-flight slot busy, but little when a concurrency cap
     // may hold messages back (held messages age towards their ack wait).
     let prefetch = match cap {

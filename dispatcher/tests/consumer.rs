@@ -162,6 +162,38 @@ async fn each_event_is_dispatched_recorded_and_acked() {
 }
 
 #[tokio::test]
+async fn a_consumer_left_with_other_settings_is_updated_at_start() {
+    let (_server, js) = nats().await;
+    // What an earlier version left: the old filter subject (no id tokens), a long ack wait.
+    let stream = js.get_stream(STREAM).await.unwrap();
+    let name = consumer_name("default", "ev1");
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: "jobico.default.ev1".into(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(300),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let backend = Arc::new(Recording::default());
+    publish(&js, "default", "ev1", "u", 3).await;
+    let (_ctx, token, handle) =
+        start(&js, backend.clone(), sample("ev1.yaml"), consumer::ACK_WAIT).await;
+    eventually(10, "3 dispatches", || async { backend.calls().len() == 3 }).await;
+    let mut consumer = stream
+        .get_consumer::<jetstream::consumer::pull::Config>(&name)
+        .await
+        .unwrap();
+    let config = consumer.info().await.unwrap().config.clone();
+    assert_eq!(config.filter_subject, "jobico.default.ev1.>");
+    assert_eq!(config.ack_wait, consumer::ACK_WAIT);
+    token.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
 async fn events_are_grouped_up_to_max_events() {
     let (_server, js) = nats().await;
     let backend = Arc::new(Recording::default());
