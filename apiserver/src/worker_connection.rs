@@ -54,7 +54,7 @@ pub struct Local {
 }
 
 /// How to make a worker's connection: the same server and settings as the shared one.
-pub type Connector = std::sync::Arc<
+pub type Connector = Arc<
     dyn Fn() -> futures::future::BoxFuture<
             'static,
             Result<(async_nats::Client, jetstream::Context), async_nats::ConnectError>,

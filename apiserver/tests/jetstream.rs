@@ -268,7 +268,10 @@ async fn an_http_worker_publishes_through_its_own_connection_and_survives_an_out
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The worker's own connection comes back too (it may reconnect after the shared one).
-    eventually(10, "the worker connection back", || publisher.worker_connected()).await;
+    eventually(10, "the worker connection back", || {
+        publisher.worker_connected()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
