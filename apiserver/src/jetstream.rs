@@ -295,17 +295,13 @@ impl JetStreamPublisher {
         };
         let stored_at = jiff::Timestamp::from_nanosecond(message.time.unix_timestamp_nanos())
             .unwrap_or_else(|_| jiff::Timestamp::now());
-        Ok(Some(EventStatus {
-            id: record.id.to_string(),
-            namespace: record.namespace,
-            event: record.event,
-            state: EventState::Accepted,
-            updated_at: stored_at.to_string(),
-            job: None,
-            exit_code: None,
-            summary: None,
-            reason: None,
-        }))
+        Ok(Some(EventStatus::new(
+            &record.namespace,
+            &record.event,
+            record.id.as_str(),
+            EventState::Accepted,
+            stored_at.to_string(),
+        )))
     }
 }
 

@@ -144,17 +144,9 @@ async fn a_repeated_idempotency_key_returns_the_original_id_and_stores_nothing()
 }
 
 fn recorded(id: &str, state: EventState) -> EventStatus {
-    EventStatus {
-        id: id.into(),
-        namespace: "default".into(),
-        event: "ev1".into(),
-        state,
-        updated_at: "2026-01-01T00:00:00Z".into(),
-        job: Some("job-1".into()),
-        exit_code: None,
-        summary: None,
-        reason: None,
-    }
+    let mut status = EventStatus::new("default", "ev1", id, state, "2026-01-01T00:00:00Z".into());
+    status.job = Some("job-1".into());
+    status
 }
 
 #[actix_web::test]

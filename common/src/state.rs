@@ -57,6 +57,29 @@ pub struct EventStatus {
     pub reason: Option<String>,
 }
 
+impl EventStatus {
+    /// A record of `state` recorded at `updated_at` (RFC 3339), with no details yet.
+    pub fn new(
+        namespace: &str,
+        event: &str,
+        id: &str,
+        state: EventState,
+        updated_at: String,
+    ) -> Self {
+        Self {
+            id: id.to_owned(),
+            namespace: namespace.to_owned(),
+            event: event.to_owned(),
+            state,
+            updated_at,
+            job: None,
+            exit_code: None,
+            summary: None,
+            reason: None,
+        }
+    }
+}
+
 /// The executor's exit-code contract (`wasm-exec`), which the dispatcher's pod failure policy
 /// relies on.
 pub mod exit {

@@ -46,17 +46,7 @@ pub fn now() -> String {
 
 /// A new record for `state` with no details.
 pub fn status(namespace: &str, event: &str, id: &str, state: EventState) -> EventStatus {
-    EventStatus {
-        id: id.to_owned(),
-        namespace: namespace.to_owned(),
-        event: event.to_owned(),
-        state,
-        updated_at: now(),
-        job: None,
-        exit_code: None,
-        summary: None,
-        reason: None,
-    }
+    EventStatus::new(namespace, event, id, state, now())
 }
 
 /// What [`StateStore::advance`] did.
