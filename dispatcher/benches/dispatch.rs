@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use futures::StreamExt;
+use jobico_common::EventRecord;
 use jobico_common::subject::{STREAM, event_filter, event_subject};
 use jobico_dispatcher::backend::Batch;
 use jobico_dispatcher::consumer;
@@ -52,21 +53,26 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// Event number `i` of the run `prefix`: what `publish` sends and `batches` groups.
+fn event(prefix: &str, i: usize) -> EventRecord {
+    support::record(
+        "default",
+        "ev1",
+        &format!("{prefix}-{i}"),
+        json!({"firstName": "Ada", "lastName": "Lovelace", "i": i}),
+    )
+}
+
 async fn publish(js: &jetstream::Context, prefix: &str, count: usize) {
     let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
     for i in 0..count {
-        let id = format!("{prefix}-{i}");
-        let record = support::record(
-            "default",
-            "ev1",
-            &id,
-            json!({"firstName": "Ada", "lastName": "Lovelace", "i": i}),
-        );
+        let record = event(prefix, i);
+        let id = record.id.as_str();
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
         acks.push(
             js.publish_with_headers(
-                event_subject("default", "ev1", &id),
+                event_subject("default", "ev1", id),
                 headers,
                 serde_json::to_vec(&record).unwrap().into(),
             )
@@ -86,16 +92,7 @@ async fn publish(js: &jetstream::Context, prefix: &str, count: usize) {
 
 /// The events of `publish(prefix, count)` grouped as the dispatcher groups them.
 fn batches(owner: &Arc<jobico_model::Job>, prefix: &str, count: usize, size: usize) -> Vec<Batch> {
-    let records: Vec<_> = (0..count)
-        .map(|i| {
-            support::record(
-                "default",
-                "ev1",
-                &format!("{prefix}-{i}"),
-                json!({"firstName": "Ada", "lastName": "Lovelace", "i": i}),
-            )
-        })
-        .collect();
+    let records: Vec<_> = (0..count).map(|i| event(prefix, i)).collect();
     records
         .chunks(size)
         .map(|events| Batch {
@@ -182,8 +179,8 @@ async fn run(batch: u32, events: usize) {
     publish(&js, &prefix, events).await;
     // The stream's retention is limits: the ceiling's consumer reads the same messages.
     let nats_ceiling = nats_ceiling(&js, events, batch as usize).await;
-    let owner_arc = Arc::new(owner.clone());
-    let api_ceiling = api_ceiling(&batches(&owner_arc, &prefix, events, batch as usize)).await;
+    let owner = Arc::new(owner);
+    let api_ceiling = api_ceiling(&batches(&owner, &prefix, events, batch as usize)).await;
     let metrics = Arc::new(Metrics::new());
     let backend = KubeBackend::new(client, Renderer::new("ghcr.io/coeux/wasm-exec:0.1.0"));
     let ctx = Dispatcher::connect(js.clone(), backend, metrics.clone(), RetryPolicy::default())
@@ -192,12 +189,7 @@ async fn run(batch: u32, events: usize) {
     let token = CancellationToken::new();
     let cpu = cpu_time();
     let started = Instant::now();
-    let handle = tokio::spawn(consumer::run(
-        ctx,
-        Arc::new(owner),
-        "ev1".into(),
-        token.clone(),
-    ));
+    let handle = tokio::spawn(consumer::run(ctx, owner, "ev1".into(), token.clone()));
     while metrics.events_dispatched.get() < events as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
