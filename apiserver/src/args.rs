@@ -146,10 +146,11 @@ impl Publisher for LazyPublisher {
     fn status<'a>(
         &'a self,
         namespace: &'a str,
+        event: Option<&'a str>,
         id: &'a str,
     ) -> BoxFuture<'a, Result<StatusLookup, PublishError>> {
         match self.inner.get() {
-            Some(inner) => inner.status(namespace, id),
+            Some(inner) => inner.status(namespace, event, id),
             None => Box::pin(async { Err(Self::not_yet()) }),
         }
     }

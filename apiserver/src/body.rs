@@ -6,8 +6,8 @@
 //!
 //! CloudEvents over HTTP (spec 1.0) are read in all three modes: binary (`ce-*` headers, the
 //! body is the data), structured (`application/cloudevents+json`) and batch
-//! (`application/cloudevents-batch+json`). The CloudEvents `id` becomes the event id unless an
-//! `Idempotency-Key` is given; `id`, `source`, `type` and every other attribute except `data`
+//! (`application/cloudevents-batch+json`). The event id is derived from the CloudEvents
+//! `source` and `id` together unless an `Idempotency-Key` is given; `id`, `source`, `type` and every other attribute except `data`
 //! are kept as the event's attributes.
 
 use std::collections::BTreeMap;
@@ -90,7 +90,8 @@ pub fn body_kind(content_type: Option<&str>) -> Result<BodyKind, ApiError> {
 }
 
 /// Parses a JSON body into events. `key` is the request's `Idempotency-Key`: a single event
-/// takes it as its id; item `i` of a batch takes `<key>-<i>`.
+/// takes it as its id ([`EventId::from_client_key`]); item `i` of a batch takes
+/// [`EventId::batch_item`] (`<key>--<i>`).
 pub fn parse_json(body: &[u8], key: Option<&str>) -> Result<Vec<Incoming>, ApiError> {
     let value = parse_value(body)?;
     let mut events = match value {
@@ -115,7 +116,7 @@ pub fn parse_json(body: &[u8], key: Option<&str>) -> Result<Vec<Incoming>, ApiEr
                     .into_iter()
                     .enumerate()
                     .map(|(i, mut e)| {
-                        e.id = Some(EventId::from_client_key(&format!("{key}-{i}")));
+                        e.id = Some(EventId::batch_item(key, i));
                         e
                     })
                     .collect());
@@ -166,10 +167,17 @@ fn check_attributes(attributes: &BTreeMap<String, String>, at: &str) -> Result<(
     Ok(())
 }
 
-/// The id of a CloudEvent: the idempotency key when given, else its `id` attribute.
-fn cloud_event_id(attributes: &BTreeMap<String, String>, key: Option<&str>) -> Option<EventId> {
-    key.or(attributes.get("id").map(String::as_str))
-        .map(EventId::from_client_key)
+/// The id of a CloudEvent: `given` (from the idempotency key) when there is one, else the
+/// id derived from its `source` and `id` attributes, which CloudEvents makes unique together.
+fn cloud_event_id(
+    attributes: &BTreeMap<String, String>,
+    given: Option<EventId>,
+) -> Option<EventId> {
+    given.or_else(|| {
+        let source = attributes.get("source")?;
+        let id = attributes.get("id")?;
+        Some(EventId::from_cloud_event(source, id))
+    })
 }
 
 /// Reads a CloudEvent in binary mode: `headers` are the request's `ce-*` headers with the prefix
@@ -183,12 +191,12 @@ pub fn parse_binary_cloud_event(
     let data = parse_value(body)?;
     Ok(vec![Incoming {
         data,
-        id: cloud_event_id(&headers, key),
+        id: cloud_event_id(&headers, key.map(EventId::from_client_key)),
         attributes: headers,
     }])
 }
 
-fn structured(value: Value, at: &str, key: Option<&str>) -> Result<Incoming, ApiError> {
+fn structured(value: Value, at: &str, given: Option<EventId>) -> Result<Incoming, ApiError> {
     let Value::Object(map) = value else {
         return Err(ApiError::BadRequest(format!(
             "{at}: a CloudEvent must be a JSON object"
@@ -221,7 +229,7 @@ fn structured(value: Value, at: &str, key: Option<&str>) -> Result<Incoming, Api
     }
     Ok(Incoming {
         data: data.unwrap_or(Value::Null),
-        id: cloud_event_id(&attributes, key),
+        id: cloud_event_id(&attributes, given),
         attributes,
     })
 }
@@ -231,11 +239,12 @@ pub fn parse_structured_cloud_event(
     body: &[u8],
     key: Option<&str>,
 ) -> Result<Vec<Incoming>, ApiError> {
-    Ok(vec![structured(parse_value(body)?, "CloudEvent", key)?])
+    let given = key.map(EventId::from_client_key);
+    Ok(vec![structured(parse_value(body)?, "CloudEvent", given)?])
 }
 
-/// Reads a CloudEvents batch. Each event keeps its own `id`; an idempotency key `k` gives item
-/// `i` the id `k-i`, as for JobicoK8S batches.
+/// Reads a CloudEvents batch. Each event's id comes from its own `source` and `id`; an
+/// idempotency key `k` gives item `i` the id [`EventId::batch_item`], as for JobicoK8S batches.
 pub fn parse_cloud_event_batch(body: &[u8], key: Option<&str>) -> Result<Vec<Incoming>, ApiError> {
     let Value::Array(items) = parse_value(body)? else {
         return Err(ApiError::BadRequest(
@@ -255,8 +264,8 @@ pub fn parse_cloud_event_batch(body: &[u8], key: Option<&str>) -> Result<Vec<Inc
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
-            let item_key = key.map(|k| format!("{k}-{i}"));
-            structured(item, &format!("batch item {i}"), item_key.as_deref())
+            let given = key.map(|k| EventId::batch_item(k, i));
+            structured(item, &format!("batch item {i}"), given)
         })
         .collect()
 }
@@ -315,7 +324,7 @@ mod tests {
             .iter()
             .map(|e| e.id.clone().unwrap().to_string())
             .collect();
-        assert_eq!(ids, ["b-0", "b-1"]);
+        assert_eq!(ids, ["b--0", "b--1"]);
     }
 
     #[test]
@@ -337,7 +346,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(binary[0].id.as_ref().unwrap().as_str(), "ce-1");
+        assert_eq!(binary[0].id, Some(EventId::from_cloud_event("/s", "ce-1")));
         assert_eq!(binary[0].data, json!({"a":1}));
         assert_eq!(binary[0].attributes["source"], "/s");
 
@@ -345,7 +354,10 @@ mod tests {
             br#"{"specversion":"1.0","id":"x/1","source":"/s","type":"t","data":{"a":2},"ext":5}"#;
         let structured = parse_structured_cloud_event(one, None).unwrap();
         assert_eq!(structured[0].data, json!({"a":2}));
-        assert_eq!(structured[0].id, Some(EventId::from_client_key("x/1")));
+        assert_eq!(
+            structured[0].id,
+            Some(EventId::from_cloud_event("/s", "x/1"))
+        );
         assert_eq!(structured[0].attributes["ext"], "5");
         assert!(!structured[0].attributes.contains_key("data"));
         // An idempotency key wins over the CloudEvents id.
@@ -364,7 +376,7 @@ mod tests {
             std::str::from_utf8(one).unwrap().replace("x/1", "y")
         );
         let items = parse_cloud_event_batch(batch.as_bytes(), None).unwrap();
-        assert_eq!(items[1].id.as_ref().unwrap().as_str(), "y");
+        assert_eq!(items[1].id, Some(EventId::from_cloud_event("/s", "y")));
         assert_eq!(
             body_kind(Some("application/cloudevents-batch+json; charset=utf-8")).unwrap(),
             BodyKind::CloudEventBatch

@@ -1,7 +1,8 @@
 //! The one error shape of the HTTP API.
 //!
 //! Every error is `{"error": "<sentence>"}` with the right status code; schema failures add
-//! `"violations": [{"item", "instancePath", "keyword", "message"}]`.
+//! `"violations": [{"item", "instancePath", "keyword", "message"}]`, and an id several event
+//! types share adds `"events": [...]`.
 
 use std::time::Duration;
 
@@ -79,6 +80,18 @@ pub enum ApiError {
         /// The id asked for.
         id: String,
     },
+    /// Asked by id alone, and events of several types have that id.
+    #[error(
+        "events of several types in namespace {namespace:?} have the id {id:?}: ask for one with /events/{namespace}/<event>/{id}"
+    )]
+    AmbiguousEventId {
+        /// The namespace.
+        namespace: String,
+        /// The id asked for.
+        id: String,
+        /// The event types that have it.
+        events: Vec<String>,
+    },
     /// This server keeps no event states (local mode with the in-memory queue).
     #[error(
         "event states are not tracked here: local mode with the in-memory queue keeps none (run with NATS to track them)"
@@ -99,6 +112,8 @@ struct ErrorBody<'a> {
     error: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     violations: Option<&'a [Violation]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events: Option<&'a [String]>,
 }
 
 impl ResponseError for ApiError {
@@ -110,6 +125,7 @@ impl ResponseError for ApiError {
             | ApiError::UnknownEvent { .. }
             | ApiError::UnknownEventId { .. }
             | ApiError::StatesNotTracked => StatusCode::NOT_FOUND,
+            ApiError::AmbiguousEventId { .. } => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -142,9 +158,14 @@ impl ResponseError for ApiError {
             ApiError::Invalid(violations) => Some(violations.as_slice()),
             _ => None,
         };
+        let events = match self {
+            ApiError::AmbiguousEventId { events, .. } => Some(events.as_slice()),
+            _ => None,
+        };
         response.json(ErrorBody {
             error: self.to_string(),
             violations,
+            events,
         })
     }
 }

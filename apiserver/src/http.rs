@@ -2,7 +2,9 @@
 //!
 //! - `PUT|POST /execute/{namespace}/{event}`: validate every event of the body against the
 //!   event's schema, keep them all through the [`Publisher`], answer `202 {"ids": [...]}`.
-//! - `GET /events/{namespace}/{id}`: the event's recorded state.
+//! - `GET /events/{namespace}/{event}/{id}`: the recorded state of one event.
+//! - `GET /events/{namespace}/{id}`: the same, for whichever event type has the id (`409`
+//!   naming the types when several have it).
 //!
 //! The routes are listed in [`ROUTES`]; `apiserver/openapi.yaml` documents the same set (a test
 //! checks that they agree).
@@ -14,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use futures::StreamExt;
+use jobico_common::envelope::{MAX_DATA_DEPTH, data_depth};
 use jobico_common::{EventId, EventRecord};
 use serde::Serialize;
 
@@ -39,14 +42,19 @@ pub const TRACEPARENT_ATTRIBUTE: &str = "traceparent";
 
 /// Route of event submission.
 pub const EXECUTE_ROUTE: &str = "/execute/{namespace}/{event}";
-/// Route of status reads.
+/// Route of status reads by id (of whichever event type has it).
 pub const EVENTS_ROUTE: &str = "/events/{namespace}/{id}";
+/// Route of status reads of one event type's event.
+pub const EVENT_STATUS_ROUTE: &str = "/events/{namespace}/{event}/{id}";
 /// Metrics label of requests matching no route.
 const OTHER_ROUTE: &str = "other";
 
 /// Every route with its methods, as documented in `openapi.yaml`.
-pub const ROUTES: &[(&str, &[&str])] =
-    &[(EXECUTE_ROUTE, &["PUT", "POST"]), (EVENTS_ROUTE, &["GET"])];
+pub const ROUTES: &[(&str, &[&str])] = &[
+    (EXECUTE_ROUTE, &["PUT", "POST"]),
+    (EVENTS_ROUTE, &["GET"]),
+    (EVENT_STATUS_ROUTE, &["GET"]),
+];
 
 /// Shared state of the HTTP handlers.
 pub struct AppState {
@@ -127,6 +135,11 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
                 web::resource(EVENTS_ROUTE)
                     .route(web::get().to(event_status))
                     .default_service(method_not_allowed(EVENTS_ROUTE, "GET")),
+            )
+            .service(
+                web::resource(EVENT_STATUS_ROUTE)
+                    .route(web::get().to(typed_event_status))
+                    .default_service(method_not_allowed(EVENT_STATUS_ROUTE, "GET")),
             )
             .default_service(web::to(
                 |req: HttpRequest, state: web::Data<AppState>| async move {
@@ -299,6 +312,17 @@ async fn accept(
         (None, BodyKind::CloudEventBatch) => body::parse_cloud_event_batch(&bytes, key)?,
     };
 
+    // Data nested deeper than the dispatcher and the executor can re-wrap would be accepted
+    // and never run: refused in every body mode.
+    if let Some(item) = incoming
+        .iter()
+        .position(|e| data_depth(&e.data) > MAX_DATA_DEPTH)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "item {item}: event data is nested deeper than {MAX_DATA_DEPTH} levels"
+        )));
+    }
+
     // All or nothing: every item is validated before anything is kept.
     if state.validate {
         let violations: Vec<_> = incoming
@@ -347,14 +371,26 @@ async fn event_status(
 ) -> HttpResponse {
     let _in_flight = InFlight::new(&state.metrics);
     let (namespace, id) = path.into_inner();
-    let result = status(&req, namespace, id, &state).await;
+    let result = status(&req, namespace, None, id, &state).await;
     respond(&state, EVENTS_ROUTE, result)
+}
+
+async fn typed_event_status(
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let _in_flight = InFlight::new(&state.metrics);
+    let (namespace, event, id) = path.into_inner();
+    let result = status(&req, namespace, Some(event), id, &state).await;
+    respond(&state, EVENT_STATUS_ROUTE, result)
 }
 
 #[tracing::instrument(level = "debug", skip_all, fields(namespace = %namespace, id = %id))]
 async fn status(
     req: &HttpRequest,
     namespace: String,
+    event: Option<String>,
     id: String,
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
@@ -370,12 +406,17 @@ async fn status(
     }
     match state
         .publisher
-        .status(&namespace, &id)
+        .status(&namespace, event.as_deref(), &id)
         .await
         .map_err(unavailable)?
     {
         StatusLookup::Found(status) => Ok(HttpResponse::Ok().json(status)),
         StatusLookup::NotFound => Err(ApiError::UnknownEventId { namespace, id }),
+        StatusLookup::Ambiguous(events) => Err(ApiError::AmbiguousEventId {
+            namespace,
+            id,
+            events,
+        }),
         StatusLookup::NotTracked => Err(ApiError::StatesNotTracked),
     }
 }

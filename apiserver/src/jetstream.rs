@@ -8,19 +8,23 @@
 //! Accepting an event is that one write: its `accepted` state is the stored message itself.
 //! The dispatcher writes every later state to the KV bucket `jobico-events` before it acks
 //! (and so removes) the message, so a status query finds an event in the bucket or, failing
-//! that, in the stream by the id at the end of its subject; there is no moment when it is in
-//! neither.
+//! that, in the stream by its subject; there is no moment when it is in neither. An event is
+//! (namespace, event, id): asked by id alone, the lookup first finds which event types have
+//! that id (the subject indexes of the bucket and the stream) and answers `Ambiguous` when
+//! several do.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use async_nats::{HeaderMap, connection::State};
+use futures::TryStreamExt;
 use futures::future::{BoxFuture, join_all};
 use jobico_common::subject::{
     self, HEADER_EVENT, HEADER_EVENT_ID, HEADER_NAMESPACE, STATE_BUCKET, STREAM, STREAM_SUBJECTS,
 };
 use jobico_common::{EventRecord, EventState, EventStatus};
+use jobico_store::{BucketSettings, StateStore};
 
 use crate::metrics::Metrics;
 use crate::publish::{PublishError, Published, Publisher, StatusLookup};
@@ -129,7 +133,7 @@ pub enum SetupError {
     Stream(#[source] async_nats::jetstream::context::CreateStreamError),
     /// The KV bucket could not be opened or created.
     #[error("cannot open or create KV bucket {STATE_BUCKET}")]
-    Bucket(#[source] async_nats::jetstream::context::CreateKeyValueError),
+    Bucket(#[source] jobico_store::StateError),
 }
 
 /// Publishes events to JetStream and reads states from the KV bucket.
@@ -138,7 +142,7 @@ pub struct JetStreamPublisher {
     context: jetstream::Context,
     workers: WorkerConnections,
     stream: stream::Stream<()>,
-    states: kv::Store,
+    states: StateStore,
     settings: StreamSettings,
     metrics: Metrics,
 }
@@ -164,21 +168,13 @@ impl JetStreamPublisher {
             .get_stream_no_info(STREAM)
             .await
             .expect("the stream name is valid");
-        let states = match context.get_key_value(STATE_BUCKET).await {
-            Ok(store) => store,
-            Err(_) => context
-                .create_key_value(kv::Config {
-                    bucket: STATE_BUCKET.to_string(),
-                    description: "Jobico event states".into(),
-                    // A few states per event (accepted .. succeeded) for debugging.
-                    history: 8,
-                    max_age: settings.state_ttl,
-                    num_replicas: settings.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(SetupError::Bucket)?,
+        let bucket = BucketSettings {
+            max_age: settings.state_ttl,
+            replicas: settings.replicas,
         };
+        let states = StateStore::open(&context, &bucket)
+            .await
+            .map_err(SetupError::Bucket)?;
         let (worker_url, worker_settings) = (url.to_string(), settings.clone());
         let workers = WorkerConnections::new(Arc::new(move || {
             let (url, settings) = (worker_url.clone(), worker_settings.clone());
@@ -250,32 +246,42 @@ impl JetStreamPublisher {
         })
     }
 
-    /// The state record of `namespace.id` in the bucket, if any.
+    /// Bounds one NATS read by the publish timeout.
+    async fn bounded<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        read: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, PublishError> {
+        tokio::time::timeout(self.settings.publish_timeout, read)
+            .await
+            .map_err(|_| Self::unavailable("NATS did not answer in time"))?
+            .map_err(|e| Self::unavailable(format!("{what}: {e}")))
+    }
+
+    /// The state record of event `namespace/event/id` in the bucket, if any.
     async fn recorded(
         &self,
         namespace: &str,
+        event: &str,
         id: &str,
     ) -> Result<Option<EventStatus>, PublishError> {
-        let key = subject::state_key(namespace, id);
-        let entry = tokio::time::timeout(self.settings.publish_timeout, self.states.get(key))
-            .await
-            .map_err(|_| Self::unavailable("NATS did not answer in time"))?
-            .map_err(|e| Self::unavailable(format!("cannot read the event state: {e}")))?;
-        Ok(
-            entry.and_then(|bytes| match serde_json::from_slice(&bytes) {
-                Ok(status) => Some(status),
-                Err(error) => {
-                    tracing::warn!(%namespace, %id, %error, "unreadable event state record");
-                    None
-                }
-            }),
+        self.bounded(
+            "cannot read the event state",
+            self.states.get(namespace, event, id),
         )
+        .await
     }
 
-    /// Event `id` as stored in the stream and not yet dispatched: its `accepted` state.
-    async fn stored(&self, namespace: &str, id: &str) -> Result<Option<EventStatus>, PublishError> {
-        let filter = subject::id_filter(namespace, id);
-        let lookup = self.stream.get_last_raw_message_by_subject(&filter);
+    /// Event `namespace/event/id` as stored in the stream and not yet dispatched: its
+    /// `accepted` state.
+    async fn stored(
+        &self,
+        namespace: &str,
+        event: &str,
+        id: &str,
+    ) -> Result<Option<EventStatus>, PublishError> {
+        let subject = subject::event_subject(namespace, event, id);
+        let lookup = self.stream.get_last_raw_message_by_subject(&subject);
         let message = match tokio::time::timeout(self.settings.publish_timeout, lookup)
             .await
             .map_err(|_| Self::unavailable("NATS did not answer in time"))?
@@ -302,6 +308,53 @@ impl JetStreamPublisher {
             EventState::Accepted,
             stored_at.to_string(),
         )))
+    }
+
+    /// The event types of `namespace` with an event `id`, in the bucket or the stream
+    /// (sorted), from the subject indexes alone.
+    async fn events_with(&self, namespace: &str, id: &str) -> Result<Vec<String>, PublishError> {
+        let mut events = self
+            .bounded(
+                "cannot look up the event state",
+                self.states.events_with(namespace, id),
+            )
+            .await?;
+        let filter = subject::id_filter(namespace, id);
+        let subjects: Vec<(String, usize)> = self
+            .bounded("cannot look up the event", async {
+                self.stream
+                    .info_with_subjects(&filter)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .try_collect()
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await?;
+        events.extend(subjects.iter().filter_map(|(subject, _)| {
+            subject::parse_event_subject(subject).map(|(_, event, _)| event.to_owned())
+        }));
+        events.sort();
+        events.dedup();
+        Ok(events)
+    }
+
+    /// The state of one event: the bucket first (every state after `accepted`), then the
+    /// stream (`accepted`), then the bucket again: the dispatcher may have written the record
+    /// and acked the message between the first two reads.
+    async fn lookup(
+        &self,
+        namespace: &str,
+        event: &str,
+        id: &str,
+    ) -> Result<Option<EventStatus>, PublishError> {
+        if let Some(status) = self.recorded(namespace, event, id).await? {
+            return Ok(Some(status));
+        }
+        if let Some(status) = self.stored(namespace, event, id).await? {
+            return Ok(Some(status));
+        }
+        self.recorded(namespace, event, id).await
     }
 }
 
@@ -358,25 +411,22 @@ impl Publisher for JetStreamPublisher {
     fn status<'a>(
         &'a self,
         namespace: &'a str,
+        event: Option<&'a str>,
         id: &'a str,
     ) -> BoxFuture<'a, Result<StatusLookup, PublishError>> {
         Box::pin(async move {
             if self.client.connection_state() != State::Connected {
                 return Err(Self::unavailable("NATS is not connected"));
             }
-            // The bucket first (every state after `accepted`), then the stream (`accepted`),
-            // then the bucket again: the dispatcher may have written the record and acked the
-            // message between the first two reads.
-            if let Some(status) = self.recorded(namespace, id).await? {
-                return Ok(StatusLookup::Found(status));
-            }
-            if let Some(status) = self.stored(namespace, id).await? {
-                return Ok(StatusLookup::Found(status));
-            }
-            Ok(match self.recorded(namespace, id).await? {
-                Some(status) => StatusLookup::Found(status),
-                None => StatusLookup::NotFound,
-            })
+            let found = match event {
+                Some(event) => self.lookup(namespace, event, id).await?,
+                None => match self.events_with(namespace, id).await?.as_slice() {
+                    [] => None,
+                    [event] => self.lookup(namespace, event, id).await?,
+                    several => return Ok(StatusLookup::Ambiguous(several.to_vec())),
+                },
+            };
+            Ok(found.map_or(StatusLookup::NotFound, StatusLookup::Found))
         })
     }
 }

@@ -46,13 +46,16 @@ pub trait Publisher: Send + Sync + 'static {
         true
     }
 
-    /// The recorded state of an event. The default says states are not tracked (local mode).
+    /// The recorded state of event `id` of type `event` in `namespace`, or of whichever type
+    /// has an event `id` when `event` is `None`. The default says states are not tracked
+    /// (local mode without NATS).
     fn status<'a>(
         &'a self,
         namespace: &'a str,
+        event: Option<&'a str>,
         id: &'a str,
     ) -> BoxFuture<'a, Result<StatusLookup, PublishError>> {
-        let _ = (namespace, id);
+        let _ = (namespace, event, id);
         Box::pin(async { Ok(StatusLookup::NotTracked) })
     }
 }
@@ -64,6 +67,8 @@ pub enum StatusLookup {
     Found(EventStatus),
     /// No record under that id.
     NotFound,
+    /// Asked by id alone, and events of several types have it: these (sorted).
+    Ambiguous(Vec<String>),
     /// This publisher keeps no states (the in-memory queue of local mode).
     NotTracked,
 }

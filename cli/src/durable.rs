@@ -41,7 +41,7 @@ pub async fn start(
         .await
         .with_context(|| format!("cannot use NATS at {url} (start one with `nats-server -js`)"))?;
     let js = publisher.context().clone();
-    let states = StateStore::open(&js)
+    let states = StateStore::open(&js, &jobico_store::BucketSettings::default())
         .await
         .context("cannot open the event state bucket")?;
     let backend = LocalBackend::new(modules, states, parallelism);
@@ -54,10 +54,20 @@ pub async fn start(
     )
     .await
     .context("cannot set up the event consumers")?;
-    let consumers = ConsumerSet::new(dispatcher, shutdown.clone());
+    let consumers = Arc::new(ConsumerSet::new(dispatcher, shutdown.clone()));
     for owner in owners(manifest, events, parallelism) {
         consumers.ensure(Arc::new(owner));
     }
+    // Events of types these manifests no longer declare (left by an earlier run on the same
+    // server) are dead-lettered after the grace period rather than kept for ever.
+    tokio::spawn({
+        let (consumers, shutdown) = (consumers.clone(), shutdown.clone());
+        async move {
+            consumers
+                .sweep_orphans(jobico_dispatcher::consumers::ORPHAN_GRACE, shutdown)
+                .await
+        }
+    });
     let drained = tokio::spawn(async move {
         shutdown.cancelled().await;
         consumers.shutdown().await;

@@ -34,8 +34,8 @@ pub struct LocalBackend {
     states: StateStore,
     /// Events run at once across all event types.
     permits: Arc<Semaphore>,
-    /// `(namespace, id)` of the events dispatched to this process and not yet finished.
-    in_flight: Arc<Mutex<HashSet<(String, String)>>>,
+    /// `(namespace, run, id)` of the events dispatched to this process and not yet finished.
+    in_flight: Arc<Mutex<HashSet<(String, String, String)>>>,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -48,16 +48,17 @@ impl std::fmt::Debug for LocalBackend {
 
 /// Marks a batch's events as in flight for as long as it lives.
 struct InFlight {
-    set: Arc<Mutex<HashSet<(String, String)>>>,
-    keys: Vec<(String, String)>,
+    set: Arc<Mutex<HashSet<(String, String, String)>>>,
+    keys: Vec<(String, String, String)>,
 }
 
 impl InFlight {
-    fn enter(set: &Arc<Mutex<HashSet<(String, String)>>>, batch: &Batch) -> Self {
+    fn enter(set: &Arc<Mutex<HashSet<(String, String, String)>>>, batch: &Batch) -> Self {
+        let job = batch.job_name();
         let keys: Vec<_> = batch
             .ids()
             .into_iter()
-            .map(|id| (batch.namespace().to_owned(), id.to_owned()))
+            .map(|id| (batch.namespace().to_owned(), job.clone(), id.to_owned()))
             .collect();
         set.lock()
             .expect("in-flight lock")
@@ -178,11 +179,11 @@ impl Backend for LocalBackend {
     /// A redelivery of an event still running here (its run outlasted the ack wait) is handed
     /// back for later rather than acked, so nothing is acked before its run ends.
     async fn holds(&self, namespace: &str, job: &str, id: &str) -> Result<bool, DispatchError> {
-        let running = self
-            .in_flight
-            .lock()
-            .expect("in-flight lock")
-            .contains(&(namespace.to_owned(), id.to_owned()));
+        let running = self.in_flight.lock().expect("in-flight lock").contains(&(
+            namespace.to_owned(),
+            job.to_owned(),
+            id.to_owned(),
+        ));
         if running {
             return Err(DispatchError::Retryable {
                 reason: format!("event {id} is still running in {job}"),

@@ -211,3 +211,113 @@ fn nats_away_means_503_with_retry_after() {
     );
     assert!(up.stop().0.success());
 }
+
+/// Waits for the record at `path` (`/events/<ns>/<event>/<id>`) to be final.
+fn wait_for_final(up: &Up, path: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, record) = up.get(path);
+        if status == 200 && (record["state"] == "succeeded" || record["state"] == "failed") {
+            return record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} did not reach a final state; last answer {status}: {record}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_same_key_for_two_event_types_or_two_sources_gives_distinct_events() {
+    let nats = NatsServer::start();
+    let mut up = Up::start(&repo(), &["--nats", &nats.url()]);
+    up.wait_for(|l| l.contains("local mode ready (durable"));
+    let key = [("Idempotency-Key", "order-42")];
+
+    // One client key, two event types: two events, each runs, each has its own record.
+    let (status, first) = up.put_headers("/execute/default/ev1", ADA, &key);
+    assert_eq!(status, 202, "{first}");
+    let ev1_id = first["ids"][0].as_str().unwrap().to_owned();
+    wait_for_final(&up, &format!("/events/default/ev1/{ev1_id}"));
+    let (status, second) = up.put_headers("/execute/default/ev2", ADA, &key);
+    assert_eq!(status, 202, "{second}");
+    assert_ne!(second["duplicate"], true, "{second}");
+    let ev2_id = second["ids"][0].as_str().unwrap().to_owned();
+    let record = wait_for_final(&up, &format!("/events/default/ev2/{ev2_id}"));
+    assert_eq!(
+        (record["event"].as_str(), record["state"].as_str()),
+        (Some("ev2"), Some("succeeded")),
+        "{record}"
+    );
+    let record = wait_for_final(&up, &format!("/events/default/ev1/{ev1_id}"));
+    assert_eq!(record["event"], "ev1", "{record}");
+    // The key alone names two events: the answer says which, instead of picking one.
+    if ev1_id == ev2_id {
+        let (status, answer) = up.get(&format!("/events/default/{ev1_id}"));
+        assert_eq!(status, 409, "{answer}");
+        assert_eq!(
+            answer["events"],
+            serde_json::json!(["ev1", "ev2"]),
+            "{answer}"
+        );
+    }
+    // A repeat of the same (event type, key) is still a duplicate.
+    let (status, again) = up.put_headers("/execute/default/ev2", ADA, &key);
+    assert_eq!(
+        (status, again["duplicate"].as_bool()),
+        (202, Some(true)),
+        "{again}"
+    );
+
+    // Two CloudEvents sources using the same id: two events.
+    let cloud_event = |source: &str| {
+        format!(r#"{{"specversion":"1.0","id":"1","source":"{source}","type":"t","data":{ADA}}}"#)
+    };
+    let structured = [("Content-Type", "application/cloudevents+json")];
+    let mut ce_ids = Vec::new();
+    for source in ["/a", "/b"] {
+        let (status, answer) =
+            up.put_headers("/execute/default/ev1", &cloud_event(source), &structured);
+        assert_eq!(status, 202, "{answer}");
+        assert_ne!(answer["duplicate"], true, "{answer}");
+        ce_ids.push(answer["ids"][0].as_str().unwrap().to_owned());
+    }
+    assert_ne!(ce_ids[0], ce_ids[1]);
+    for id in &ce_ids {
+        wait_for_final(&up, &format!("/events/default/ev1/{id}"));
+    }
+
+    // Batch items of key K never collide with a literal key that looks like an item id.
+    let (status, batch) = up.put_headers(
+        "/execute/default/ev1",
+        &format!(r#"{{"data":[{ADA},{ADA}]}}"#),
+        &[("Idempotency-Key", "K")],
+    );
+    assert_eq!(status, 202, "{batch}");
+    let mut all: Vec<String> = batch["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    for literal in all.clone() {
+        let (status, answer) = up.put_headers(
+            "/execute/default/ev1",
+            ADA,
+            &[("Idempotency-Key", &literal)],
+        );
+        assert_eq!(status, 202, "{answer}");
+        assert_ne!(answer["duplicate"], true, "key {literal:?}: {answer}");
+        all.push(answer["ids"][0].as_str().unwrap().to_owned());
+    }
+    let distinct: std::collections::BTreeSet<_> = all.iter().collect();
+    assert_eq!(distinct.len(), 4, "{all:?}");
+    for id in &all {
+        wait_for_final(&up, &format!("/events/default/ev1/{id}"));
+    }
+
+    let (status, lines) = up.stop();
+    assert!(status.success(), "{status}");
+    assert_eq!(runs(&lines).len(), 2 + 2 + 4, "{:?}", runs(&lines));
+}

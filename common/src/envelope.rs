@@ -10,6 +10,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::EventId;
 
+/// Deepest nesting of arrays and objects an event's data may have. Every consumer re-wraps the
+/// data a few levels deeper (the stream record, the executor's input array) and parses it with
+/// serde_json, whose limit is 128 levels; the ingress refuses deeper data so that no accepted
+/// event is unreadable further on.
+pub const MAX_DATA_DEPTH: usize = 64;
+
+/// How deeply `value` nests arrays and objects (a scalar is 0, `[]` and `{}` are 1). Iterative,
+/// so any depth is measured without recursion.
+pub fn data_depth(value: &serde_json::Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((value, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match value {
+            serde_json::Value::Array(items) => Box::new(items.iter()),
+            serde_json::Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(depth + 1);
+        stack.extend(children.map(|child| (child, depth + 1)));
+    }
+    deepest
+}
+
 /// An accepted event as it travels from the ingress to the dispatcher.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {
@@ -91,6 +114,30 @@ mod tests {
         assert!(ExecEvent::parse_many(b"42").is_err());
         assert!(ExecEvent::parse_many(br#"{"data":1}"#).is_err());
         assert!(ExecEvent::parse_many(b"not json").is_err());
+    }
+
+    #[test]
+    fn depth_counts_nesting_and_the_limit_leaves_room_to_re_wrap() {
+        assert_eq!(data_depth(&json!(1)), 0);
+        assert_eq!(data_depth(&json!([])), 1);
+        assert_eq!(data_depth(&json!({"a": [1, {"b": []}]})), 4);
+        // Data at the limit still parses once wrapped as a record and as executor input.
+        let mut deep = json!(1);
+        for _ in 0..MAX_DATA_DEPTH {
+            deep = json!([deep]);
+        }
+        assert_eq!(data_depth(&deep), MAX_DATA_DEPTH);
+        let record = EventRecord {
+            id: EventId::parse("e1").unwrap(),
+            namespace: "default".into(),
+            event: "ev1".into(),
+            data: deep,
+            attributes: BTreeMap::new(),
+        };
+        let text = serde_json::to_vec(&record).unwrap();
+        let back: EventRecord = serde_json::from_slice(&text).unwrap();
+        let exec = serde_json::to_vec(&[back.to_exec()]).unwrap();
+        assert_eq!(ExecEvent::parse_many(&exec).unwrap().len(), 1);
     }
 
     #[test]

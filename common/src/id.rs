@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 /// Longest id we accept: the limit on a Kubernetes label value.
 pub const MAX_EVENT_ID_LEN: usize = 63;
 
+/// Marks ids Jobico derived (batch items, hashed keys, CloudEvents): a client key containing
+/// it is never used as an id literally, so derived ids and literal keys never collide.
+pub const DERIVED_MARK: &str = "--";
+
 /// A validated event id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -62,16 +66,46 @@ impl EventId {
         }
     }
 
-    /// The id for a client-supplied key (`Idempotency-Key`, CloudEvents `id`): the key itself
-    /// when it is a valid id, otherwise `k` followed by the first 40 hex digits of its SHA-256,
-    /// so the same key always maps to the same id.
+    /// The id for a client-supplied key (`Idempotency-Key`): the key itself when it is a valid
+    /// id that does not contain [`DERIVED_MARK`], otherwise [`EventId::hashed`] of the key, so
+    /// the same key always maps to the same id and no key maps to an id derived for something
+    /// else (a batch item, a CloudEvent).
     pub fn from_client_key(key: &str) -> Self {
-        Self::parse(key).unwrap_or_else(|_| {
-            use sha2::{Digest, Sha256};
-            let digest = Sha256::digest(key.as_bytes());
-            let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
-            Self(format!("k{hex}"))
-        })
+        match Self::parse(key) {
+            Ok(id) if !key.contains(DERIVED_MARK) => id,
+            _ => Self::hashed(key),
+        }
+    }
+
+    /// The id of item `index` of a batch sent with client key `key`: `<key>--<index>`, or
+    /// `h--<digest of key>--<index>` when the key is not used as it is (see
+    /// [`EventId::from_client_key`]) or is too long to carry the suffix. Ids containing `--`
+    /// are never taken from a client key literally, so an item id cannot collide with the
+    /// id of a single event sent with another key.
+    pub fn batch_item(key: &str, index: usize) -> Self {
+        let suffix = format!("{DERIVED_MARK}{index}");
+        let base = Self::from_client_key(key);
+        if base.0.len() + suffix.len() <= MAX_EVENT_ID_LEN {
+            Self(format!("{}{suffix}", base.0))
+        } else {
+            Self(format!("{}{suffix}", Self::hashed(key).0))
+        }
+    }
+
+    /// The id of a CloudEvent: CloudEvents makes `source` + `id` unique, not `id` alone, so
+    /// both go into it (always in the hashed form, since sources are URI references).
+    pub fn from_cloud_event(source: &str, id: &str) -> Self {
+        // NUL cannot occur in either attribute (they are JSON strings or header values
+        // validated as visible ASCII), so the pair is unambiguous.
+        Self::hashed(&format!("{source}\0{id}"))
+    }
+
+    /// `h--` followed by the first 40 hex digits of the SHA-256 of `text`.
+    fn hashed(text: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(text.as_bytes());
+        let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
+        Self(format!("h{DERIVED_MARK}{hex}"))
     }
 
     /// The id as a string slice.
@@ -145,10 +179,33 @@ mod tests {
         let hashed = EventId::from_client_key("urn:order/42");
         assert_eq!(hashed, EventId::from_client_key("urn:order/42"));
         assert_ne!(hashed, EventId::from_client_key("urn:order/43"));
-        assert_eq!(hashed.as_str().len(), 41);
+        assert_eq!(hashed.as_str().len(), 43);
         assert!(EventId::parse(hashed.as_str()).is_ok());
         assert!(EventId::parse(EventId::from_client_key(&"x".repeat(500)).as_str()).is_ok());
-        assert!(EventId::from_client_key("a..b").as_str().starts_with('k'));
+        assert!(EventId::from_client_key("a..b").as_str().starts_with("h--"));
+        // A key that looks derived is hashed, so it cannot take a derived id.
+        assert!(EventId::from_client_key("K--1").as_str().starts_with("h--"));
+    }
+
+    #[test]
+    fn derived_ids_never_collide_with_literal_keys() {
+        let item = EventId::batch_item("K", 1);
+        assert_eq!(item.as_str(), "K--1");
+        assert_ne!(EventId::from_client_key(item.as_str()), item);
+        assert_ne!(EventId::from_client_key("K-1"), item);
+        let long = "x".repeat(60);
+        for index in [0, 999] {
+            let id = EventId::batch_item(&long, index);
+            assert!(EventId::parse(id.as_str()).is_ok(), "{id}");
+            assert!(id.as_str().ends_with(&format!("--{index}")));
+        }
+        assert_ne!(EventId::batch_item(&long, 1), EventId::batch_item(&long, 2));
+        // CloudEvents: the same id from two sources is two events; the same pair is one.
+        let a = EventId::from_cloud_event("/a", "1");
+        assert_ne!(a, EventId::from_cloud_event("/b", "1"));
+        assert_eq!(a, EventId::from_cloud_event("/a", "1"));
+        assert_ne!(a, EventId::from_cloud_event("/a1", ""));
+        assert!(EventId::parse(a.as_str()).is_ok());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Event states, as recorded in the NATS KV bucket [`crate::subject::STATE_BUCKET`] under
-//! [`crate::subject::state_key`]. The ingress writes `accepted`; the dispatcher writes the rest.
+//! [`crate::subject::state_key`]. `accepted` is the stored message itself; the dispatcher
+//! (or local mode) writes the rest.
 //! `GET /events/{namespace}/{id}` returns the record as JSON.
 
 use serde::{Deserialize, Serialize};
@@ -10,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub enum EventState {
     /// Kept in the stream; not yet handed to an executor.
     Accepted,
+    /// Kept in the stream because its resource cannot run it yet (a missing module, an
+    /// invalid template); `reason` says why. It runs once the cause is fixed.
+    Held,
     /// A Kubernetes Job (or the local executor) has it.
     Dispatched,
     /// Its pod is running.

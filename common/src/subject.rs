@@ -16,7 +16,7 @@ pub const STREAM_SUBJECTS: &str = "jobico.>";
 /// Prefix of dead-letter subjects: `jobico-dlq.<namespace>.<event>` (outside the main stream).
 pub const DEAD_LETTER_PREFIX: &str = "jobico-dlq";
 
-/// KV bucket holding each event's state, keyed by `<namespace>.<event id>`.
+/// KV bucket holding each event's state, keyed by `<namespace>.<event>.<event id>`.
 pub const STATE_BUCKET: &str = "jobico-events";
 
 /// Header carrying the event id (also sent as `Nats-Msg-Id` for deduplication).
@@ -31,6 +31,14 @@ pub const HEADER_TRACEPARENT: &str = "traceparent";
 /// The subject event `id` is published on.
 pub fn event_subject(namespace: &str, event: &str, id: &str) -> String {
     format!("jobico.{namespace}.{event}.{id}")
+}
+
+/// The (namespace, event, id) of an event subject made by [`event_subject`].
+pub fn parse_event_subject(subject: &str) -> Option<(&str, &str, &str)> {
+    let rest = subject.strip_prefix("jobico.")?;
+    let (namespace, rest) = rest.split_once('.')?;
+    let (event, id) = rest.split_once('.')?;
+    (!namespace.is_empty() && !event.is_empty() && !id.is_empty()).then_some((namespace, event, id))
 }
 
 /// The filter matching every event of one type (a consumer's filter subject).
@@ -48,9 +56,15 @@ pub fn dead_letter_subject(namespace: &str, event: &str) -> String {
     format!("{DEAD_LETTER_PREFIX}.{namespace}.{event}")
 }
 
-/// The state-bucket key of an event.
-pub fn state_key(namespace: &str, id: &str) -> String {
-    format!("{namespace}.{id}")
+/// The state-bucket key of an event: `<namespace>.<event>.<id>`. An event is identified by
+/// all three: two event types (or two CloudEvents sources) may use the same id.
+pub fn state_key(namespace: &str, event: &str, id: &str) -> String {
+    format!("{namespace}.{event}.{id}")
+}
+
+/// The key filter matching event `id` of any type in `namespace` (the status lookup by id).
+pub fn state_key_filter(namespace: &str, id: &str) -> String {
+    format!("{namespace}.*.{id}")
 }
 
 #[cfg(test)]
@@ -64,9 +78,16 @@ mod tests {
             "jobico.default.ev1.x.1"
         );
         assert_eq!(event_filter("default", "ev1"), "jobico.default.ev1.>");
+        assert_eq!(
+            parse_event_subject("jobico.default.ev1.x.1"),
+            Some(("default", "ev1", "x.1"))
+        );
+        assert_eq!(parse_event_subject("jobico.default.ev1"), None);
+        assert_eq!(parse_event_subject("jobico-dlq.a.b.c"), None);
         assert_eq!(id_filter("default", "x.1"), "jobico.default.*.x.1");
         assert_eq!(dead_letter_subject("ns", "e"), "jobico-dlq.ns.e");
-        assert_eq!(state_key("ns", "id-1"), "ns.id-1");
+        assert_eq!(state_key("ns", "ev1", "id-1"), "ns.ev1.id-1");
+        assert_eq!(state_key_filter("ns", "a.b"), "ns.*.a.b");
         assert!(event_subject("a", "b", "c").starts_with(STREAM_SUBJECTS.trim_end_matches('>')));
     }
 }

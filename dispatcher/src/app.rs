@@ -9,7 +9,7 @@ use jobico_common::telemetry::LogArgs;
 
 use crate::admin::{self, Readiness};
 use crate::consumer::{Dispatcher, RetryPolicy, wait_for_stream};
-use crate::consumers::ConsumerSet;
+use crate::consumers::{ConsumerSet, ORPHAN_GRACE};
 use crate::controller::{self, Context};
 use crate::kubernetes::KubeBackend;
 use crate::leader::{Elector, LeaseConfig};
@@ -39,9 +39,10 @@ pub struct Args {
     /// This replica's identity in the Lease (the pod name).
     #[arg(long, env = "HOSTNAME", default_value = "jobico-dispatcher")]
     pub identity: String,
-    /// Dispatch attempts before an event is dead-lettered.
-    #[arg(long, env = "JOBICO_MAX_ATTEMPTS", default_value_t = 6)]
-    pub max_attempts: u32,
+    /// Seconds the backlog of an event no valid resource declares (deleted or invalid) is kept
+    /// before it is dead-lettered.
+    #[arg(long, env = "JOBICO_ORPHAN_GRACE_SECS", default_value_t = ORPHAN_GRACE.as_secs())]
+    pub orphan_grace_secs: u64,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -88,10 +89,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         client.clone(),
         Renderer::new(&args.exec_image),
     ));
-    let retry = RetryPolicy {
-        max_attempts: args.max_attempts.max(1),
-        ..RetryPolicy::default()
-    };
+    let retry = RetryPolicy::default();
     let dispatcher = Dispatcher::connect(js, backend.clone(), metrics.clone(), retry)
         .await
         .context("opening the state bucket and dead-letter stream")?;
@@ -117,6 +115,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         work.clone(),
     ));
     let mut controller = tokio::spawn(controller::run(ctx, work.clone()));
+    let sweeper = tokio::spawn({
+        let (consumers, work) = (consumers.clone(), work.clone());
+        let grace = std::time::Duration::from_secs(args.orphan_grace_secs);
+        async move { consumers.sweep_orphans(grace, work).await }
+    });
 
     // Any of these ending is the end of the process: Kubernetes restarts it.
     let failure = tokio::select! {
@@ -128,7 +131,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     work.cancel();
     // Drain: in-flight batches finish and are acked before the process ends.
     consumers.shutdown().await;
-    for task in [tracker, controller, counters] {
+    for task in [tracker, controller, counters, sweeper] {
         if !task.is_finished() {
             let _ = task.await;
         }
@@ -153,7 +156,6 @@ mod tests {
             Args::try_parse_from(["jobico-dispatcher", "--exec-image", "wasm-exec:1"]).unwrap();
         assert_eq!(args.exec_image, "wasm-exec:1");
         assert_eq!(args.admin_listen.port(), 9090);
-        assert_eq!(args.max_attempts, 6);
         assert!(
             Args::try_parse_from([
                 "jobico-dispatcher",

@@ -70,7 +70,8 @@ impl Batch {
     }
 
     /// The deterministic Kubernetes Job name of this batch: `jobico-<event>-<hash>`, where the
-    /// hash is the first 16 hex digits of the SHA-256 of the batch's first event id.
+    /// hash is the first 16 hex digits of the SHA-256 of the event name and the batch's first
+    /// event id.
     ///
     /// Seeding by the first id rather than all of them means a batch regrouped after a
     /// redelivery (same first event, more or fewer followers) collides with the Job that
@@ -86,9 +87,16 @@ impl Batch {
     }
 }
 
-/// The Job name for an event type and the first id of a batch; see [`Batch::job_name`].
+/// The Job name for an event type and the first id of a batch; see [`Batch::job_name`]. The
+/// hash covers the event name too: names are lowercased, and `Ev1` and `ev1` are two event
+/// types whose events may share ids.
 pub fn job_name(event: &str, first_id: &str) -> String {
-    let digest = Sha256::digest(first_id.as_bytes());
+    let mut hasher = Sha256::new();
+    hasher.update(event.as_bytes());
+    // Event names are alphanumeric, so NUL separates them from the id unambiguously.
+    hasher.update([0]);
+    hasher.update(first_id.as_bytes());
+    let digest = hasher.finalize();
     // 16 hex digits = 64 bits: collisions within one event type's live Jobs are negligible.
     format!(
         "jobico-{}-{}",
@@ -117,10 +125,17 @@ pub enum DispatchError {
         /// How long the server asked us to wait (HTTP 429 `Retry-After`), if it did.
         retry_after: Option<Duration>,
     },
-    /// Trying again cannot help (invalid template, rejected object): dead-letter at once.
+    /// Trying again cannot help (the API refused the object itself): dead-letter at once.
     #[error("{reason}")]
     Permanent {
         /// What happened.
+        reason: String,
+    },
+    /// The resource cannot run events now (its module is missing, its template is invalid):
+    /// keep the events in the stream, record them as held, and retry until it can.
+    #[error("{reason}")]
+    Held {
+        /// What is missing or wrong, and how to fix it.
         reason: String,
     },
     /// The Job name is taken by a Job holding other event ids. Events in `ids` are in that
@@ -132,6 +147,16 @@ pub enum DispatchError {
         /// The ids the existing Job holds.
         ids: Vec<String>,
     },
+}
+
+impl DispatchError {
+    /// How long the server asked us to wait, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Retryable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
 /// Runs batches of events. Implementations must be idempotent per [`Batch::job_name`]: a batch
@@ -156,6 +181,21 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, DispatchError>> + Send {
         let _ = (namespace, job, id);
         async { Ok(true) }
+    }
+
+    /// Whether the batch's resource can run events now, asked before they are claimed:
+    /// [`DispatchError::Held`] when an input is missing or invalid (the events are then kept
+    /// and recorded as held), [`DispatchError::Retryable`] when that cannot be told now.
+    fn ready(&self, batch: &Batch) -> impl Future<Output = Result<(), DispatchError>> + Send {
+        let _ = batch;
+        async { Ok(()) }
+    }
+
+    /// How long after a claim the Job it names may still appear (a create sent before a crash
+    /// or a timeout can still land). A claim naming a Job that does not exist is taken over
+    /// only once it is older than this. Zero for backends whose runs end with their process.
+    fn claim_settle(&self) -> Duration {
+        Duration::ZERO
     }
 
     /// How many Jobs of this event are currently active, for the per-event `concurrency` cap.
@@ -183,6 +223,14 @@ impl<B: Backend> Backend for Arc<B> {
         (**self).holds(namespace, job, id)
     }
 
+    fn ready(&self, batch: &Batch) -> impl Future<Output = Result<(), DispatchError>> + Send {
+        (**self).ready(batch)
+    }
+
+    fn claim_settle(&self) -> Duration {
+        (**self).claim_settle()
+    }
+
     fn active(&self, namespace: &str, event: &str) -> usize {
         (**self).active(namespace, event)
     }
@@ -197,6 +245,8 @@ mod tests {
         let a = job_name("Ev1", "0190c5a1-7b7e-7c3e-9f00-000000000001");
         assert_eq!(a, job_name("Ev1", "0190c5a1-7b7e-7c3e-9f00-000000000001"));
         assert_ne!(a, job_name("Ev1", "0190c5a1-7b7e-7c3e-9f00-000000000002"));
+        // Event names differing only in case are different event types.
+        assert_ne!(a, job_name("ev1", "0190c5a1-7b7e-7c3e-9f00-000000000001"));
         assert!(a.starts_with("jobico-ev1-"));
         assert_eq!(a.len(), "jobico-ev1-".len() + 16);
         let longest = job_name("abcdefghij", &"x".repeat(63));

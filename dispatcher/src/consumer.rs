@@ -1,37 +1,30 @@
-//! JetStream consumers: one durable pull consumer per (namespace, event), pulling events,
-//! grouping them into batches, handing each batch to a [`Backend`], recording states and
-//! acking only once the backend has the batch.
+//! JetStream consumers: one durable pull consumer per (namespace, event), pulling events and
+//! grouping them into batches; each batch goes through the claim → create → ack protocol of
+//! [`crate::dispatch`]. Pulling stops while the event type is at its `concurrency` cap or a
+//! batch is failing transiently (the [`Gate`]).
 //!
 //! Entry points: [`Dispatcher::connect`] (streams, state bucket), [`run`] (one event type until
 //! cancelled) and [`crate::consumers::ConsumerSet`] (one task per declared event, as resources
 //! come and go).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, Message, consumer::pull, stream};
 use futures::StreamExt;
-use jobico_common::subject::{
-    DEAD_LETTER_PREFIX, HEADER_EVENT_ID, STREAM, dead_letter_subject, event_filter,
-};
-use jobico_common::{EventRecord, EventState};
+use jobico_common::subject::{DEAD_LETTER_PREFIX, STREAM, event_filter};
 use jobico_model::Job as JobicoJob;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backend::{Backend, Batch, DispatchError, Dispatched};
+use crate::backend::Backend;
+use crate::dead_letter::DEAD_LETTER_MAX_AGE;
+pub use crate::dead_letter::{DEAD_LETTER_STREAM, HEADER_DEAD_LETTER_REASON};
+use crate::dispatch::{Gate, process};
 use crate::metrics::Metrics;
-use crate::state::{self, Advanced, Counters, StateStore, rank};
-
-/// The stream holding dead-lettered events (subjects `jobico-dlq.>`), so they are durable.
-pub const DEAD_LETTER_STREAM: &str = "JOBICO_DLQ";
-/// Header on dead-lettered messages saying why.
-pub const HEADER_DEAD_LETTER_REASON: &str = "Jobico-Dead-Letter-Reason";
-/// How long dead-lettered events are kept: two weeks to notice and replay them.
-const DEAD_LETTER_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
+use crate::state::{BucketSettings, Counters, StateStore};
 /// Batches of one event type being dispatched at once. Bounds API-server load per event type
 /// and the messages held unacked; 32 keeps a 10 ms create round trip at ~3k Jobs/s.
 pub const MAX_IN_FLIGHT_BATCHES: usize = 32;
@@ -52,10 +45,6 @@ const RESTART_DELAY: Duration = Duration::from_secs(1);
 /// Consecutive pull errors (missed heartbeats, server restarts) before the consumer is
 /// re-created; single errors are normal and recovered by the client.
 const MAX_PULL_ERRORS: u32 = 10;
-/// Default wait for a batch to fill (the CRD's documented default).
-const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(1000);
-/// Default data bytes per batch (the CRD's documented default).
-const DEFAULT_MAX_BYTES: usize = 262_144;
 
 /// Why a consumer stopped.
 #[derive(Debug, thiserror::Error)]
@@ -78,11 +67,10 @@ fn nats(what: impl Into<String>) -> impl FnOnce(&dyn std::fmt::Display) -> Consu
     }
 }
 
-/// Retry policy for dispatch attempts.
+/// Backoff between dispatch attempts after transient failures. There is no attempt limit:
+/// a transient failure lasts as long as the outage, and the events wait in hand meanwhile.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
-    /// Attempts before an event is dead-lettered (at least 1).
-    pub max_attempts: u32,
     /// Delay after the first failure; doubled after each further one.
     pub base: Duration,
     /// Longest delay between attempts (a server's `Retry-After` may exceed it).
@@ -91,9 +79,8 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        // 0.2 + 0.4 + ... + 6.4 s: about 13 s of API trouble before dead-lettering.
+        // 0.2, 0.4, ... then every 10 s: an API back after an outage is used within 10 s.
         Self {
-            max_attempts: 6,
             base: Duration::from_millis(200),
             max: Duration::from_secs(10),
         }
@@ -157,7 +144,7 @@ impl<B: Backend> Dispatcher<B> {
         retry: RetryPolicy,
         ack_wait: Duration,
     ) -> Result<Arc<Self>, ConsumerError> {
-        let states = StateStore::open(&js)
+        let states = StateStore::open(&js, &BucketSettings::default())
             .await
             .map_err(|e| ConsumerError::Nats {
                 what: "opening the state bucket".into(),
@@ -250,17 +237,11 @@ async fn consume<B: Backend>(
     let Some(spec) = owner.event(event).cloned() else {
         return Ok(());
     };
-    let max_events = spec.batch.as_ref().map_or(1, |b| b.max_events.max(1)) as usize;
-    let max_wait = spec
-        .batch
-        .as_ref()
-        .and_then(|b| b.max_wait_millis)
-        .map_or(DEFAULT_MAX_WAIT, |m| Duration::from_millis(m.into()));
-    let max_bytes = spec
-        .batch
-        .as_ref()
-        .and_then(|b| b.max_bytes)
-        .map_or(DEFAULT_MAX_BYTES, |b| b as usize);
+    let jobico_model::EffectiveBatch {
+        max_events,
+        max_wait,
+        max_bytes,
+    } = spec.effective_batch();
     let cap = spec.concurrency.map(|c| c as usize);
 
     let Some(stream) = wait_for_stream(&ctx.js, shutdown).await else {
@@ -299,6 +280,7 @@ async fn consume<B: Backend>(
     tracing::debug!(consumer = name, max_events, "consuming");
 
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BATCHES));
+    let gate = Gate::default();
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
     let mut carry: Option<Message> = None;
@@ -314,6 +296,14 @@ async fn consume<B: Backend>(
                     _ = shutdown.cancelled() => break 'pull Ok(()),
                     _ = tokio::time::sleep(CAP_POLL) => {}
                 }
+            }
+        }
+        // A batch failing transiently holds the gate closed: pull nothing more until it
+        // gets through.
+        if !gate.is_open() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = gate.wait_open() => {}
             }
         }
         let permit = tokio::select! {
@@ -368,10 +358,11 @@ async fn consume<B: Backend>(
         let event = event.to_owned();
         let shutdown = shutdown.clone();
         let in_flight = in_flight.clone();
+        let gate = gate.clone();
         in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tasks.spawn(
             async move {
-                process(&ctx, owner, event, batch, &shutdown).await;
+                process(&ctx, owner, event, batch, &gate, &shutdown).await;
                 in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 drop(permit);
             }
@@ -384,317 +375,4 @@ async fn consume<B: Backend>(
     }
     while tasks.join_next().await.is_some() {}
     result
-}
-
-/// Processes one pulled batch: parse, skip what is already dispatched, dispatch the rest.
-#[tracing::instrument(level = "debug", skip_all, fields(messages = messages.len()))]
-async fn process<B: Backend>(
-    ctx: &Dispatcher<B>,
-    owner: Arc<JobicoJob>,
-    event: String,
-    messages: Vec<Message>,
-    shutdown: &CancellationToken,
-) {
-    let namespace = owner.metadata.namespace.clone().unwrap_or_default();
-    let checks = messages.into_iter().map(|message| {
-        let namespace = namespace.clone();
-        let event = event.clone();
-        async move {
-            let record: EventRecord = match serde_json::from_slice(&message.payload) {
-                Ok(record) => record,
-                Err(error) => {
-                    let reason = format!("unreadable event message: {error}");
-                    dead_letter_raw(ctx, &namespace, &event, &message, &reason).await;
-                    return None;
-                }
-            };
-            // A redelivery, or a replay to a re-created consumer: the state says whether the
-            // event was claimed for a Job, and the backend whether that Job really holds it
-            // (a crash between the claim and the create leaves a claim without a Job).
-            let id = record.id.as_str();
-            let status = match ctx.states.get(&namespace, id).await {
-                Ok(status) => status,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot read event state, dispatching anyway (the Job name deduplicates)");
-                    None
-                }
-            };
-            let done = match &status {
-                Some(s) if rank(s.state) > rank(EventState::Dispatched) => true,
-                Some(s) if s.state == EventState::Dispatched => {
-                    let job = s.job.as_deref().unwrap_or_default();
-                    match ctx.backend.holds(&namespace, job, id).await {
-                        Ok(held) => held,
-                        Err(error) => {
-                            // Unknown: do not risk a second Job; try again later.
-                            tracing::warn!(%error, job, "cannot check the claimed Job, retrying the event later");
-                            let _ = message.ack_with(AckKind::Nak(Some(RESTART_DELAY * 5))).await;
-                            return None;
-                        }
-                    }
-                }
-                _ => false,
-            };
-            if done {
-                tracing::debug!(id, "already dispatched, acking");
-                ctx.metrics.events_skipped.inc();
-                ack(&message).await;
-                return None;
-            }
-            Some((message, record))
-        }
-    });
-    let mut pending: Vec<(Message, EventRecord)> = futures::future::join_all(checks)
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
-    let mut attempt = 0;
-    while !pending.is_empty() {
-        attempt += 1;
-        let batch = Batch {
-            owner: owner.clone(),
-            event: event.clone(),
-            events: pending.iter().map(|(_, r)| r.clone()).collect(),
-        };
-        // Claim every event for this Job name before creating it, so a crash after the
-        // create is recognised on redelivery however the events are regrouped.
-        let name = batch.job_name();
-        let claims = pending.iter().map(|(_, record)| {
-            ctx.states
-                .claim(&namespace, &event, record.id.as_str(), &name)
-        });
-        let claims = futures::future::join_all(claims).await;
-        let mut kept = Vec::with_capacity(pending.len());
-        for ((message, record), claim) in std::mem::take(&mut pending).into_iter().zip(claims) {
-            match claim {
-                Ok(None) => kept.push((message, record)),
-                Ok(Some(current)) => {
-                    tracing::debug!(id = %record.id, state = ?current.state, "already running or done, acking");
-                    ctx.metrics.events_skipped.inc();
-                    ack(&message).await;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot claim the event, dispatching anyway (the Job name deduplicates)");
-                    kept.push((message, record));
-                }
-            }
-        }
-        pending = kept;
-        if pending.is_empty() {
-            return;
-        }
-        let batch = Batch {
-            owner: owner.clone(),
-            event: event.clone(),
-            events: pending.iter().map(|(_, r)| r.clone()).collect(),
-        };
-        let started = Instant::now();
-        let outcome = ctx.backend.dispatch(&batch).await;
-        match outcome {
-            Ok(dispatched) => {
-                ctx.metrics
-                    .dispatch_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                if dispatched.created {
-                    ctx.metrics.jobs_created.inc();
-                }
-                finish(ctx, &batch, std::mem::take(&mut pending), &dispatched).await;
-            }
-            Err(DispatchError::Taken { job, ids }) => {
-                let (inside, outside): (Vec<_>, Vec<_>) = std::mem::take(&mut pending)
-                    .into_iter()
-                    .partition(|(_, r)| ids.iter().any(|id| id == r.id.as_str()));
-                if inside.is_empty() {
-                    let reason = format!("job name {job} is taken by a Job with other events");
-                    dead_letter(ctx, &batch, outside, &reason).await;
-                    return;
-                }
-                tracing::info!(
-                    job,
-                    moved = inside.len(),
-                    left = outside.len(),
-                    "part of the batch is in an existing Job"
-                );
-                let dispatched = Dispatched {
-                    job,
-                    created: false,
-                };
-                finish(ctx, &batch, inside, &dispatched).await;
-                pending = outside;
-            }
-            Err(DispatchError::Retryable {
-                reason,
-                retry_after,
-            }) if attempt < ctx.retry.max_attempts => {
-                ctx.metrics.dispatch_retries.inc();
-                let delay = ctx.retry.delay(attempt, retry_after);
-                tracing::warn!(
-                    job = batch.job_name(),
-                    attempt,
-                    ?delay,
-                    reason,
-                    "dispatch failed, retrying"
-                );
-                for (message, _) in &pending {
-                    let _ = message.ack_with(AckKind::Progress).await;
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        // Draining: hand the events back for the next leader rather than wait.
-                        for (message, _) in &pending {
-                            let _ = message.ack_with(AckKind::Nak(None)).await;
-                        }
-                        return;
-                    }
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(error) => {
-                let reason = format!("dispatch failed after {attempt} attempt(s): {error}");
-                dead_letter(ctx, &batch, std::mem::take(&mut pending), &reason).await;
-            }
-        }
-    }
-}
-
-async fn ack(message: &Message) {
-    if let Err(error) = message.double_ack_with(AckKind::Ack).await {
-        // The message comes back; its state record (or the Job name) deduplicates it.
-        tracing::warn!(%error, "ack failed; the event will be redelivered and deduplicated");
-    }
-}
-
-/// Acks the events of a dispatched batch (their `dispatched` state was written by the claim).
-async fn finish<B: Backend>(
-    ctx: &Dispatcher<B>,
-    batch: &Batch,
-    events: Vec<(Message, EventRecord)>,
-    dispatched: &Dispatched,
-) {
-    let acks = events.iter().map(|(message, _)| {
-        ctx.counters.add(
-            batch.namespace(),
-            batch.owner_name(),
-            EventState::Dispatched,
-        );
-        ack(message)
-    });
-    futures::future::join_all(acks).await;
-    ctx.metrics.events_dispatched.inc_by(events.len() as u64);
-    tracing::debug!(
-        job = dispatched.job,
-        events = events.len(),
-        created = dispatched.created,
-        "dispatched"
-    );
-}
-
-/// Moves events to the dead-letter subject, records why, and acks them. An event whose
-/// dead-letter publish fails is not acked (it stays in the stream and comes back).
-async fn dead_letter<B: Backend>(
-    ctx: &Dispatcher<B>,
-    batch: &Batch,
-    events: Vec<(Message, EventRecord)>,
-    reason: &str,
-) {
-    tracing::error!(
-        job = batch.job_name(),
-        events = events.len(),
-        reason,
-        "dead-lettering events"
-    );
-    let namespace = batch.namespace();
-    for (message, record) in events {
-        if !publish_dead_letter(
-            ctx,
-            namespace,
-            &batch.event,
-            Some(record.id.as_str()),
-            &message,
-            reason,
-        )
-        .await
-        {
-            continue;
-        }
-        let mut status = state::status(
-            namespace,
-            &batch.event,
-            record.id.as_str(),
-            EventState::DeadLettered,
-        );
-        status.reason = Some(reason.to_owned());
-        match ctx.states.advance(status).await {
-            Ok(Advanced::Moved) => {
-                ctx.metrics.state_updates.inc();
-                ctx.counters
-                    .add(namespace, batch.owner_name(), EventState::DeadLettered);
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "cannot record the dead-lettered state"),
-        }
-        ctx.metrics.events_dead_lettered.inc();
-        ack(&message).await;
-    }
-}
-
-async fn dead_letter_raw<B: Backend>(
-    ctx: &Dispatcher<B>,
-    namespace: &str,
-    event: &str,
-    message: &Message,
-    reason: &str,
-) {
-    tracing::error!(subject = %message.subject, reason, "dead-lettering an unreadable message");
-    if publish_dead_letter(ctx, namespace, event, None, message, reason).await {
-        ctx.metrics.events_dead_lettered.inc();
-        ack(message).await;
-    }
-}
-
-async fn publish_dead_letter<B: Backend>(
-    ctx: &Dispatcher<B>,
-    namespace: &str,
-    event: &str,
-    id: Option<&str>,
-    message: &Message,
-    reason: &str,
-) -> bool {
-    let mut headers = HeaderMap::new();
-    if let Some(id) = id {
-        headers.insert(HEADER_EVENT_ID, id);
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            format!("dlq-{id}").as_str(),
-        );
-    }
-    // Header values are single lines.
-    headers.insert(
-        HEADER_DEAD_LETTER_REASON,
-        reason.replace(['\r', '\n'], " ").as_str(),
-    );
-    let subject = dead_letter_subject(namespace, event);
-    let published = match ctx
-        .js
-        .publish_with_headers(subject.clone(), headers, message.payload.clone())
-        .await
-    {
-        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-        Err(error) => Err(error.to_string()),
-    };
-    match published {
-        Ok(()) => true,
-        Err(error) => {
-            tracing::error!(
-                subject,
-                error,
-                "cannot publish to the dead-letter subject; the event stays in the stream"
-            );
-            let _ = message
-                .ack_with(AckKind::Nak(Some(RESTART_DELAY * 5)))
-                .await;
-            false
-        }
-    }
 }

@@ -1,15 +1,40 @@
 //! The running consumers: one [`crate::consumer::run`] task per declared (namespace, event),
-//! started, restarted and stopped as resources are applied and deleted.
+//! started, restarted and stopped as resources are applied and deleted; and the sweeper that
+//! dead-letters the backlog of event types no valid resource declares any more
+//! ([`ConsumerSet::sweep_orphans`]), so no accepted event waits in the stream for ever.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use async_nats::jetstream::consumer::pull;
+use futures::StreamExt;
+use jobico_common::EventRecord;
+use jobico_common::subject::STREAM;
 use jobico_model::Job as JobicoJob;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::consumer::{Dispatcher, run};
+use crate::dead_letter::{dead_letter, dead_letter_raw};
+
+/// How long the backlog of an event type that no valid resource declares may wait before it is
+/// dead-lettered: time to fix or re-create the resource, and far more than the controller
+/// needs to reconcile every resource after a start.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(10 * 60);
+/// How often the durable consumers are looked at for orphaned backlogs.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+/// Messages fetched at once while draining an orphaned backlog.
+const DRAIN_BATCH: usize = 100;
+
+/// The (namespace, event) a durable consumer name made by [`crate::consumer::consumer_name`]
+/// belongs to (event names have no `-`, so the last one separates them).
+pub fn parse_consumer_name(name: &str) -> Option<(String, String)> {
+    let rest = name.strip_prefix("jobico-")?;
+    let (namespace, event) = rest.rsplit_once('-')?;
+    (!namespace.is_empty() && !event.is_empty()).then(|| (namespace.to_owned(), event.to_owned()))
+}
 
 struct Running {
     owner: String,
@@ -166,6 +191,119 @@ impl<B: Backend> ConsumerSet<B> {
         events
     }
 
+    /// Watches the stream's durable consumers until `shutdown`: the backlog of an event type
+    /// with no running consumer (its resource deleted or invalid) for longer than `grace` is
+    /// dead-lettered with the reason, and its durable consumer removed.
+    pub async fn sweep_orphans(&self, grace: Duration, shutdown: CancellationToken) {
+        let mut orphaned_since: HashMap<(String, String), Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SWEEP_INTERVAL.min(grace)) => {}
+            }
+            match self.orphans().await {
+                Ok(orphans) => {
+                    orphaned_since.retain(|slot, _| orphans.contains(slot));
+                    for slot in orphans {
+                        let since = *orphaned_since
+                            .entry(slot.clone())
+                            .or_insert_with(Instant::now);
+                        if since.elapsed() >= grace {
+                            self.drain(&slot, grace, &shutdown).await;
+                        }
+                    }
+                }
+                Err(error) => tracing::debug!(error, "cannot list the consumers, sweeping later"),
+            }
+        }
+    }
+
+    /// Event types whose durable consumer has a backlog and no running consumer.
+    async fn orphans(&self) -> Result<HashSet<(String, String)>, String> {
+        let stream = self
+            .ctx
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let running: HashSet<_> = self.events().into_iter().collect();
+        let mut infos = stream.consumers();
+        let mut orphans = HashSet::new();
+        while let Some(info) = infos.next().await {
+            let info = info.map_err(|e| e.to_string())?;
+            let Some(slot) = parse_consumer_name(&info.name) else {
+                continue;
+            };
+            if !running.contains(&slot) && (info.num_pending > 0 || info.num_ack_pending > 0) {
+                orphans.insert(slot);
+            }
+        }
+        Ok(orphans)
+    }
+
+    /// Dead-letters the backlog of `slot`'s durable consumer, then removes the consumer.
+    /// Stops early when a resource declares the event again.
+    async fn drain(&self, slot: &(String, String), grace: Duration, shutdown: &CancellationToken) {
+        let (namespace, event) = slot;
+        let name = crate::consumer::consumer_name(namespace, event);
+        let reason = format!(
+            "event {namespace}/{event} has not been declared by any valid resource for {}s (deleted or invalid)",
+            grace.as_secs()
+        );
+        let Ok(stream) = self.ctx.js.get_stream(STREAM).await else {
+            return;
+        };
+        let Ok(consumer) = stream.get_consumer::<pull::Config>(&name).await else {
+            return;
+        };
+        tracing::warn!(
+            namespace,
+            event,
+            "dead-lettering the backlog of an undeclared event"
+        );
+        loop {
+            if shutdown.is_cancelled() || self.events().contains(slot) {
+                return;
+            }
+            let fetched = consumer
+                .fetch()
+                .max_messages(DRAIN_BATCH)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await;
+            let Ok(mut messages) = fetched else {
+                return;
+            };
+            let mut seen = 0;
+            while let Some(Ok(message)) = messages.next().await {
+                seen += 1;
+                match serde_json::from_slice::<EventRecord>(&message.payload) {
+                    Ok(record) => {
+                        dead_letter(
+                            &self.ctx,
+                            namespace,
+                            event,
+                            "",
+                            vec![(message, record)],
+                            &reason,
+                        )
+                        .await;
+                    }
+                    Err(error) => {
+                        let reason = format!("{reason}; unreadable event message: {error}");
+                        dead_letter_raw(&self.ctx, namespace, event, &message, &reason).await;
+                    }
+                }
+            }
+            if seen == 0 {
+                break;
+            }
+        }
+        if !self.events().contains(slot) {
+            let _ = stream.delete_consumer(&name).await;
+        }
+    }
+
     /// Stops every consumer and waits for their in-flight batches to finish.
     pub async fn shutdown(&self) {
         let handles: Vec<_> = {
@@ -181,5 +319,21 @@ impl<B: Backend> ConsumerSet<B> {
         for handle in handles {
             let _ = handle.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_names_give_back_namespace_and_event() {
+        let name = crate::consumer::consumer_name("team-a", "ev1");
+        assert_eq!(
+            parse_consumer_name(&name),
+            Some(("team-a".into(), "ev1".into()))
+        );
+        assert_eq!(parse_consumer_name("jobico-x"), None);
+        assert_eq!(parse_consumer_name("other-a-b"), None);
     }
 }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::consumers::{Conflict, ConsumerSet};
+use crate::inputs;
 use crate::kubernetes::FIELD_MANAGER;
 use crate::state::{Counters, Deltas};
 
@@ -33,6 +34,13 @@ pub const REASON_DISPATCHING: &str = "Dispatching";
 pub const REASON_INVALID: &str = "Invalid";
 /// Reason: an older resource of the namespace declares one of this resource's event names.
 pub const REASON_DUPLICATE_EVENT: &str = "DuplicateEvent";
+/// Reason: a module or schema ConfigMap the events need is missing; their events are held in
+/// the stream until it appears.
+pub const REASON_INPUTS_MISSING: &str = "InputsMissing";
+/// How soon a resource whose inputs are missing is checked again: the condition turns true
+/// within this time of the ConfigMap appearing (and held events start running sooner, see
+/// the backend's own check).
+const INPUTS_RECHECK: Duration = Duration::from_secs(5);
 /// How often a healthy resource is reconciled without a change (a safety net only).
 const RESYNC: Duration = Duration::from_secs(300);
 /// Wait before retrying a failed reconcile.
@@ -99,23 +107,12 @@ pub async fn check_crd(client: &kube::Client) -> anyhow::Result<()> {
     }
 }
 
-/// Longest resource name the dispatcher accepts: the name is the value of the
-/// `jobico.coeux.dev/job` label on every Job, and label values are at most 63 characters.
-pub const MAX_NAME_LEN: usize = 63;
-
 /// The `Ready` condition and message for a resource, and whether it is valid.
 pub fn readiness(cr: &JobicoJob) -> (bool, &'static str, String) {
-    let mut problems = match validate_job(cr) {
+    let problems = match validate_job(cr) {
         Ok(()) => vec![],
         Err(invalid) => invalid.problems,
     };
-    let name = cr.name_any();
-    if name.len() > MAX_NAME_LEN {
-        problems.push(format!(
-            "metadata.name: must be at most {MAX_NAME_LEN} characters (it labels the Kubernetes Jobs), found {}",
-            name.len()
-        ));
-    }
     if problems.is_empty() {
         (
             true,
@@ -225,8 +222,14 @@ async fn apply<B: Backend>(
     let name = cr.name_any();
     let namespace = cr.namespace().unwrap_or_default();
     let (mut ready, mut reason, mut message) = readiness(&cr);
+    let mut requeue = RESYNC;
     if ready {
+        // Consumers run even while an input is missing: they hold the events in the stream
+        // and run them once it appears.
         let conflicts = ctx.consumers.ensure(cr.clone());
+        let missing = inputs::problems(&ctx.client, &cr)
+            .await
+            .map_err(Error::Kube)?;
         if !conflicts.is_empty() {
             (ready, reason, message) = conflicted(&conflicts);
             tracing::warn!(
@@ -235,6 +238,17 @@ async fn apply<B: Backend>(
                 message,
                 "event names held by older resources"
             );
+        } else if !missing.is_empty() {
+            (ready, reason, message) = (
+                false,
+                REASON_INPUTS_MISSING,
+                format!(
+                    "events are held until this is fixed: {}",
+                    missing.join("; ")
+                ),
+            );
+            requeue = INPUTS_RECHECK;
+            tracing::warn!(namespace, name, message, "inputs missing, holding events");
         }
     } else {
         tracing::warn!(
@@ -278,7 +292,7 @@ async fn apply<B: Backend>(
             }
         }
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(requeue))
 }
 
 /// Logs a failed reconcile and retries it later.
@@ -349,30 +363,5 @@ pub async fn flush_counters(client: kube::Client, counters: Counters, shutdown: 
         if stop {
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_too_long_for_a_label_are_invalid() {
-        let mut cr = JobicoJob::new(
-            &"a".repeat(64),
-            serde_json::from_value(serde_json::json!({
-                "events": [{"name": "ev1", "wasm": "echo.wasm", "schema": {"key": "s"}}]
-            }))
-            .unwrap(),
-        );
-        cr.metadata.namespace = Some("default".into());
-        let (ready, reason, message) = readiness(&cr);
-        assert!(!ready && reason == REASON_INVALID, "{message}");
-        assert!(
-            message.starts_with("metadata.name: must be at most 63"),
-            "{message}"
-        );
-        cr.metadata.name = Some("a".repeat(63));
-        assert!(readiness(&cr).0);
     }
 }

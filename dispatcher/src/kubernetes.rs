@@ -1,4 +1,5 @@
-//! The Kubernetes backend: one `batch/v1` Job per batch, created idempotently.
+//! The Kubernetes backend: one `batch/v1` Job per batch, created idempotently. Every API call
+//! is bounded by [`API_TIMEOUT`]; a call that times out is a transient failure.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
 
 use crate::backend::{Backend, Batch, DispatchError, Dispatched, keys};
+use crate::inputs;
 use crate::render::{DEFAULT_TEMPLATE_KEY, Renderer};
 
 /// Field manager name on every write.
@@ -16,11 +18,22 @@ pub const FIELD_MANAGER: &str = "jobico-dispatcher";
 /// How long a template read from a ConfigMap is reused before it is read again: edits take
 /// effect within this time, and a busy event type reads it at most this often.
 const TEMPLATE_TTL: Duration = Duration::from_secs(30);
+/// How long a module ConfigMap check is reused: a module added while events are held is
+/// noticed within this time, and a busy event type reads its ConfigMap at most this often.
+const MODULE_CHECK_TTL: Duration = Duration::from_secs(5);
+/// Longest any one API call may take. kube's client has no read timeout of its own, and a call
+/// that hangs would keep a batch (and its claims) in hand for ever.
+pub const API_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long after a claim a create sent for it may still land: our own bound on the call plus
+/// kube-apiserver's default request timeout (60 s), with room to spare.
+pub const CLAIM_SETTLE: Duration = Duration::from_secs(120);
 
 /// A (namespace, event) pair.
 type EventKey = (String, String);
 /// A template ConfigMap key: (namespace, ConfigMap name, data key).
 type TemplateKey = (String, String, String);
+/// A module check key: (namespace, ConfigMap name, data key).
+type ModuleKey = (String, String, String);
 
 /// Active Jobs per (namespace, event), kept by the state tracker's Job watch and by creates.
 #[derive(Debug, Clone, Default)]
@@ -53,6 +66,8 @@ pub struct KubeBackend {
     client: kube::Client,
     renderer: Renderer,
     templates: Mutex<HashMap<TemplateKey, (Instant, String)>>,
+    modules: Mutex<HashMap<ModuleKey, (Instant, Option<String>)>>,
+    claim_settle: Duration,
     /// Active Jobs, for concurrency caps.
     pub active: ActiveJobs,
 }
@@ -80,14 +95,30 @@ pub fn job_ids(job: &BatchJob) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Sorts an API error into retryable (with the server's `Retry-After`) or permanent.
+/// Runs one API call, bounded by [`API_TIMEOUT`]; a timeout is a transient failure.
+pub async fn bounded<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, DispatchError> {
+    match tokio::time::timeout(API_TIMEOUT, call).await {
+        Ok(result) => result.map_err(classify),
+        Err(_) => Err(DispatchError::Retryable {
+            reason: format!("{what}: the Kubernetes API did not answer within {API_TIMEOUT:?}"),
+            retry_after: None,
+        }),
+    }
+}
+
+/// Sorts an API error into transient (retried for as long as it lasts, with the server's
+/// `Retry-After`) or permanent (the events are dead-lettered). Only a refusal of the object
+/// itself is permanent: the same body fails the same way.
 pub fn classify(error: kube::Error) -> DispatchError {
     match error {
         kube::Error::Api(status) => {
             let reason = format!("{} ({}): {}", status.code, status.reason, status.message);
             match status.code {
-                // Invalid object or request: the same body fails the same way.
-                400 | 422 => DispatchError::Permanent { reason },
+                // Malformed or invalid object, or one too large: the same body fails again.
+                400 | 413 | 422 => DispatchError::Permanent { reason },
                 429 => DispatchError::Retryable {
                     reason,
                     retry_after: status
@@ -97,8 +128,9 @@ pub fn classify(error: kube::Error) -> DispatchError {
                         .filter(|s| *s > 0)
                         .map(|s| Duration::from_secs(s.into())),
                 },
-                // 401/403 (RBAC being fixed), 404 (namespace or ConfigMap being created),
-                // 409 conflicts and 5xx may all pass; attempts are bounded.
+                // 401/403 (credentials or RBAC being fixed, a quota full), 404 (a namespace
+                // or ConfigMap being created), 408, 409 conflicts and 5xx all pass: the
+                // events wait in the stream meanwhile.
                 _ => DispatchError::Retryable {
                     reason,
                     retry_after: None,
@@ -119,8 +151,43 @@ impl KubeBackend {
             client,
             renderer,
             templates: Mutex::new(HashMap::new()),
+            modules: Mutex::new(HashMap::new()),
+            claim_settle: CLAIM_SETTLE,
             active: ActiveJobs::default(),
         }
+    }
+
+    /// The same backend with another [`Backend::claim_settle`] (tests use a short one).
+    pub fn with_claim_settle(mut self, settle: Duration) -> Self {
+        self.claim_settle = settle;
+        self
+    }
+
+    /// What keeps the batch's module from running (see [`inputs::module_problem`]), from a
+    /// check at most [`MODULE_CHECK_TTL`] old.
+    async fn module_problem(&self, batch: &Batch) -> Result<Option<String>, DispatchError> {
+        let Some(spec) = batch.spec() else {
+            return Ok(None);
+        };
+        let namespace = batch.namespace().to_owned();
+        let name = batch.owner.modules_config_map();
+        let key = (namespace.clone(), name.clone(), spec.wasm.clone());
+        if let Some((at, problem)) = self.modules.lock().expect("module cache").get(&key)
+            && at.elapsed() < MODULE_CHECK_TTL
+        {
+            return Ok(problem.clone());
+        }
+        let map = bounded(
+            &format!("reading ConfigMap {namespace}/{name}"),
+            inputs::config_map(&self.client, &namespace, &name),
+        )
+        .await?;
+        let problem = inputs::module_problem(&batch.owner, spec, map.as_ref());
+        self.modules
+            .lock()
+            .expect("module cache")
+            .insert(key, (Instant::now(), problem.clone()));
+        Ok(problem)
     }
 
     /// The resource's own template source, if it names one (read from its ConfigMap).
@@ -144,7 +211,11 @@ impl KubeBackend {
             return Ok(Some(source.clone()));
         }
         let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &namespace);
-        let map = maps.get(&reference.name).await.map_err(classify)?;
+        let map = bounded(
+            &format!("reading ConfigMap {namespace}/{}", reference.name),
+            maps.get(&reference.name),
+        )
+        .await?;
         let source = map
             .data
             .as_ref()
@@ -179,7 +250,16 @@ impl Backend for KubeBackend {
             dry_run: false,
             field_manager: Some(FIELD_MANAGER.to_owned()),
         };
-        match jobs.create(&params, &job).await {
+        let created = tokio::time::timeout(API_TIMEOUT, jobs.create(&params, &job)).await;
+        let Ok(created) = created else {
+            return Err(DispatchError::Retryable {
+                reason: format!(
+                    "creating Job {name}: the Kubernetes API did not answer within {API_TIMEOUT:?}"
+                ),
+                retry_after: None,
+            });
+        };
+        match created {
             Ok(_) => {
                 self.active
                     .set(batch.namespace(), &batch.event, &name, true);
@@ -189,7 +269,7 @@ impl Backend for KubeBackend {
                 })
             }
             Err(kube::Error::Api(status)) if status.is_already_exists() => {
-                let existing = jobs.get(&name).await.map_err(classify)?;
+                let existing = bounded(&format!("reading Job {name}"), jobs.get(&name)).await?;
                 let ids = job_ids(&existing);
                 if ids.iter().map(String::as_str).eq(batch.ids()) {
                     Ok(Dispatched {
@@ -206,10 +286,21 @@ impl Backend for KubeBackend {
 
     async fn holds(&self, namespace: &str, job: &str, id: &str) -> Result<bool, DispatchError> {
         let jobs: Api<BatchJob> = Api::namespaced(self.client.clone(), namespace);
-        match jobs.get_opt(job).await.map_err(classify)? {
+        match bounded(&format!("reading Job {job}"), jobs.get_opt(job)).await? {
             Some(existing) => Ok(job_ids(&existing).iter().any(|held| held == id)),
             None => Ok(false),
         }
+    }
+
+    async fn ready(&self, batch: &Batch) -> Result<(), DispatchError> {
+        match self.module_problem(batch).await? {
+            Some(reason) => Err(DispatchError::Held { reason }),
+            None => Ok(()),
+        }
+    }
+
+    fn claim_settle(&self) -> Duration {
+        self.claim_settle
     }
 
     fn active(&self, namespace: &str, event: &str) -> usize {

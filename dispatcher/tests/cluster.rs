@@ -34,6 +34,35 @@ impl Backend for Nothing {
 
 const CR_PATH: &str = "/apis/jobico.coeux.dev/v1/namespaces/default/jobs/job-for-ev1";
 
+/// The samples' module and schema ConfigMaps.
+fn sample_config_maps() -> (Value, Value) {
+    (
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "job-for-ev1-modules"},
+               "binaryData": {"echo.wasm": "AGFzbQEAAAA="}}),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "schema-ev1"},
+               "data": {"schema-ev1.json": "{}"}}),
+    )
+}
+
+/// Answers the reconcile's reads of the sample's module and schema ConfigMaps.
+async fn expect_inputs(api: &mut support::fake_api::Verifier) {
+    let (modules, schema) = sample_config_maps();
+    api.expect(
+        "GET",
+        "/api/v1/namespaces/default/configmaps/job-for-ev1-modules",
+        200,
+        modules,
+    )
+    .await;
+    api.expect(
+        "GET",
+        "/api/v1/namespaces/default/configmaps/schema-ev1",
+        200,
+        schema,
+    )
+    .await;
+}
+
 fn with_finalizer(mut cr: JobicoJob) -> Arc<JobicoJob> {
     cr.metadata.finalizers = Some(vec![controller::FINALIZER.into()]);
     cr.metadata.generation = Some(3);
@@ -83,9 +112,11 @@ async fn reconcile_adds_the_finalizer_then_applies_status_starts_consumers_and_e
     );
     assert!(consumers.events().is_empty());
 
-    // 2. With the finalizer: status by server-side apply, an Event, consumers started.
+    // 2. With the finalizer: the module and schema ConfigMaps checked, status by server-side
+    //    apply, an Event, consumers started.
     let cr = with_finalizer((*sample("ev1.yaml")).clone());
     let server = tokio::spawn(async move {
+        expect_inputs(&mut api).await;
         let status_patch = api
             .expect("PATCH", &format!("{CR_PATH}/status?&force=true&fieldManager=jobico-dispatcher"), 200, json!({"apiVersion": "jobico.coeux.dev/v1", "kind": "Job", "metadata": {"name": "job-for-ev1"}, "spec": {"events": []}}))
             .await;
@@ -123,9 +154,14 @@ async fn reconcile_adds_the_finalizer_then_applies_status_starts_consumers_and_e
         "conditions": [{"type": "Ready", "status": "True", "reason": "Dispatching", "message": "1 event(s) consumed",
                         "observedGeneration": 3, "lastTransitionTime": "2026-11-22T00:00:00Z"}],
         "observedGeneration": 3, "events": 1})).unwrap());
+    let server = tokio::spawn(async move {
+        expect_inputs(&mut api).await;
+        api
+    });
     controller::reconcile(Arc::new(done), ctx.clone())
         .await
         .unwrap();
+    let mut api = server.await.unwrap();
     assert!(
         tokio::time::timeout(Duration::from_millis(200), api.next())
             .await
@@ -163,6 +199,81 @@ async fn reconcile_adds_the_finalizer_then_applies_status_starts_consumers_and_e
     );
     assert_eq!(event["type"], "Warning");
     assert!(consumers.events().is_empty());
+    shutdown.cancel();
+    consumers.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_module_makes_the_resource_not_ready_naming_it_and_how_to_provide_it() {
+    let (_server, js) = nats().await;
+    let dispatcher = Dispatcher::connect(
+        js,
+        Nothing,
+        Arc::new(Metrics::new()),
+        RetryPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumers = Arc::new(ConsumerSet::new(dispatcher, shutdown.clone()));
+    let (client, mut api) = verifier();
+    let ctx = Arc::new(Context::new(client, consumers.clone(), None));
+    let cr = with_finalizer((*sample("ev1.yaml")).clone());
+    let server = tokio::spawn(async move {
+        let (_, schema) = sample_config_maps();
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/default/configmaps/job-for-ev1-modules",
+            404,
+            status(
+                404,
+                "NotFound",
+                "configmaps \"job-for-ev1-modules\" not found",
+            ),
+        )
+        .await;
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/default/configmaps/schema-ev1",
+            200,
+            schema,
+        )
+        .await;
+        let patch = api.expect("PATCH", &format!("{CR_PATH}/status?&force=true&fieldManager=jobico-dispatcher"), 200, json!({"apiVersion": "jobico.coeux.dev/v1", "kind": "Job", "metadata": {"name": "job-for-ev1"}, "spec": {"events": []}})).await;
+        api.expect(
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/default/events?",
+            201,
+            json!({}),
+        )
+        .await;
+        patch
+    });
+    let action = controller::reconcile(cr, ctx).await.unwrap();
+    let patch = server.await.unwrap();
+    let condition = &patch["status"]["conditions"][0];
+    assert_eq!(
+        (condition["status"].as_str(), condition["reason"].as_str()),
+        (Some("False"), Some(controller::REASON_INPUTS_MISSING))
+    );
+    let message = condition["message"].as_str().unwrap();
+    assert!(
+        message.contains("module ConfigMap default/job-for-ev1-modules does not exist"),
+        "{message}"
+    );
+    assert!(
+        message.contains("jobico module configmap job-for-ev1-modules echo.wasm"),
+        "{message}"
+    );
+    // Checked again within seconds, and the consumers hold its events meanwhile.
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(
+        consumers.events(),
+        [("default".to_owned(), "ev1".to_owned())]
+    );
     shutdown.cancel();
     consumers.shutdown().await;
 }
@@ -455,7 +566,7 @@ async fn the_tracker_relists_after_a_410_and_records_states() {
     support::eventually(15, "succeeded after the relist", || async {
         dispatcher
             .states
-            .get("default", "b2")
+            .get("default", "ev1", "b2")
             .await
             .unwrap()
             .is_some_and(|s| s.state == EventState::Succeeded)
@@ -463,7 +574,7 @@ async fn the_tracker_relists_after_a_410_and_records_states() {
     .await;
     let a1 = dispatcher
         .states
-        .get("default", "a1")
+        .get("default", "ev1", "a1")
         .await
         .unwrap()
         .unwrap();

@@ -25,7 +25,6 @@ use support::{eventually, nats, publish, reconnect, sample};
 use tokio_util::sync::CancellationToken;
 
 const FAST: RetryPolicy = RetryPolicy {
-    max_attempts: 3,
     base: Duration::from_millis(10),
     max: Duration::from_millis(50),
 };
@@ -130,7 +129,7 @@ async fn backlog(js: &jetstream::Context) -> (u64, usize) {
 }
 
 async fn state_of<B: Backend>(ctx: &Dispatcher<B>, id: &str) -> Option<jobico_common::EventStatus> {
-    ctx.states.get("default", id).await.unwrap()
+    ctx.states.get("default", "ev1", id).await.unwrap()
 }
 
 #[tokio::test]
@@ -217,36 +216,50 @@ async fn events_are_grouped_up_to_max_events() {
 }
 
 #[tokio::test]
-async fn failures_retry_then_dead_letter_with_the_reason() {
+async fn transient_failures_keep_the_events_and_permanent_ones_dead_letter_with_the_reason() {
     let (_server, js) = nats().await;
     let backend = Arc::new(Recording::default());
-    // One transient failure, then success, for the first event; three (= max attempts) for
-    // the second, which is dead-lettered.
+    // Many transient failures in a row (more than any attempt limit) still end dispatched.
     backend
         .script
         .lock()
         .unwrap()
-        .extend([retryable(), retryable(), retryable(), retryable()]);
+        .extend(std::iter::repeat_with(retryable).take(8));
     publish(&js, "default", "ev1", "r", 1).await;
     let (ctx, token, handle) =
         start(&js, backend.clone(), sample("ev1.yaml"), consumer::ACK_WAIT).await;
-    eventually(10, "dead-lettered", || async {
+    eventually(20, "dispatched after the failures", || async {
         state_of(&ctx, "r-0")
+            .await
+            .is_some_and(|s| s.state == EventState::Dispatched)
+    })
+    .await;
+    assert_eq!(backend.calls().len(), 9);
+    assert_eq!(ctx.metrics.dispatch_retries.get(), 8);
+    assert_eq!(ctx.metrics.events_dead_lettered.get(), 0);
+    eventually(10, "acked", || async { backlog(&js).await == (0, 0) }).await;
+
+    // A permanent failure dead-letters at once, with the reason.
+    backend
+        .script
+        .lock()
+        .unwrap()
+        .push_back(DispatchError::Permanent {
+            reason: "invalid Job".into(),
+        });
+    publish(&js, "default", "ev1", "p", 1).await;
+    eventually(10, "dead-lettered", || async {
+        state_of(&ctx, "p-0")
             .await
             .is_some_and(|s| s.state == EventState::DeadLettered)
     })
     .await;
-    assert_eq!(backend.calls().len(), 3, "max_attempts bounds the attempts");
-    let status = state_of(&ctx, "r-0").await.unwrap();
+    let status = state_of(&ctx, "p-0").await.unwrap();
     assert!(
-        status
-            .reason
-            .as_deref()
-            .unwrap()
-            .contains("after 3 attempt(s): api down"),
+        status.reason.as_deref().unwrap().contains("invalid Job"),
         "{status:?}"
     );
-    // The event is durable in the dead-letter stream, with the reason, and gone from the main one.
+    // Durable in the dead-letter stream, with the reason, and gone from the main one.
     let dlq = js.get_stream(DEAD_LETTER_STREAM).await.unwrap();
     let message = dlq
         .get_last_raw_message_by_subject("jobico-dlq.default.ev1")
@@ -257,20 +270,119 @@ async fn failures_retry_then_dead_letter_with_the_reason() {
         .get(HEADER_DEAD_LETTER_REASON)
         .unwrap()
         .to_string();
-    assert!(reason.contains("api down"));
+    assert!(reason.contains("invalid Job"), "{reason}");
     let record: jobico_common::EventRecord = serde_json::from_slice(&message.payload).unwrap();
-    assert_eq!(record.id.as_str(), "r-0");
+    assert_eq!(record.id.as_str(), "p-0");
     eventually(10, "acked", || async { backlog(&js).await == (0, 0) }).await;
-    assert_eq!(ctx.metrics.dispatch_retries.get(), 2);
-    // A second event succeeds after one transient failure.
-    publish(&js, "default", "ev1", "s", 1).await;
-    eventually(10, "dispatched", || async {
-        state_of(&ctx, "s-0")
-            .await
-            .is_some_and(|s| s.state == EventState::Dispatched)
+    token.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn thirty_seconds_of_503_dead_letter_nothing_and_everything_runs_afterwards() {
+    let (_server, js) = nats().await;
+    let (client, cluster) = FakeCluster::start();
+    cluster.outage(
+        Duration::from_secs(30),
+        status(
+            503,
+            "ServiceUnavailable",
+            "the server is currently unable to handle the request",
+        ),
+    );
+    let backend = KubeBackend::new(client, Renderer::new("exec:1"));
+    let (ctx, token, handle) = start(&js, backend, sample("ev1.yaml"), consumer::ACK_WAIT).await;
+    // 50 events arrive during the outage.
+    let mut ids = Vec::new();
+    for round in 0..5 {
+        ids.extend(publish(&js, "default", "ev1", &format!("o{round}"), 10).await);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    eventually(60, "all 50 dispatched after the outage", || async {
+        cluster.created.load(Ordering::Relaxed) == 50
     })
     .await;
-    assert_eq!(backend.calls().len(), 5);
+    assert!(
+        cluster.refused.load(Ordering::Relaxed) > 0,
+        "the outage was felt"
+    );
+    assert_eq!(ctx.metrics.events_dead_lettered.get(), 0);
+    let mut dlq = js.get_stream(DEAD_LETTER_STREAM).await.unwrap();
+    assert_eq!(dlq.info().await.unwrap().state.messages, 0);
+    let seen = ids_per_job(&cluster);
+    assert!(ids.iter().all(|id| seen.get(id) == Some(&1)), "{seen:?}");
+    eventually(10, "acked", || async { backlog(&js).await == (0, 0) }).await;
+    token.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_create_stalled_past_the_ack_wait_gives_each_event_one_job() {
+    let (_server, js) = nats().await;
+    let (client, cluster) = FakeCluster::start();
+    // Creates commit at once but answer three ack waits later.
+    cluster.stall_creates(Some(Duration::from_secs(3)));
+    let backend = KubeBackend::new(client, Renderer::new("exec:1"));
+    let ids = publish(&js, "default", "ev1", "s", 12).await;
+    let (_ctx, token, handle) =
+        start(&js, backend, with_batch(5, 100), Duration::from_secs(1)).await;
+    eventually(30, "every event in a Job", || async {
+        ids_per_job(&cluster).len() == ids.len()
+    })
+    .await;
+    cluster.stall_creates(None);
+    eventually(20, "acked", || async { backlog(&js).await == (0, 0) }).await;
+    // Wait past a few more ack waits: nothing may come back and get a second Job.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let seen = ids_per_job(&cluster);
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "an event is in two Jobs: {seen:?}"
+    );
+    token.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn events_of_a_missing_module_are_held_then_run_when_it_appears() {
+    let (_server, js) = nats().await;
+    let (client, cluster) = FakeCluster::start();
+    cluster.remove_config_map("default", "job-for-ev1-modules");
+    let backend = KubeBackend::new(client, Renderer::new("exec:1"));
+    let ids = publish(&js, "default", "ev1", "m", 3).await;
+    let (ctx, token, handle) = start(&js, backend, sample("ev1.yaml"), consumer::ACK_WAIT).await;
+    eventually(10, "held with the reason", || async {
+        state_of(&ctx, "m-0").await.is_some_and(|s| {
+            s.state == EventState::Held
+                && s.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("default/job-for-ev1-modules does not exist"))
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        cluster.created.load(Ordering::Relaxed),
+        0,
+        "no Job that cannot start"
+    );
+    assert_eq!(ctx.metrics.events_dead_lettered.get(), 0);
+    cluster.insert_config_map(
+        "default",
+        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "job-for-ev1-modules", "namespace": "default"},
+               "binaryData": {"echo.wasm": "AGFzbQEAAAA="}}),
+    );
+    eventually(30, "run once the module appeared", || async {
+        ids_per_job(&cluster).len() == ids.len()
+    })
+    .await;
+    for id in &ids {
+        assert_eq!(
+            state_of(&ctx, id).await.unwrap().state,
+            EventState::Dispatched
+        );
+    }
     token.cancel();
     handle.await.unwrap();
 }
@@ -404,14 +516,16 @@ async fn crash_and_restart(before: Arc<JobicoJob>, after: Arc<JobicoJob>, before
     assert!(backlog(&js).await.1 > 0, "the crash left unacked messages");
     // Restart with a new connection and a healthy backend.
     let js = reconnect(&server).await;
+    // Claims the crash left without a Job are taken over once they are this old.
+    let settle = Duration::from_secs(2);
     let (ctx, token, handle) = start(
         &js,
-        KubeBackend::new(client, Renderer::new("exec:1")),
+        KubeBackend::new(client, Renderer::new("exec:1")).with_claim_settle(settle),
         after,
         ack_wait,
     )
     .await;
-    eventually(20, "every event dispatched and acked", || async {
+    eventually(30, "every event dispatched and acked", || async {
         backlog(&js).await == (0, 0)
     })
     .await;

@@ -6,11 +6,13 @@
 //! that local mode and the tests use.
 
 pub mod crd;
+pub mod effective;
 pub mod manifest;
 pub mod validate;
 
 pub use crd::{
     BatchSpec, EnvVar, EventLimits, EventSpec, Job, JobSpec, JobStatus, SchemaRef, TemplateRef,
 };
+pub use effective::EffectiveBatch;
 pub use manifest::{Manifest, ManifestError};
-pub use validate::{InvalidJob, validate_job};
+pub use validate::{InvalidJob, MAX_NAME_LEN, validate_job};

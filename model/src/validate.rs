@@ -36,9 +36,22 @@ fn is_env_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// Checks one resource; returns every problem found, not just the first.
+/// Longest resource name: the name is the value of the `jobico.coeux.dev/job` label on every
+/// Kubernetes Job, and label values are at most 63 characters.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Checks one resource; returns every problem found, not just the first. The ingress, the
+/// dispatcher and local mode all use this one check, so an event one of them refuses is never
+/// accepted by another.
 pub fn validate_job(job: &Job) -> Result<(), InvalidJob> {
     let mut problems = Vec::new();
+    let name = job.metadata.name.as_deref().unwrap_or_default();
+    if name.len() > MAX_NAME_LEN {
+        problems.push(format!(
+            "metadata.name: must be at most {MAX_NAME_LEN} characters (it labels the Kubernetes Jobs), found {}",
+            name.len()
+        ));
+    }
     let events = &job.spec.events;
     if events.is_empty() {
         problems.push("spec.events: at least one event is required".to_string());
@@ -175,6 +188,19 @@ mod tests {
             assert!(problem.starts_with(prefix), "{problem:?} vs {prefix:?}");
         }
         assert!(err.to_string().starts_with("invalid Job default/j: "));
+    }
+
+    #[test]
+    fn names_too_long_for_a_label_are_invalid() {
+        let mut long = job(vec![event("ev1")]);
+        long.metadata.name = Some("a".repeat(64));
+        let err = validate_job(&long).unwrap_err();
+        assert!(
+            err.problems[0].starts_with("metadata.name: must be at most 63"),
+            "{err}"
+        );
+        long.metadata.name = Some("a".repeat(63));
+        assert_eq!(validate_job(&long), Ok(()));
     }
 
     #[test]

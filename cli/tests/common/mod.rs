@@ -100,6 +100,12 @@ impl Up {
         (answer.status, answer.body)
     }
 
+    /// PUTs `body` with extra request headers; returns the status and the JSON answer.
+    pub fn put_headers(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let answer = self.send_with(reqwest::Method::PUT, path, Some(body), None, headers);
+        (answer.status, answer.body)
+    }
+
     /// Sends one request and waits for the whole answer.
     pub fn send(
         &self,
@@ -107,6 +113,18 @@ impl Up {
         path: &str,
         body: Option<&str>,
         token: Option<&str>,
+    ) -> Answer {
+        self.send_with(method, path, body, token, &[])
+    }
+
+    /// [`Up::send`] with extra request headers.
+    pub fn send_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
     ) -> Answer {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -120,6 +138,9 @@ impl Up {
             }
             if let Some(token) = token {
                 request = request.bearer_auth(token);
+            }
+            for (name, value) in headers {
+                request = request.header(*name, *value);
             }
             let response = request.send().await.unwrap();
             let status = response.status().as_u16();

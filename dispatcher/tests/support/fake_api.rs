@@ -96,12 +96,20 @@ impl Verifier {
     }
 }
 
-/// A stateful fake holding batch Jobs: `POST .../jobs` creates (409 AlreadyExists when the
-/// name is taken), `GET .../jobs/<name>` reads. Scripted failures are served first.
+/// A stateful fake holding batch Jobs and ConfigMaps: `POST .../jobs` creates (409
+/// AlreadyExists when the name is taken), `GET .../jobs/<name>` and
+/// `GET .../configmaps/<name>` read. Scripted failures are served first; an outage window
+/// answers every request with its failure until it ends; a stall makes creates commit at once
+/// but answer late (as a slow API server does).
 #[derive(Clone, Default)]
 pub struct FakeCluster {
     jobs: Arc<Mutex<BTreeMap<(String, String), Value>>>,
+    config_maps: Arc<Mutex<BTreeMap<(String, String), Value>>>,
     failures: Arc<Mutex<VecDeque<Value>>>,
+    outage: Arc<Mutex<Option<(std::time::Instant, Value)>>>,
+    stall: Arc<Mutex<Option<std::time::Duration>>>,
+    /// Requests answered with an outage failure.
+    pub refused: Arc<AtomicUsize>,
     /// Create requests answered 201.
     pub created: Arc<AtomicUsize>,
     /// Requests of any kind.
@@ -109,15 +117,26 @@ pub struct FakeCluster {
 }
 
 impl FakeCluster {
-    /// A client talking to a new fake, which serves until the client is dropped.
+    /// A client talking to a new fake, which serves until the client is dropped. The samples'
+    /// module ConfigMap (`default/job-for-ev1-modules` with `echo.wasm`) is in place.
     pub fn start() -> (kube::Client, Self) {
         let fake = Self::default();
+        fake.insert_config_map(
+            "default",
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "job-for-ev1-modules", "namespace": "default"},
+                   "binaryData": {"echo.wasm": "AGFzbQEAAAA="}}),
+        );
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         let served = fake.clone();
         tokio::spawn(async move {
+            // Each request on its own task, as a real server answers them concurrently.
             while let Some((request, send)) = handle.next_request().await {
-                let (code, body) = served.answer(request).await;
-                send.send_response(response(code, &body));
+                let served = served.clone();
+                tokio::spawn(async move {
+                    let (code, body) = served.answer(request).await;
+                    send.send_response(response(code, &body));
+                });
             }
         });
         (kube::Client::new(service, "default"), fake)
@@ -126,6 +145,33 @@ impl FakeCluster {
     /// The next create fails with this `Status` body (queued).
     pub fn fail_next(&self, body: Value) {
         self.failures.lock().unwrap().push_back(body);
+    }
+
+    /// Every request fails with this `Status` body for `duration` from now.
+    pub fn outage(&self, duration: std::time::Duration, body: Value) {
+        *self.outage.lock().unwrap() = Some((std::time::Instant::now() + duration, body));
+    }
+
+    /// Creates commit at once but answer only after `delay` (None: at once).
+    pub fn stall_creates(&self, delay: Option<std::time::Duration>) {
+        *self.stall.lock().unwrap() = delay;
+    }
+
+    /// Puts a ConfigMap in place.
+    pub fn insert_config_map(&self, namespace: &str, map: Value) {
+        let name = map["metadata"]["name"].as_str().unwrap().to_owned();
+        self.config_maps
+            .lock()
+            .unwrap()
+            .insert((namespace.into(), name), map);
+    }
+
+    /// Removes a ConfigMap.
+    pub fn remove_config_map(&self, namespace: &str, name: &str) {
+        self.config_maps
+            .lock()
+            .unwrap()
+            .remove(&(namespace.to_owned(), name.to_owned()));
     }
 
     /// The Jobs held, by (namespace, name).
@@ -148,7 +194,29 @@ impl FakeCluster {
         let path = request.uri().path().to_owned();
         let bytes = request.into_body().collect_bytes().await.unwrap();
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let outage = self.outage.lock().unwrap().clone();
+        if let Some((until, failure)) = outage
+            && std::time::Instant::now() < until
+        {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            let code = failure["code"].as_u64().unwrap() as u16;
+            return (code, failure);
+        }
         match (method.as_str(), parts.as_slice()) {
+            ("GET", ["api", "v1", "namespaces", ns, "configmaps", name]) => {
+                match self
+                    .config_maps
+                    .lock()
+                    .unwrap()
+                    .get(&(ns.to_string(), name.to_string()))
+                {
+                    Some(map) => (200, map.clone()),
+                    None => (
+                        404,
+                        status(404, "NotFound", &format!("configmaps \"{name}\" not found")),
+                    ),
+                }
+            }
             ("POST", ["apis", "batch", "v1", "namespaces", ns, "jobs"]) => {
                 if let Some(failure) = self.failures.lock().unwrap().pop_front() {
                     let code = failure["code"].as_u64().unwrap() as u16;
@@ -156,22 +224,28 @@ impl FakeCluster {
                 }
                 let mut job: Value = serde_json::from_slice(&bytes).unwrap();
                 let name = job["metadata"]["name"].as_str().unwrap().to_owned();
-                let mut jobs = self.jobs.lock().unwrap();
                 let key = (ns.to_string(), name.clone());
-                if jobs.contains_key(&key) {
-                    return (
-                        409,
-                        status(
+                {
+                    let mut jobs = self.jobs.lock().unwrap();
+                    if jobs.contains_key(&key) {
+                        return (
                             409,
-                            "AlreadyExists",
-                            &format!("jobs.batch \"{name}\" already exists"),
-                        ),
-                    );
+                            status(
+                                409,
+                                "AlreadyExists",
+                                &format!("jobs.batch \"{name}\" already exists"),
+                            ),
+                        );
+                    }
+                    job["metadata"]["uid"] = json!(format!("uid-{name}"));
+                    job["metadata"]["resourceVersion"] = json!("1");
+                    jobs.insert(key, job.clone());
                 }
-                job["metadata"]["uid"] = json!(format!("uid-{name}"));
-                job["metadata"]["resourceVersion"] = json!("1");
-                jobs.insert(key, job.clone());
                 self.created.fetch_add(1, Ordering::Relaxed);
+                let stall = *self.stall.lock().unwrap();
+                if let Some(delay) = stall {
+                    tokio::time::sleep(delay).await;
+                }
                 (201, job)
             }
             ("GET", ["apis", "batch", "v1", "namespaces", ns, "jobs", name]) => {

@@ -1,0 +1,211 @@
+//! What a resource's events need in the cluster besides the resource itself: the module
+//! ConfigMap holding each event's `.wasm` and the schema ConfigMap of each event. They are
+//! checked when the resource is reconciled (a missing one makes it `Ready=False`, naming it
+//! and saying how to provide it) and before each batch is claimed (its events are then held in
+//! the stream instead of becoming Jobs whose pods wait forever for a volume).
+
+use jobico_model::{EventSpec, Job as JobicoJob};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+
+/// The first bytes of every binary WebAssembly module.
+const WASM_MAGIC: &[u8] = b"\0asm";
+/// The first bytes of an ELF file, which is what a wasmtime `.cwasm` is: native code, never
+/// accepted from a tenant.
+const ELF_MAGIC: &[u8] = b"\x7fELF";
+
+/// What is wrong with the module of `spec` given its resource's module ConfigMap (`None` when
+/// it does not exist), as a sentence saying how to fix it; `None` when the module is usable.
+pub fn module_problem(
+    owner: &JobicoJob,
+    spec: &EventSpec,
+    map: Option<&ConfigMap>,
+) -> Option<String> {
+    let namespace = owner.metadata.namespace.as_deref().unwrap_or_default();
+    let name = owner.modules_config_map();
+    let resource = owner.metadata.name.as_deref().unwrap_or_default();
+    let provide = format!(
+        "create it with `jobico module configmap {name} {wasm} -n {namespace} | kubectl apply -f -` (or `kubectl create configmap {name} -n {namespace} --from-file={wasm}`)",
+        wasm = spec.wasm
+    );
+    let Some(map) = map else {
+        return Some(format!(
+            "event {:?}: module ConfigMap {namespace}/{name} does not exist; {provide}",
+            spec.name
+        ));
+    };
+    let binary = map
+        .binary_data
+        .as_ref()
+        .and_then(|d| d.get(&spec.wasm))
+        .map(|b| b.0.as_slice());
+    let text = map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&spec.wasm))
+        .map(String::as_bytes);
+    match binary.or(text) {
+        None => Some(format!(
+            "event {:?}: module ConfigMap {namespace}/{name} has no key {:?} (resource {resource} names it in spec.events[].wasm); {provide}",
+            spec.name, spec.wasm
+        )),
+        Some(bytes) if bytes.starts_with(ELF_MAGIC) => Some(format!(
+            "event {:?}: {namespace}/{name} key {:?} is a precompiled native module, which is never run; provide the .wasm",
+            spec.name, spec.wasm
+        )),
+        Some(bytes) if binary.is_some() && !bytes.starts_with(WASM_MAGIC) => Some(format!(
+            "event {:?}: {namespace}/{name} key {:?} is not a WebAssembly module (no \\0asm header)",
+            spec.name, spec.wasm
+        )),
+        Some(_) => None,
+    }
+}
+
+/// What is wrong with the schema of `spec` given its ConfigMap (`None` when it does not
+/// exist); `None` when it is there or optional. Whether it compiles is the ingress's check.
+pub fn schema_problem(
+    owner: &JobicoJob,
+    spec: &EventSpec,
+    map: Option<&ConfigMap>,
+) -> Option<String> {
+    if spec.schema.is_optional() {
+        return None;
+    }
+    let namespace = owner.metadata.namespace.as_deref().unwrap_or_default();
+    let name = spec.schema.config_map_name();
+    let key = spec.schema.data_key();
+    let found = map
+        .and_then(|m| m.data.as_ref())
+        .is_some_and(|d| d.contains_key(&key));
+    (!found).then(|| {
+        format!(
+            "event {:?}: schema ConfigMap {namespace}/{name} {}; create it with `kubectl create configmap {name} -n {namespace} --from-file={key}=<schema file>`",
+            spec.name,
+            if map.is_some() { format!("has no key {key:?}") } else { "does not exist".into() },
+        )
+    })
+}
+
+/// Reads ConfigMap `name` of `namespace`; `None` when it does not exist.
+pub async fn config_map(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<ConfigMap>, kube::Error> {
+    Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+}
+
+/// Every problem with the modules and schemas of `owner`'s events (empty when all are there).
+pub async fn problems(
+    client: &kube::Client,
+    owner: &JobicoJob,
+) -> Result<Vec<String>, kube::Error> {
+    let namespace = owner.metadata.namespace.as_deref().unwrap_or_default();
+    let modules = config_map(client, namespace, &owner.modules_config_map()).await?;
+    let mut problems = Vec::new();
+    for spec in &owner.spec.events {
+        problems.extend(module_problem(owner, spec, modules.as_ref()));
+        if !spec.schema.is_optional() {
+            let schema = config_map(client, namespace, spec.schema.config_map_name()).await?;
+            problems.extend(schema_problem(owner, spec, schema.as_ref()));
+        }
+    }
+    Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::ByteString;
+
+    use super::*;
+
+    fn owner() -> JobicoJob {
+        let mut job = JobicoJob::new(
+            "job-for-ev1",
+            serde_json::from_value(serde_json::json!({
+                "events": [{"name": "ev1", "wasm": "echo.wasm", "schema": {"key": "schema-ev1"}}]
+            }))
+            .unwrap(),
+        );
+        job.metadata.namespace = Some("default".into());
+        job
+    }
+
+    fn binary(key: &str, bytes: &[u8]) -> ConfigMap {
+        ConfigMap {
+            binary_data: Some(BTreeMap::from([(
+                key.to_owned(),
+                ByteString(bytes.to_vec()),
+            )])),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn modules_must_be_there_and_be_webassembly() {
+        let owner = owner();
+        let spec = &owner.spec.events[0];
+        let missing = module_problem(&owner, spec, None).unwrap();
+        assert!(
+            missing.contains("default/job-for-ev1-modules does not exist"),
+            "{missing}"
+        );
+        assert!(
+            missing.contains("jobico module configmap job-for-ev1-modules echo.wasm"),
+            "{missing}"
+        );
+        let no_key = module_problem(
+            &owner,
+            spec,
+            Some(&binary("other.wasm", b"\0asm\x01\0\0\0")),
+        )
+        .unwrap();
+        assert!(no_key.contains("has no key \"echo.wasm\""), "{no_key}");
+        assert_eq!(
+            module_problem(&owner, spec, Some(&binary("echo.wasm", b"\0asm\x01\0\0\0"))),
+            None
+        );
+        let native =
+            module_problem(&owner, spec, Some(&binary("echo.wasm", b"\x7fELF\x02\x01"))).unwrap();
+        assert!(native.contains("precompiled native module"), "{native}");
+        assert!(module_problem(&owner, spec, Some(&binary("echo.wasm", b"garbage"))).is_some());
+        let wat = ConfigMap {
+            data: Some(BTreeMap::from([(
+                "echo.wasm".to_owned(),
+                "(module)".to_owned(),
+            )])),
+            ..Default::default()
+        };
+        assert_eq!(module_problem(&owner, spec, Some(&wat)), None);
+    }
+
+    #[test]
+    fn schemas_must_be_there_unless_optional() {
+        let mut owner = owner();
+        let spec = owner.spec.events[0].clone();
+        assert!(
+            schema_problem(&owner, &spec, None)
+                .unwrap()
+                .contains("does not exist")
+        );
+        let present = ConfigMap {
+            data: Some(BTreeMap::from([(
+                "schema-ev1.json".to_owned(),
+                "{}".to_owned(),
+            )])),
+            ..Default::default()
+        };
+        assert_eq!(schema_problem(&owner, &spec, Some(&present)), None);
+        assert!(
+            schema_problem(&owner, &spec, Some(&ConfigMap::default()))
+                .unwrap()
+                .contains("has no key \"schema-ev1.json\"")
+        );
+        owner.spec.events[0].schema.optional = Some(true);
+        assert_eq!(schema_problem(&owner, &owner.spec.events[0], None), None);
+    }
+}
