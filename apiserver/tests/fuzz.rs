@@ -239,25 +239,26 @@ fn header() -> impl Strategy<Value = (&'static str, Vec<u8>)> {
 
 fn case() -> impl Strategy<Value = Case> {
     (
-        // Weighted towards the methods that reach validation.
-        prop::sample::select(vec![
-            "PUT", "PUT", "PUT", "POST", "POST", "GET", "DELETE", "PATCH", "HEAD", "OPTIONS",
-        ]),
-        prop::sample::select(vec![
-            "/execute/default/ev1",
-            "/execute/default/ev1",
-            "/execute/default/ev1",
-            "/execute/default/nope",
-            "/execute/x/ev1",
-            "/events/default/abc",
-            "/events/default/a.b*c",
-            "/execute/default",
-            "/",
-            "/execute/default/ev1/extra",
-            "/execute/%ff/ev1",
-            "/execute/default%0a/ev1",
-            "/events/default/%00",
-        ]),
+        // Weighted towards the methods and the path that reach validation.
+        prop_oneof![
+            8 => prop::sample::select(vec!["PUT", "POST"]),
+            2 => prop::sample::select(vec!["GET", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
+        ],
+        prop_oneof![
+            8 => Just("/execute/default/ev1"),
+            2 => prop::sample::select(vec![
+                "/execute/default/nope",
+                "/execute/x/ev1",
+                "/events/default/abc",
+                "/events/default/a.b*c",
+                "/execute/default",
+                "/",
+                "/execute/default/ev1/extra",
+                "/execute/%ff/ev1",
+                "/execute/default%0a/ev1",
+                "/events/default/%00",
+            ]),
+        ],
         prop::sample::select(vec![
             "",
             "application/json",
@@ -383,6 +384,7 @@ fn arbitrary_requests_never_panic_or_fail_with_5xx_other_than_503() {
 
     // The generator must reach success and every client error.
     let seen = seen.into_inner();
+    eprintln!("statuses over {cases} cases: {seen:?}");
     for code in [202, 400, 401, 404, 405, 413, 415, 422] {
         assert!(
             seen.contains_key(&code),

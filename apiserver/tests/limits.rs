@@ -69,6 +69,7 @@ async fn connections_declaring_huge_bodies_hold_only_what_they_sent() {
     wait_in_flight(&state, CONNECTIONS as i64).await;
     let held = ALLOCATED.allocated().saturating_sub(before);
     let per_connection = held / CONNECTIONS;
+    eprintln!("{per_connection} bytes held per connection waiting for its body");
     // What a connection costs (socket, actix buffers, the request, a small body buffer) is a
     // few tens of KiB; a buffer sized from the declared length alone would be 256 KiB.
     assert!(
