@@ -17,10 +17,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Auth, DEFAULT_AUDIENCE, KubernetesAuth, StaticTokens};
 use crate::catalog::{self, Catalog};
-use crate::http::{AppState, DEFAULT_MAX_BODY_BYTES};
+use crate::http::{AppState, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES};
 use crate::jetstream::{JetStreamPublisher, Retention, StreamSettings};
 use crate::metrics::Metrics;
-use crate::publish::{NullPublisher, PublishError, Published, Publisher, StatusLookup};
+use crate::publish::{
+    NullPublisher, PublishError, PublishFailure, Published, Publisher, StatusLookup,
+};
 use crate::{server, watch};
 
 /// How requests are authenticated.
@@ -75,6 +77,9 @@ pub struct Args {
     /// Largest request body in bytes.
     #[arg(long, env = "JOBICO_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Milliseconds a client has to send a request body once its head arrived (408 beyond).
+    #[arg(long, env = "JOBICO_BODY_TIMEOUT_MS", default_value_t = DEFAULT_BODY_TIMEOUT.as_millis() as u64)]
+    pub body_timeout_ms: u64,
     /// HTTP worker threads (0: one per CPU core).
     #[arg(long, env = "JOBICO_HTTP_WORKERS", default_value_t = 0)]
     pub http_workers: usize,
@@ -132,10 +137,14 @@ impl Publisher for LazyPublisher {
     fn publish(
         &self,
         events: Vec<EventRecord>,
-    ) -> BoxFuture<'_, Result<Vec<Published>, PublishError>> {
+    ) -> BoxFuture<'_, Result<Vec<Published>, PublishFailure>> {
         match self.inner.get() {
             Some(inner) => inner.publish(events),
-            None => Box::pin(async { Err(Self::not_yet()) }),
+            None => {
+                Box::pin(
+                    async move { Err(PublishFailure::nothing_stored(Self::not_yet(), &events)) },
+                )
+            }
         }
     }
 
@@ -275,6 +284,7 @@ impl Args {
             catalog,
             publisher,
             max_body_bytes: self.max_body_bytes,
+            body_timeout: Duration::from_millis(self.body_timeout_ms),
             auth: Arc::new(auth),
             metrics,
             validate: !self.bench_http_ceiling,

@@ -4,11 +4,18 @@
 //! [`DEFAULT_AUDIENCE`] unless configured) and then a SubjectAccessReview: group
 //! `jobico.coeux.dev`, resource `jobs`, subresource `execute`, verb `create`, in the event's
 //! namespace, on the Job resource that declares the event. Status reads ask for verb `get` on
-//! the subresource `events`, namespace-wide. Decisions (allowed or denied) are cached for
-//! [`DECISION_TTL`] by token hash, so a busy client costs the Kubernetes API a few calls a
-//! minute, and a revoked token or role stops working within that time.
+//! the subresource `events`, namespace-wide. A TokenReview that authenticates the token but
+//! does not list our audience in `status.audiences` is a refusal: the authenticator did not
+//! check the audience, so the token may have been minted for another service.
+//!
+//! Decisions are cached for [`DECISION_TTL`] by token hash, so a busy client costs the
+//! Kubernetes API a few calls a minute, and a revoked token or role stops working within that
+//! time. The caches are bounded LRUs, and tokens that do not authenticate have one of their own:
+//! a flood of made-up tokens evicts only other made-up tokens, never the decisions of real
+//! clients.
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -19,6 +26,7 @@ use k8s_openapi::api::authorization::v1::{
 };
 use kube::Client;
 use kube::api::{Api, PostParams};
+use lru::LruCache;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
@@ -30,9 +38,12 @@ pub const DEFAULT_AUDIENCE: &str = "jobico.coeux.dev";
 pub const GROUP: &str = "jobico.coeux.dev";
 /// How long a decision is reused: short enough that revocations bite quickly.
 pub const DECISION_TTL: Duration = Duration::from_secs(10);
-/// Most cached decisions; beyond, expired entries are dropped, then everything. Each entry is
-/// ~100 bytes, so this bounds the cache near 1 MiB even under a flood of distinct tokens.
-const MAX_CACHED_DECISIONS: usize = 10_000;
+/// Most cached decisions for tokens that authenticated (allowed or denied); beyond, the least
+/// recently used is evicted. Each entry is ~150 bytes, so this bounds the cache near 1.5 MiB.
+pub const MAX_CACHED_DECISIONS: NonZeroUsize = NonZeroUsize::new(10_000).unwrap();
+/// Most cached refusals of tokens that did not authenticate: a client retrying with a bad
+/// token costs one review per [`DECISION_TTL`], and a flood of fresh tokens stays in here.
+pub const MAX_CACHED_REFUSALS: NonZeroUsize = NonZeroUsize::new(10_000).unwrap();
 /// Retry hint when the Kubernetes API cannot be asked.
 const AUTH_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -112,19 +123,38 @@ impl StaticTokens {
 /// A cached decision's key: the SHA-256 of the token (never the token itself) and the access.
 type CacheKey = ([u8; 32], Access);
 
+/// Cached decisions with the time each was made.
+type DecisionCache = Mutex<LruCache<CacheKey, (Decision, Instant)>>;
+
 /// Kubernetes TokenReview + SubjectAccessReview with a short decision cache.
 pub struct KubernetesAuth {
     client: Client,
     audience: String,
-    cache: Mutex<HashMap<CacheKey, (Decision, Instant)>>,
+    /// Boxed: two caches would make every `Auth` value large.
+    caches: Box<Caches>,
     metrics: Metrics,
+}
+
+struct Caches {
+    /// Decisions for tokens that authenticated.
+    decisions: DecisionCache,
+    /// Refusals of tokens that did not.
+    refusals: DecisionCache,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Decision {
     Unauthenticated,
+    /// Authenticated, but not for our audience (or by an authenticator that ignores audiences).
+    WrongAudience,
     Denied,
     Allowed,
+}
+
+impl Decision {
+    fn authenticated(self) -> bool {
+        matches!(self, Decision::Denied | Decision::Allowed)
+    }
 }
 
 impl KubernetesAuth {
@@ -133,28 +163,38 @@ impl KubernetesAuth {
         Self {
             client,
             audience,
-            cache: Mutex::new(HashMap::new()),
+            caches: Box::new(Caches {
+                decisions: Mutex::new(LruCache::new(MAX_CACHED_DECISIONS)),
+                refusals: Mutex::new(LruCache::new(MAX_CACHED_REFUSALS)),
+            }),
             metrics,
         }
     }
 
     fn cached(&self, key: &CacheKey) -> Option<Decision> {
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .get(key)
-            .filter(|(_, at)| at.elapsed() < DECISION_TTL)
-            .map(|(decision, _)| *decision)
+        [&self.caches.decisions, &self.caches.refusals]
+            .into_iter()
+            .find_map(|cache| {
+                let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+                match cache.get(key) {
+                    Some((decision, at)) if at.elapsed() < DECISION_TTL => Some(*decision),
+                    Some(_) => {
+                        cache.pop(key);
+                        None
+                    }
+                    None => None,
+                }
+            })
     }
 
     fn remember(&self, key: CacheKey, decision: Decision) {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= MAX_CACHED_DECISIONS {
-            cache.retain(|_, (_, at)| at.elapsed() < DECISION_TTL);
-            if cache.len() >= MAX_CACHED_DECISIONS {
-                cache.clear();
-            }
-        }
-        cache.insert(key, (decision, Instant::now()));
+        let cache = if decision.authenticated() {
+            &self.caches.decisions
+        } else {
+            &self.caches.refusals
+        };
+        let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.put(key, (decision, Instant::now()));
     }
 
     async fn decide(&self, token: &str, access: &Access) -> Result<Decision, kube::Error> {
@@ -173,6 +213,14 @@ impl KubernetesAuth {
             (Some(true), Some(user)) => user,
             _ => return Ok(Decision::Unauthenticated),
         };
+        // The TokenReview API asks clients that set `spec.audiences` to check that the answer
+        // names one: an authenticator unaware of audiences accepts tokens minted for anyone.
+        if !status
+            .audiences
+            .is_some_and(|audiences| audiences.contains(&self.audience))
+        {
+            return Ok(Decision::WrongAudience);
+        }
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: user.username,
@@ -283,6 +331,13 @@ impl Auth {
             Decision::Unauthenticated => Err(ApiError::Unauthorized(
                 "the bearer token is not valid for this service".into(),
             )),
+            Decision::WrongAudience => Err(ApiError::Unauthorized(match self {
+                Auth::Kubernetes(kube) => format!(
+                    "the bearer token is not for the audience {:?}; create one with `kubectl create token <service-account> --audience {}`",
+                    kube.audience, kube.audience
+                ),
+                _ => "the bearer token is not for this service".into(),
+            })),
             Decision::Denied => Err(ApiError::Forbidden(format!(
                 "not allowed to {} jobs/{} in namespace {:?}{}",
                 access.verb,

@@ -141,7 +141,21 @@ fn parse_value(body: &[u8]) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))
 }
 
+/// Whether `name` is a CloudEvents attribute name: lowercase ASCII letters and digits (spec 1.0,
+/// "Attribute Naming Convention").
+fn is_attribute_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
 fn check_attributes(attributes: &BTreeMap<String, String>, at: &str) -> Result<(), ApiError> {
+    if let Some(bad) = attributes.keys().find(|name| !is_attribute_name(name)) {
+        return Err(ApiError::BadRequest(format!(
+            "{at}: {bad:?} is not a CloudEvents attribute name (lowercase letters a-z and digits only)"
+        )));
+    }
     match attributes.get("specversion").map(String::as_str) {
         Some(CLOUDEVENTS_SPEC_VERSION) => {}
         Some(other) => {
@@ -407,6 +421,18 @@ mod tests {
         }
         assert!(parse_cloud_event_batch(b"[]", None).is_err());
         assert!(parse_cloud_event_batch(b"{}", None).is_err());
+        for bad_name in ["Ext", "my_ext", "my-ext", ""] {
+            let body = format!(
+                r#"{{"specversion":"1.0","id":"1","source":"/s","type":"t","{bad_name}":"x"}}"#
+            );
+            let error = parse_structured_cloud_event(body.as_bytes(), None).unwrap_err();
+            assert!(
+                error
+                    .to_string()
+                    .contains("not a CloudEvents attribute name"),
+                "{error}"
+            );
+        }
         let xml = br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","datacontenttype":"application/xml"}"#;
         assert!(matches!(
             parse_structured_cloud_event(xml, None),

@@ -11,7 +11,8 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
-use crate::schema::Violation;
+use crate::publish::Outcome;
+use crate::schema::{Violation, Violations};
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +51,19 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The client did not send the whole body in time.
+    #[error("the request body did not arrive within {} ms; send it at once", .timeout.as_millis())]
+    BodyTimeout {
+        /// The time allowed.
+        timeout: Duration,
+    },
     /// The content type is not one we read.
     #[error("unsupported content type {0:?}; send application/json or CloudEvents")]
     UnsupportedMediaType(String),
     /// One or more events break their schema; nothing was accepted.
-    #[error("{} violation(s) of the event schema; nothing was accepted", .0.len())]
-    Invalid(Vec<Violation>),
+    #[error("{} violation(s) of the event schema; nothing was accepted{}", .0.total,
+        if .0.listed.len() < .0.total { format!(" (the first {} are listed)", .0.listed.len()) } else { String::new() })]
+    Invalid(Violations),
     /// The event exists but cannot accept anything (e.g. its schema does not compile).
     #[error("event {namespace}/{event} is unavailable: {reason}")]
     EventUnavailable {
@@ -97,6 +105,17 @@ pub enum ApiError {
         "event states are not tracked here: local mode with the in-memory queue keeps none (run with NATS to track them)"
     )]
     StatesNotTracked,
+    /// Publishing failed part way: some events may be kept. The answer lists every event's id
+    /// and whether it is known to be kept, so a retry can send each back as its key.
+    #[error("cannot accept events now: {reason}; {} of {} event(s) are known to be kept, retry the others with their ids as Idempotency-Key", .events.iter().filter(|e| e.stored).count(), .events.len())]
+    NotKept {
+        /// Why.
+        reason: String,
+        /// When to retry.
+        retry_after: Duration,
+        /// Every event of the request, in order.
+        events: Vec<Outcome>,
+    },
     /// The event store is unreachable or full; retry later.
     #[error("cannot accept events now: {reason}")]
     Unavailable {
@@ -112,8 +131,18 @@ struct ErrorBody<'a> {
     error: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     violations: Option<&'a [Violation]>,
+    /// Asked by an id several event types have: those types.
     #[serde(skip_serializing_if = "Option::is_none")]
     events: Option<&'a [String]>,
+    /// How many violations there were in all (the list stops at a bound).
+    #[serde(rename = "violationsTotal", skip_serializing_if = "Option::is_none")]
+    violations_total: Option<usize>,
+    /// After a failed publish: every event's id, in request order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ids: Option<Vec<&'a str>>,
+    /// After a failed publish: per id, whether the event is known to be kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stored: Option<Vec<bool>>,
 }
 
 impl ResponseError for ApiError {
@@ -130,10 +159,13 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::EventUnavailable { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable { .. } | ApiError::NotKept { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -143,7 +175,7 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed { allowed, .. } => {
                 response.insert_header((header::ALLOW, HeaderValue::from_static(allowed)));
             }
-            ApiError::Unavailable { retry_after, .. } => {
+            ApiError::Unavailable { retry_after, .. } | ApiError::NotKept { retry_after, .. } => {
                 // Whole seconds, at least one: Retry-After has no finer unit.
                 let seconds = retry_after.as_secs().max(1);
                 response.insert_header((header::RETRY_AFTER, seconds.to_string()));
@@ -152,11 +184,22 @@ impl ResponseError for ApiError {
                 response
                     .insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
             }
+            // The rest of the body may still be on its way: close rather than read it.
+            ApiError::BodyTimeout { .. } | ApiError::TooLarge { .. } => {
+                response.force_close();
+            }
             _ => {}
         }
-        let violations = match self {
-            ApiError::Invalid(violations) => Some(violations.as_slice()),
-            _ => None,
+        let (violations, violations_total) = match self {
+            ApiError::Invalid(report) => (Some(report.listed.as_slice()), Some(report.total)),
+            _ => (None, None),
+        };
+        let (ids, stored) = match self {
+            ApiError::NotKept { events, .. } => (
+                Some(events.iter().map(|e| e.id.as_str()).collect()),
+                Some(events.iter().map(|e| e.stored).collect()),
+            ),
+            _ => (None, None),
         };
         let events = match self {
             ApiError::AmbiguousEventId { events, .. } => Some(events.as_slice()),
@@ -166,6 +209,9 @@ impl ResponseError for ApiError {
             error: self.to_string(),
             violations,
             events,
+            violations_total,
+            ids,
+            stored,
         })
     }
 }

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
@@ -24,11 +25,23 @@ use crate::auth::{Access, Auth};
 use crate::body::{self, BodyKind, Incoming};
 use crate::catalog::{Catalog, Lookup};
 use crate::error::ApiError;
+use crate::message;
 use crate::metrics::Metrics;
-use crate::publish::{PublishError, Publisher, StatusLookup};
+use crate::publish::{PublishError, PublishFailure, Publisher, StatusLookup};
+use crate::schema::Violations;
 
 /// Default limit on a request body: ample for JSON events, far below Kubernetes' object size.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// Default time a client has to send the whole body once the request head arrived: 256 KiB
+/// in ten seconds is 26 KB/s, slower than any real client; a slower one only holds a
+/// connection and a buffer.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes reserved for a body before any arrive. The declared `Content-Length` is never used to
+/// allocate: a client can declare the limit and send nothing, on thousands of connections at
+/// once. The buffer grows with what arrives (at most twice that), never past the limit.
+const INITIAL_BODY_CAPACITY: usize = 8 * 1024;
 
 /// Header a client sets to make retries of a request safe.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -36,9 +49,9 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Prefix of CloudEvents attribute headers in binary mode.
 pub const CLOUDEVENTS_HEADER_PREFIX: &str = "ce-";
 
-/// Event attribute holding the W3C trace context (the CloudEvents distributed-tracing
-/// extension); filled from the request's `traceparent` header when the event has none.
-pub const TRACEPARENT_ATTRIBUTE: &str = "traceparent";
+/// Event attribute holding the W3C trace context, filled from the request's `traceparent`
+/// header when the event has none.
+pub use crate::message::TRACEPARENT_ATTRIBUTE;
 
 /// Route of event submission.
 pub const EXECUTE_ROUTE: &str = "/execute/{namespace}/{event}";
@@ -64,6 +77,8 @@ pub struct AppState {
     pub publisher: Arc<dyn Publisher>,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Longest a client may take to send a body (408 beyond).
+    pub body_timeout: Duration,
     /// Who may send events.
     pub auth: Arc<Auth>,
     /// Request metrics.
@@ -85,6 +100,7 @@ impl AppState {
             catalog,
             publisher,
             max_body_bytes,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             auth: Arc::new(Auth::Off),
             metrics: Metrics::new(),
             validate: true,
@@ -182,10 +198,12 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Reads the body, at most `limit` bytes, within `timeout`.
 async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
+    timeout: Duration,
 ) -> Result<web::BytesMut, ApiError> {
     let declared = req
         .headers()
@@ -194,15 +212,25 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::TooLarge { limit });
     }
-    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::TooLarge { limit });
+    let read = async {
+        let mut body = web::BytesMut::with_capacity(
+            declared
+                .unwrap_or(INITIAL_BODY_CAPACITY)
+                .min(INITIAL_BODY_CAPACITY),
+        );
+        while let Some(chunk) = payload.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::TooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        Ok(body)
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| ApiError::BodyTimeout { timeout })?
 }
 
 fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -242,6 +270,19 @@ fn unavailable(error: PublishError) -> ApiError {
             reason,
             retry_after,
         },
+    }
+}
+
+/// A failed publish: 503 with every event's id and whether it is known to be kept.
+fn not_kept(failure: PublishFailure) -> ApiError {
+    let PublishError::Unavailable {
+        reason,
+        retry_after,
+    } = failure.error;
+    ApiError::NotKept {
+        reason,
+        retry_after,
+        events: failure.events,
     }
 }
 
@@ -296,7 +337,7 @@ async fn accept(
         })?;
     let binary = cloud_event_headers(req)?;
     let kind = body::body_kind(header_str(req, header::CONTENT_TYPE.as_str())?)?;
-    let bytes = read_body(req, payload, state.max_body_bytes).await?;
+    let bytes = read_body(req, payload, state.max_body_bytes, state.body_timeout).await?;
     let key = header_str(req, IDEMPOTENCY_KEY)?;
     let mut incoming: Vec<Incoming> = match (binary, kind) {
         (Some(attributes), BodyKind::Json) => {
@@ -325,19 +366,20 @@ async fn accept(
 
     // All or nothing: every item is validated before anything is kept.
     if state.validate {
-        let violations: Vec<_> = incoming
-            .iter()
-            .enumerate()
-            .flat_map(|(item, e)| schema.violations(item, &e.data))
-            .collect();
-        if !violations.is_empty() {
+        let mut report = Violations::default();
+        for (item, e) in incoming.iter().enumerate() {
+            schema.check(item, &e.data, &mut report);
+        }
+        if !report.is_empty() {
             state.metrics.validation_failures.inc();
-            tracing::debug!(violations = violations.len(), "events rejected");
-            return Err(ApiError::Invalid(violations));
+            tracing::debug!(violations = report.total, "events rejected");
+            return Err(ApiError::Invalid(report));
         }
     }
 
     if let Some(traceparent) = header_str(req, TRACEPARENT_ATTRIBUTE)? {
+        message::check_traceparent(traceparent)
+            .map_err(|e| ApiError::BadRequest(format!("header {TRACEPARENT_ATTRIBUTE}: {e}")))?;
         for e in &mut incoming {
             e.attributes
                 .entry(TRACEPARENT_ATTRIBUTE.to_string())
@@ -354,11 +396,12 @@ async fn accept(
             attributes: e.attributes,
         })
         .collect();
-    let published = state
-        .publisher
-        .publish(records)
-        .await
-        .map_err(unavailable)?;
+    // Every event can become a message, before any is published: whatever the body mode, a
+    // request is refused whole rather than stored in part.
+    for (item, record) in records.iter().enumerate() {
+        message::check(record).map_err(|e| ApiError::BadRequest(format!("item {item}: {e}")))?;
+    }
+    let published = state.publisher.publish(records).await.map_err(not_kept)?;
     let duplicate = published.iter().all(|p| p.duplicate);
     let ids = published.into_iter().map(|p| p.id).collect();
     Ok(HttpResponse::Accepted().json(AcceptedBody { ids, duplicate }))

@@ -16,18 +16,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::connection::State;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
-use async_nats::{HeaderMap, connection::State};
 use futures::TryStreamExt;
 use futures::future::{BoxFuture, join_all};
-use jobico_common::subject::{
-    self, HEADER_EVENT, HEADER_EVENT_ID, HEADER_NAMESPACE, STATE_BUCKET, STREAM, STREAM_SUBJECTS,
-};
+use jobico_common::subject::{self, STATE_BUCKET, STREAM, STREAM_SUBJECTS};
 use jobico_common::{EventRecord, EventState, EventStatus};
 use jobico_store::{BucketSettings, StateStore};
 
+use crate::message;
 use crate::metrics::Metrics;
-use crate::publish::{PublishError, Published, Publisher, StatusLookup};
+use crate::publish::{Outcome, PublishError, PublishFailure, Published, Publisher, StatusLookup};
 use crate::worker_connection::WorkerConnections;
 
 /// Publish acks awaited at once on one connection (the shared one, or one HTTP worker's).
@@ -216,15 +215,11 @@ impl JetStreamPublisher {
         context: &jetstream::Context,
         record: &EventRecord,
     ) -> Result<Published, PublishError> {
-        let mut headers = HeaderMap::new();
-        let msg_id = format!("{}.{}.{}", record.namespace, record.event, record.id);
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
-        headers.insert(HEADER_EVENT_ID, record.id.as_str());
-        headers.insert(HEADER_EVENT, record.event.as_str());
-        headers.insert(HEADER_NAMESPACE, record.namespace.as_str());
-        if let Some(traceparent) = record.attributes.get(crate::http::TRACEPARENT_ATTRIBUTE) {
-            headers.insert(subject::HEADER_TRACEPARENT, traceparent.as_str());
-        }
+        // Checked by the ingress before anything of the request was published; an error here
+        // would be a gap in that check, and is refused rather than sent.
+        let headers = message::headers(record).map_err(|e| {
+            Self::unavailable(format!("event {} cannot be published: {e}", record.id))
+        })?;
         let payload = serde_json::to_vec(record).expect("an event record always serialises");
         let subject = subject::event_subject(&record.namespace, &record.event, record.id.as_str());
         let ack = context
@@ -384,7 +379,7 @@ impl Publisher for JetStreamPublisher {
     fn publish(
         &self,
         events: Vec<EventRecord>,
-    ) -> BoxFuture<'_, Result<Vec<Published>, PublishError>> {
+    ) -> BoxFuture<'_, Result<Vec<Published>, PublishFailure>> {
         Box::pin(async move {
             // This worker's own connection when it has one (and it is connected), else the
             // shared one.
@@ -392,15 +387,37 @@ impl Publisher for JetStreamPublisher {
             let context = match &local {
                 Some(local) => &local.context,
                 None if self.client.connection_state() == State::Connected => &self.context,
-                None => return Err(Self::unavailable("NATS is not connected")),
+                None => {
+                    let error = Self::unavailable("NATS is not connected");
+                    return Err(PublishFailure::nothing_stored(error, &events));
+                }
             };
             let started = Instant::now();
-            let all = join_all(events.iter().map(|e| Self::publish_one(context, e)));
-            let results = tokio::time::timeout(self.settings.publish_timeout, all)
-                .await
-                .map_err(|_| Self::unavailable("NATS did not acknowledge in time"))?;
+            // One deadline for the whole request, applied to each event, so that when it
+            // passes the acks that did arrive are still known: those events are kept.
+            let deadline = tokio::time::Instant::now() + self.settings.publish_timeout;
+            let results = join_all(events.iter().map(|e| async move {
+                tokio::time::timeout_at(deadline, Self::publish_one(context, e))
+                    .await
+                    .unwrap_or_else(|_| Err(Self::unavailable("NATS did not acknowledge in time")))
+            }))
+            .await;
+            if let Some(error) = results.iter().find_map(|r| r.as_ref().err()) {
+                let outcomes = events
+                    .iter()
+                    .zip(&results)
+                    .map(|(event, result)| Outcome {
+                        id: event.id.clone(),
+                        stored: result.is_ok(),
+                    })
+                    .collect();
+                return Err(PublishFailure {
+                    error: error.clone(),
+                    events: outcomes,
+                });
+            }
             self.metrics.observe_publish(started.elapsed());
-            results.into_iter().collect()
+            Ok(results.into_iter().flatten().collect())
         })
     }
 

@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod error;
 pub mod http;
 pub mod jetstream;
+pub mod message;
 pub mod metrics;
 pub mod publish;
 pub mod schema;
@@ -21,4 +22,7 @@ pub use catalog::Catalog;
 pub use error::ApiError;
 pub use http::{AppState, configure};
 pub use metrics::Metrics;
-pub use publish::{MemoryQueue, NullPublisher, PublishError, Published, Publisher, StatusLookup};
+pub use publish::{
+    MemoryQueue, NullPublisher, Outcome, PublishError, PublishFailure, Published, Publisher,
+    StatusLookup,
+};

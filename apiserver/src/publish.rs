@@ -32,14 +32,49 @@ pub enum PublishError {
     },
 }
 
-/// Keeps accepted events. Implementations must keep all of a call's events or say that some
-/// were not kept; they never drop an event after returning `Ok`.
+/// What became of one event of a publish that failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The event's id, as the ingress assigned it.
+    pub id: EventId,
+    /// True when the store acknowledged the event: it is kept. False: it may or may not have
+    /// been kept (an ack that did not arrive in time), or it was refused.
+    pub stored: bool,
+}
+
+/// A publish that did not keep every event: why, and what became of each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishFailure {
+    /// Why not every event was kept.
+    pub error: PublishError,
+    /// Every event of the call, in order.
+    pub events: Vec<Outcome>,
+}
+
+impl PublishFailure {
+    /// A failure before any of `events` could have been kept.
+    pub fn nothing_stored(error: PublishError, events: &[EventRecord]) -> Self {
+        Self {
+            error,
+            events: events
+                .iter()
+                .map(|e| Outcome {
+                    id: e.id.clone(),
+                    stored: false,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Keeps accepted events. Implementations must keep all of a call's events or say which were
+/// acknowledged; they never drop an event after returning `Ok` or saying it was stored.
 pub trait Publisher: Send + Sync + 'static {
     /// Keeps `events`, returning one [`Published`] per event in order.
     fn publish(
         &self,
         events: Vec<EventRecord>,
-    ) -> BoxFuture<'_, Result<Vec<Published>, PublishError>>;
+    ) -> BoxFuture<'_, Result<Vec<Published>, PublishFailure>>;
 
     /// Whether the publisher can take events now (for readiness probes).
     fn is_ready(&self) -> bool {
@@ -95,7 +130,7 @@ impl Publisher for MemoryQueue {
     fn publish(
         &self,
         events: Vec<EventRecord>,
-    ) -> BoxFuture<'_, Result<Vec<Published>, PublishError>> {
+    ) -> BoxFuture<'_, Result<Vec<Published>, PublishFailure>> {
         Box::pin(async move {
             // All or nothing: reserve a slot for every event before sending any.
             let permits = self.sender.try_reserve_many(events.len()).map_err(|e| {
@@ -103,10 +138,11 @@ impl Publisher for MemoryQueue {
                     mpsc::error::TrySendError::Full(()) => "the local queue is full",
                     mpsc::error::TrySendError::Closed(()) => "the local executor is shutting down",
                 };
-                PublishError::Unavailable {
+                let error = PublishError::Unavailable {
                     reason: reason.into(),
                     retry_after: QUEUE_FULL_RETRY,
-                }
+                };
+                PublishFailure::nothing_stored(error, &events)
             })?;
             let published = events
                 .iter()
@@ -135,7 +171,7 @@ impl Publisher for NullPublisher {
     fn publish(
         &self,
         events: Vec<EventRecord>,
-    ) -> BoxFuture<'_, Result<Vec<Published>, PublishError>> {
+    ) -> BoxFuture<'_, Result<Vec<Published>, PublishFailure>> {
         Box::pin(async move {
             Ok(events
                 .into_iter()
@@ -175,7 +211,13 @@ mod tests {
             .publish(vec![record("c"), record("d")])
             .await
             .unwrap_err();
-        assert!(matches!(full, PublishError::Unavailable { .. }));
+        assert!(matches!(full.error, PublishError::Unavailable { .. }));
+        let ids: Vec<_> = full
+            .events
+            .iter()
+            .map(|o| (o.id.as_str(), o.stored))
+            .collect();
+        assert_eq!(ids, [("c", false), ("d", false)]);
         assert_eq!(receiver.recv().await.unwrap().id.as_str(), "a");
         assert_eq!(receiver.recv().await.unwrap().id.as_str(), "b");
         assert!(

@@ -1,6 +1,7 @@
 //! Running the HTTP API until shutdown.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,17 @@ const ADMIN_WORKERS: usize = 1;
 /// How long in-flight requests may take to finish after shutdown is requested; a publish with
 /// acks takes milliseconds, so this only bounds pathological cases.
 const SHUTDOWN_GRACE_SECS: u64 = 30;
+
+/// Time a client has to send a request's head (line and headers) after connecting or after
+/// the previous response: a client that sends nothing only holds a socket for this long.
+pub const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time a closing connection has to finish, after which it is dropped.
+pub const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long an idle keep-alive connection stays open: long enough for a client sending a
+/// stream of events to reuse it, short enough that idle ones do not pile up.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// A bound, not yet running, HTTP server.
 pub struct BoundServer {
@@ -29,6 +41,9 @@ pub fn bind(
 ) -> std::io::Result<BoundServer> {
     let mut http = HttpServer::new(move || App::new().configure(configure(state.clone())))
         .disable_signals()
+        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+        .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+        .keep_alive(KEEP_ALIVE)
         .shutdown_timeout(SHUTDOWN_GRACE_SECS);
     if workers > 0 {
         http = http.workers(workers);

@@ -2,10 +2,13 @@
 //! (debounced) whenever either changes.
 //!
 //! ConfigMaps are watched in the same namespaces as Jobs (all of them, or a list), optionally
-//! narrowed by a label selector. JobicoK8S schema ConfigMaps carry no label, so by default every
-//! ConfigMap is watched; `binaryData` (where modules live) and managed fields are dropped before
-//! caching to keep memory small. Schemas are compiled only when their text changes
-//! ([`SchemaCache`]).
+//! narrowed by a label selector, but **metadata only**: JobicoK8S schema ConfigMaps carry no
+//! label, so a selector cannot find them by default, and caching every ConfigMap of a cluster
+//! (certificates, dashboards, other tenants' configuration) would make the ingress's memory
+//! follow what anyone stores. The metadata watch says which ConfigMaps exist and when they
+//! change; only those a Job resource names as a schema source are then read (one GET per change)
+//! and only their referenced keys kept ([`SchemaMaps`]). Schemas are compiled only when their
+//! text changes ([`SchemaCache`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -15,7 +18,7 @@ use std::time::Duration;
 use futures::{StreamExt, stream};
 use jobico_model::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, ObjectMeta, PartialObjectMeta};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
@@ -27,6 +30,138 @@ use crate::catalog::{Catalog, CatalogProblem, SchemaCache, build_cached};
 /// Quiet time after a change before the catalog is rebuilt: a `kubectl apply` of a Job and its
 /// ConfigMaps arrives as a burst of events within milliseconds, and one rebuild covers them all.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// Schema ConfigMaps read at once after a change: a burst of applies reads quickly without
+/// opening a request per ConfigMap of a large namespace at the same instant.
+const FETCH_CONCURRENCY: usize = 8;
+
+/// Bound on one ConfigMap read: kube-client has no read timeout of its own, and a stalled read
+/// would hold every catalog rebuild behind it.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Wait before reading again a ConfigMap whose read failed.
+const FETCH_RETRY: Duration = Duration::from_secs(2);
+
+/// ConfigMap name by namespace and name.
+type MapKey = (String, String);
+
+/// The schema ConfigMaps read so far: for each one a Job resource names, its resource version
+/// when read and a copy holding only the referenced data keys.
+#[derive(Debug, Default)]
+pub struct SchemaMaps {
+    read: HashMap<MapKey, ReadMap>,
+}
+
+/// A ConfigMap as read: the version read, the keys kept and the copy.
+#[derive(Debug)]
+struct ReadMap {
+    version: Option<String>,
+    keys: BTreeSet<String>,
+    map: Arc<ConfigMap>,
+}
+
+/// The ConfigMaps Job resources take schemas from, with the keys they name.
+pub fn referenced(jobs: &[Arc<Job>]) -> HashMap<MapKey, BTreeSet<String>> {
+    let mut wanted: HashMap<MapKey, BTreeSet<String>> = HashMap::new();
+    for job in jobs {
+        let namespace = job.metadata.namespace.clone().unwrap_or_default();
+        for event in &job.spec.events {
+            wanted
+                .entry((
+                    namespace.clone(),
+                    event.schema.config_map_name().to_string(),
+                ))
+                .or_default()
+                .insert(event.schema.data_key());
+        }
+    }
+    wanted
+}
+
+impl SchemaMaps {
+    /// Brings the copies in step: reads each wanted ConfigMap that exists (per `existing`, the
+    /// metadata watch) and changed since it was read, forgets the others. Returns false when a
+    /// read failed (the old copy, if any, is kept; the caller retries).
+    pub async fn refresh(
+        &mut self,
+        client: &Client,
+        wanted: &HashMap<MapKey, BTreeSet<String>>,
+        existing: &HashMap<MapKey, Option<String>>,
+    ) -> bool {
+        self.read
+            .retain(|key, _| wanted.contains_key(key) && existing.contains_key(key));
+        let stale: Vec<(MapKey, Option<String>, BTreeSet<String>)> = wanted
+            .iter()
+            .filter_map(|(key, keys)| {
+                let version = existing.get(key)?;
+                match self.read.get(key) {
+                    Some(read) if &read.version == version && &read.keys == keys => None,
+                    _ => Some((key.clone(), version.clone(), keys.clone())),
+                }
+            })
+            .collect();
+        let reads = stream::iter(stale)
+            .map(|((namespace, name), version, keys)| async move {
+                let api = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
+                let result = tokio::time::timeout(FETCH_TIMEOUT, api.get_opt(&name)).await;
+                ((namespace, name), version, keys, result)
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        let mut complete = true;
+        for (key, version, keys, result) in reads {
+            match result {
+                Ok(Ok(Some(map))) => {
+                    let slim = slim_copy(&map, &keys);
+                    // The version read, not the one watched: a newer change is read next time.
+                    let version = map.metadata.resource_version.clone().or(version);
+                    let map = Arc::new(slim);
+                    self.read.insert(key, ReadMap { version, keys, map });
+                }
+                Ok(Ok(None)) => {
+                    self.read.remove(&key);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(configmap = %format!("{}/{}", key.0, key.1), %error, "cannot read a schema ConfigMap, retrying");
+                    complete = false;
+                }
+                Err(_) => {
+                    tracing::warn!(configmap = %format!("{}/{}", key.0, key.1), "reading a schema ConfigMap timed out, retrying");
+                    complete = false;
+                }
+            }
+        }
+        complete
+    }
+
+    /// The copies, by namespace and name.
+    pub fn maps(&self) -> HashMap<MapKey, Arc<ConfigMap>> {
+        self.read
+            .iter()
+            .map(|(key, read)| (key.clone(), read.map.clone()))
+            .collect()
+    }
+}
+
+/// `map` with only its name, namespace, resource version and the data under `keys`.
+fn slim_copy(map: &ConfigMap, keys: &BTreeSet<String>) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: map.metadata.name.clone(),
+            namespace: map.metadata.namespace.clone(),
+            resource_version: map.metadata.resource_version.clone(),
+            ..Default::default()
+        },
+        data: map.data.as_ref().map(|data| {
+            data.iter()
+                .filter(|(key, _)| keys.contains(*key))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        }),
+        ..Default::default()
+    }
+}
 
 /// What to watch.
 #[derive(Debug, Clone, Default)]
@@ -107,13 +242,15 @@ pub async fn run(
     if let Some(selector) = &config.config_map_selector {
         map_config = map_config.labels(selector);
     }
-    for api in apis::<ConfigMap>(&client, &config.namespaces) {
+    // An `Api` of `PartialObjectMeta` lists and watches metadata only.
+    for api in apis::<PartialObjectMeta<ConfigMap>>(&client, &config.namespaces) {
         let (reader, writer) = reflector::store();
         map_stores.push(reader);
         let slim = watcher(api, map_config.clone())
-            .modify(|map: &mut ConfigMap| {
-                map.binary_data = None;
+            .modify(|map: &mut PartialObjectMeta<ConfigMap>| {
                 map.metadata.managed_fields = None;
+                map.metadata.annotations = None;
+                map.metadata.labels = None;
             })
             .default_backoff();
         let events = reflector::reflector(writer, slim);
@@ -143,9 +280,22 @@ pub async fn run(
             let _ = store.wait_until_ready().await;
         }
         let mut cache = SchemaCache::new();
+        let mut schema_maps = SchemaMaps::default();
         let mut reported = BTreeSet::new();
         loop {
-            let (events, problems) = rebuild_from(&job_stores, &map_stores, &mut cache);
+            let jobs: Vec<Arc<Job>> = job_stores.iter().flat_map(Store::state).collect();
+            let existing = existing_maps(&map_stores);
+            if !schema_maps
+                .refresh(&client, &referenced(&jobs), &existing)
+                .await
+            {
+                let again = changed.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(FETCH_RETRY).await;
+                    again.notify_one();
+                });
+            }
+            let (events, problems) = catalog_from_objects(&jobs, &schema_maps.maps(), &mut cache);
             report(&problems, &mut reported);
             tracing::info!(
                 events = events.len(),
@@ -178,13 +328,11 @@ fn report(problems: &[CatalogProblem], reported: &mut BTreeSet<(String, String, 
     *reported = current;
 }
 
-fn rebuild_from(
-    job_stores: &[Store<Job>],
-    map_stores: &[Store<ConfigMap>],
-    cache: &mut SchemaCache,
-) -> (crate::catalog::EventMap, Vec<CatalogProblem>) {
-    let jobs: Vec<Arc<Job>> = job_stores.iter().flat_map(Store::state).collect();
-    let maps: HashMap<(String, String), Arc<ConfigMap>> = map_stores
+/// Every watched ConfigMap with its resource version.
+fn existing_maps(
+    stores: &[Store<PartialObjectMeta<ConfigMap>>],
+) -> HashMap<MapKey, Option<String>> {
+    stores
         .iter()
         .flat_map(Store::state)
         .map(|m| {
@@ -192,10 +340,9 @@ fn rebuild_from(
                 m.metadata.namespace.clone().unwrap_or_default(),
                 m.metadata.name.clone().unwrap_or_default(),
             );
-            (key, m)
+            (key, m.metadata.resource_version.clone())
         })
-        .collect();
-    catalog_from_objects(&jobs, &maps, cache)
+        .collect()
 }
 
 /// Builds the catalog from watched objects: Jobs ordered by creation time (then namespace and

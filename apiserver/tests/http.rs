@@ -357,3 +357,32 @@ async fn admin_port_serves_health_readiness_and_metrics() {
         StatusCode::SERVICE_UNAVAILABLE
     );
 }
+
+#[actix_web::test]
+async fn a_422_lists_a_bounded_number_of_violations_and_counts_them_all() {
+    let (queue, mut receiver) = MemoryQueue::new(8);
+    let state = state_with(Arc::new(queue), 256 * 1024);
+    let bad = format!(
+        r#"{{"firstName":1,"lastName":2,"age":"{}"}}"#,
+        "é".repeat(40)
+    );
+    let batch = format!("{{\"data\":[{}]}}", vec![bad.as_str(); 1000].join(","));
+    let app = test::init_service(App::new().configure(jobico_apiserver::configure(state))).await;
+    let response = test::call_service(&app, put("/execute/default/ev1", &batch).to_request()).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let bytes = test::read_body(response).await;
+    assert!(bytes.len() < 32 * 1024, "a 422 of {} bytes", bytes.len());
+    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["violationsTotal"], 3000);
+    let listed = body["violations"].as_array().unwrap();
+    assert_eq!(
+        listed.len(),
+        jobico_apiserver::schema::MAX_VIOLATIONS_LISTED
+    );
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("3000 violation(s)") && error.contains("the first 100 are listed"),
+        "{error}"
+    );
+    assert!(receiver.try_recv().is_err());
+}

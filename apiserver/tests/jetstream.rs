@@ -357,3 +357,158 @@ async fn a_full_stream_is_503_and_keeps_nothing_new() {
     assert!(accepted > 0);
     assert_eq!(stream_messages(&context).await, accepted);
 }
+
+#[actix_web::test]
+async fn a_header_bound_attribute_with_a_newline_is_400_and_nothing_is_stored() {
+    let nats = NatsServer::start();
+    let (state, context) = connect(&nats, settings()).await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let event = |id: &str, traceparent: &str| {
+        json!({"specversion": "1.0", "id": id, "source": "/s", "type": "t",
+               "traceparent": traceparent, "data": {"firstName": "A", "lastName": "B"}})
+    };
+    // Item 0 is fine; item 1 would inject a header line into the NATS protocol.
+    let batch = json!([
+        event("ok-0", tp),
+        event("bad-1", &format!("{tp}\r\nNats-Msg-Id: x"))
+    ]);
+    let req = put("/execute/default/ev1", &batch.to_string())
+        .insert_header((header::CONTENT_TYPE, "application/cloudevents-batch+json"));
+    let (status, _, body) = send(&state, req).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("item 1") && error.contains("traceparent"),
+        "{error}"
+    );
+    assert_eq!(
+        stream_messages(&context).await,
+        0,
+        "nothing of the batch was kept"
+    );
+
+    // The same in structured mode, and the connection still works afterwards.
+    let one = event(
+        "bad",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\nx",
+    );
+    let req = put("/execute/default/ev1", &one.to_string())
+        .insert_header((header::CONTENT_TYPE, "application/cloudevents+json"));
+    assert_eq!(send(&state, req).await.0, StatusCode::BAD_REQUEST);
+    let req = put("/execute/default/ev1", VALID).insert_header(("traceparent", tp));
+    assert_eq!(send(&state, req).await.0, StatusCode::ACCEPTED);
+    assert_eq!(stream_messages(&context).await, 1);
+}
+
+/// The `(ids, stored)` of a 503 after a failed publish.
+fn not_kept(body: &serde_json::Value) -> Vec<(String, bool)> {
+    let ids = body["ids"].as_array().expect("a 503 lists the ids");
+    let stored = body["stored"]
+        .as_array()
+        .expect("a 503 says which are stored");
+    assert_eq!(ids.len(), stored.len(), "{body}");
+    ids.iter()
+        .zip(stored)
+        .map(|(id, s)| (id.as_str().unwrap().to_string(), s.as_bool().unwrap()))
+        .collect()
+}
+
+/// The retry recipe of the README: every id of the 503 sent back as the `Idempotency-Key` of
+/// a single-event request. Returns how many of the retries were duplicates.
+async fn retry_each(state: &actix_web::web::Data<AppState>, ids: &[(String, bool)]) -> usize {
+    let mut duplicates = 0;
+    for (id, _) in ids {
+        let req =
+            put("/execute/default/ev1", VALID).insert_header(("Idempotency-Key", id.as_str()));
+        let (status, _, body) = send(state, req).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(body["ids"], json!([id]), "the id comes back unchanged");
+        duplicates += usize::from(body["duplicate"] == true);
+    }
+    duplicates
+}
+
+#[actix_web::test]
+async fn a_batch_cut_short_by_a_full_stream_says_which_events_are_kept() {
+    let nats = NatsServer::start();
+    let small = StreamSettings {
+        max_bytes: 4096,
+        ..settings()
+    };
+    let (state, context) = connect(&nats, small).await;
+    let batch = format!("{{\"data\":[{}]}}", vec![VALID; 50].join(","));
+    let (status, headers, body) = send(&state, put("/execute/default/ev1", &batch)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(headers.get(header::RETRY_AFTER).is_some());
+    let outcomes = not_kept(&body);
+    assert_eq!(outcomes.len(), 50);
+    let kept: Vec<_> = outcomes.iter().filter(|(_, s)| *s).collect();
+    assert!(!kept.is_empty() && kept.len() < 50, "{body}");
+    assert_eq!(stream_messages(&context).await, kept.len() as u64);
+    let stream = context.get_stream("JOBICO").await.unwrap();
+    for (id, stored) in &outcomes {
+        let found = stream
+            .get_last_raw_message_by_subject(&format!("jobico.default.ev1.{id}"))
+            .await
+            .is_ok();
+        assert_eq!(found, *stored, "{id}");
+    }
+
+    // Room again; the client retries every id: the kept ones are duplicates, the others new.
+    let mut config = small_stream_config(&context).await;
+    config.max_bytes = 1 << 20;
+    context.update_stream(config).await.unwrap();
+    let duplicates = retry_each(&state, &outcomes).await;
+    assert_eq!(duplicates, kept.len());
+    assert_eq!(stream_messages(&context).await, 50, "each event kept once");
+}
+
+async fn small_stream_config(context: &jetstream::Context) -> jetstream::stream::Config {
+    context
+        .get_stream("JOBICO")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone()
+}
+
+#[actix_web::test]
+async fn a_publish_timeout_answers_the_assigned_ids_and_a_retry_with_them_stores_nothing_twice() {
+    let nats = NatsServer::start();
+    let (state, context) = connect(&nats, settings()).await;
+    assert_eq!(
+        send(&state, put("/execute/default/ev1", VALID)).await.0,
+        StatusCode::ACCEPTED
+    );
+    // NATS freezes with the batch on its way: no ack arrives in time, yet the messages are in
+    // its socket and will be stored once it goes on.
+    nats.pause();
+    let batch = format!("{{\"data\":[{}]}}", vec![VALID; 20].join(","));
+    let (status, _, body) = send(&state, put("/execute/default/ev1", &batch)).await;
+    nats.resume();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let outcomes = not_kept(&body);
+    assert_eq!(outcomes.len(), 20);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not acknowledge"),
+        "{body}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream_messages(&context).await < 21 {
+        assert!(
+            Instant::now() < deadline,
+            "the frozen batch was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Without the ids a retry would store 20 more; with them, nothing twice.
+    let duplicates = retry_each(&state, &outcomes).await;
+    assert_eq!(duplicates, 20);
+    assert_eq!(stream_messages(&context).await, 21);
+}

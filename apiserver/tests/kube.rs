@@ -71,20 +71,38 @@ fn violations(catalog: &Catalog, instance: Value) -> Option<Vec<String>> {
     }
 }
 
+/// A ConfigMap's metadata as the metadata-only list and watch return it.
+fn map_meta(name: &str, rv: &str) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+           "metadata": {"name": name, "namespace": "default", "resourceVersion": rv}})
+}
+
 #[tokio::test]
-async fn reflectors_build_the_catalog_and_follow_schema_changes() {
+async fn only_referenced_configmaps_are_read_and_schema_changes_are_followed() {
     let (client, mut handle) = fake_api();
-    let paths = Arc::new(Mutex::new(Vec::<String>::new()));
+    // (method, uri, accept header) of every request.
+    let requests = Arc::new(Mutex::new(Vec::<(String, String, String)>::new()));
     let release = Arc::new(Notify::new());
     let fake = {
-        let (paths, release) = (paths.clone(), release.clone());
+        let (requests, release) = (requests.clone(), release.clone());
         tokio::spawn(async move {
             let mut held = Vec::new();
             let mut map_watches = 0;
+            let mut schema_reads = 0;
             while let Some((request, send)) = handle.next_request().await {
                 let uri = request.uri().to_string();
-                paths.lock().unwrap().push(uri.clone());
+                let accept = request
+                    .headers()
+                    .get(http::header::ACCEPT)
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default();
+                requests.lock().unwrap().push((
+                    request.method().to_string(),
+                    uri.clone(),
+                    accept.clone(),
+                ));
                 let watching = uri.contains("watch=true");
+                let metadata_only = accept.contains("as=PartialObjectMetadata");
                 if uri.starts_with("/apis/jobico.coeux.dev/v1/jobs?") && !watching {
                     respond(
                         send,
@@ -92,18 +110,43 @@ async fn reflectors_build_the_catalog_and_follow_schema_changes() {
                         "metadata": {"resourceVersion": "1"}, "items": [job()]}),
                     );
                 } else if uri.starts_with("/api/v1/configmaps?") && !watching {
+                    let items = if metadata_only {
+                        vec![map_meta("schema-ev1", "1"), map_meta("unrelated", "1")]
+                    } else {
+                        let mut unrelated = schema_map("1", "x");
+                        unrelated["metadata"]["name"] = json!("unrelated");
+                        unrelated["data"] = json!({"big": "x".repeat(100_000)});
+                        vec![schema_map("1", "firstName"), unrelated]
+                    };
+                    let kind = if metadata_only {
+                        "PartialObjectMetadataList"
+                    } else {
+                        "ConfigMapList"
+                    };
                     respond(
                         send,
-                        &json!({"apiVersion": "v1", "kind": "ConfigMapList",
-                        "metadata": {"resourceVersion": "1"}, "items": [schema_map("1", "firstName")]}),
+                        &json!({"apiVersion": "v1", "kind": kind,
+                        "metadata": {"resourceVersion": "1"}, "items": items}),
                     );
+                } else if uri.starts_with("/api/v1/namespaces/default/configmaps/schema-ev1") {
+                    schema_reads += 1;
+                    let map = if schema_reads == 1 {
+                        schema_map("1", "firstName")
+                    } else {
+                        schema_map("2", "lastName")
+                    };
+                    respond(send, &map);
                 } else if uri.starts_with("/api/v1/configmaps?") && map_watches == 0 {
                     map_watches += 1;
                     let release = release.clone();
                     tokio::spawn(async move {
                         release.notified().await;
-                        let event =
-                            json!({"type": "MODIFIED", "object": schema_map("2", "lastName")});
+                        let object = if metadata_only {
+                            map_meta("schema-ev1", "2")
+                        } else {
+                            schema_map("2", "lastName")
+                        };
+                        let event = json!({"type": "MODIFIED", "object": object});
                         let mut line = serde_json::to_vec(&event).unwrap();
                         line.push(b'\n');
                         send.send_response(Response::builder().body(Body::from(line)).unwrap());
@@ -136,7 +179,7 @@ async fn reflectors_build_the_catalog_and_follow_schema_changes() {
         assert!(
             Instant::now() < deadline,
             "catalog never synced; requests: {:?}",
-            paths.lock().unwrap()
+            requests.lock().unwrap()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -158,22 +201,36 @@ async fn reflectors_build_the_catalog_and_follow_schema_changes() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let seen = paths.lock().unwrap().clone();
+    let seen = requests.lock().unwrap().clone();
+    let uris =
+        |pred: &dyn Fn(&(String, String, String)) -> bool| seen.iter().filter(|r| pred(r)).count();
     assert!(
-        seen.iter()
-            .any(|p| p.starts_with("/apis/jobico.coeux.dev/v1/jobs?") && !p.contains("watch")),
+        uris(
+            &|(_, u, _)| u.starts_with("/apis/jobico.coeux.dev/v1/jobs?")
+                && u.contains("watch=true")
+        ) > 0,
         "{seen:?}"
     );
-    assert!(
-        seen.iter()
-            .any(|p| p.starts_with("/apis/jobico.coeux.dev/v1/jobs?") && p.contains("watch=true")),
+    // ConfigMaps are listed and watched by metadata only...
+    let map_lists: Vec<_> = seen
+        .iter()
+        .filter(|(_, u, _)| u.starts_with("/api/v1/configmaps?"))
+        .collect();
+    assert!(map_lists.len() >= 2, "{seen:?}");
+    for (_, uri, accept) in &map_lists {
+        assert!(
+            accept.contains("as=PartialObjectMetadata"),
+            "{uri} asks for whole ConfigMaps ({accept:?})"
+        );
+    }
+    // ...and only the referenced one is read, once per version.
+    assert_eq!(
+        uris(&|(m, u, _)| m == "GET"
+            && u.starts_with("/api/v1/namespaces/default/configmaps/schema-ev1")),
+        2,
         "{seen:?}"
     );
-    assert!(
-        seen.iter()
-            .any(|p| p.starts_with("/api/v1/configmaps?") && p.contains("watch=true")),
-        "{seen:?}"
-    );
+    assert_eq!(uris(&|(_, u, _)| u.contains("unrelated")), 0, "{seen:?}");
     shutdown.cancel();
     task.await.unwrap();
     fake.abort();
@@ -224,12 +281,16 @@ fn spawn_review_api(mut handle: ApiHandle, reviews: Arc<Mutex<Vec<String>>>) {
             let reply = match path.as_str() {
                 "/apis/authentication.k8s.io/v1/tokenreviews" => {
                     assert_eq!(body["spec"]["audiences"], json!(["jobico.coeux.dev"]));
-                    let good = body["spec"]["token"] == "good";
+                    let alice = json!({"username": "alice", "groups": ["devs"]});
                     let mut reply = body.clone();
-                    reply["status"] = if good {
-                        json!({"authenticated": true, "user": {"username": "alice", "groups": ["devs"]}})
-                    } else {
-                        json!({"authenticated": false})
+                    reply["status"] = match body["spec"]["token"].as_str().unwrap() {
+                        "good" => json!({"authenticated": true, "user": alice,
+                                         "audiences": ["jobico.coeux.dev"]}),
+                        // An authenticator that ignores audiences, and a token for another one.
+                        "unaware" => json!({"authenticated": true, "user": alice}),
+                        "elsewhere" => json!({"authenticated": true, "user": alice,
+                                              "audiences": ["vault"]}),
+                        _ => json!({"authenticated": false}),
                     };
                     reply
                 }
@@ -317,4 +378,77 @@ async fn kubernetes_tokens_are_reviewed_authorized_and_cached() {
             .contains("create jobs/execute"),
         "{body}"
     );
+}
+
+#[actix_web::test]
+async fn a_token_review_that_does_not_name_our_audience_is_refused() {
+    let (client, handle) = fake_api();
+    let reviews = Arc::new(Mutex::new(Vec::new()));
+    spawn_review_api(handle, reviews.clone());
+    let auth = Auth::Kubernetes(KubernetesAuth::new(
+        client,
+        "jobico.coeux.dev".into(),
+        Metrics::new(),
+    ));
+    let access = jobico_apiserver::auth::Access::execute("default", Some("job-for-ev1"));
+    for token in ["unaware", "elsewhere"] {
+        let error = auth
+            .check(Some(&format!("Bearer {token}")), &access)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, jobico_apiserver::ApiError::Unauthorized(_)),
+            "{token}: {error:?}"
+        );
+        assert!(
+            error.to_string().contains("--audience jobico.coeux.dev"),
+            "{error}"
+        );
+    }
+    assert!(
+        reviews
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|path| path.ends_with("tokenreviews")),
+        "no access review for a token not meant for us"
+    );
+    assert!(auth.check(Some("Bearer good"), &access).await.is_ok());
+}
+
+#[actix_web::test]
+async fn a_flood_of_fresh_tokens_does_not_evict_real_clients_decisions() {
+    let (client, handle) = fake_api();
+    let reviews = Arc::new(Mutex::new(Vec::new()));
+    spawn_review_api(handle, reviews.clone());
+    let auth = Auth::Kubernetes(KubernetesAuth::new(
+        client,
+        "jobico.coeux.dev".into(),
+        Metrics::new(),
+    ));
+    let access = jobico_apiserver::auth::Access::execute("default", Some("job-for-ev1"));
+    assert!(auth.check(Some("Bearer good"), &access).await.is_ok());
+    let reviewed = reviews.lock().unwrap().len();
+    assert_eq!(reviewed, 2);
+    // More made-up tokens than the cache holds, each one review.
+    let flood = jobico_apiserver::auth::MAX_CACHED_REFUSALS.get() + 10;
+    for i in 0..flood {
+        let result = auth.check(Some(&format!("Bearer fake-{i}")), &access).await;
+        assert!(result.is_err());
+    }
+    assert_eq!(reviews.lock().unwrap().len(), reviewed + flood);
+    // The real client's decision is still cached: no further review.
+    assert!(auth.check(Some("Bearer good"), &access).await.is_ok());
+    assert_eq!(
+        reviews.lock().unwrap().len(),
+        reviewed + flood,
+        "the flood evicted a real client's decision"
+    );
+    // And the newest refusals are still cached too (bounded, least recently used goes first).
+    assert!(
+        auth.check(Some(&format!("Bearer fake-{}", flood - 1)), &access)
+            .await
+            .is_err()
+    );
+    assert_eq!(reviews.lock().unwrap().len(), reviewed + flood);
 }
