@@ -91,7 +91,7 @@ pub fn body_kind(content_type: Option<&str>) -> Result<BodyKind, ApiError> {
 
 /// Parses a JSON body into events. `key` is the request's `Idempotency-Key`: a single event
 /// takes it as its id ([`EventId::from_client_key`]); item `i` of a batch takes
-/// [`EventId::batch_item`] (`<key>--<i>`).
+/// [`EventId::batch_item`] (derived from the key and `i`).
 pub fn parse_json(body: &[u8], key: Option<&str>) -> Result<Vec<Incoming>, ApiError> {
     let value = parse_value(body)?;
     let mut events = match value {
@@ -338,7 +338,13 @@ mod tests {
             .iter()
             .map(|e| e.id.clone().unwrap().to_string())
             .collect();
-        assert_eq!(ids, ["b--0", "b--1"]);
+        assert_eq!(
+            ids,
+            [
+                EventId::batch_item("b", 0).to_string(),
+                EventId::batch_item("b", 1).to_string()
+            ]
+        );
     }
 
     #[test]

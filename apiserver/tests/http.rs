@@ -61,7 +61,13 @@ async fn post_and_batches_and_idempotency_keys() {
         );
     let (status, _, body) = send(&state, req).await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    assert_eq!(body["ids"], json!(["order-7-0", "order-7-1"]));
+    assert_eq!(
+        body["ids"],
+        json!([
+            jobico_common::EventId::batch_item("order-7", 0).as_str(),
+            jobico_common::EventId::batch_item("order-7", 1).as_str()
+        ])
+    );
     assert_eq!(queue.try_recv().unwrap().data["firstName"], "A");
     assert_eq!(queue.try_recv().unwrap().data["firstName"], "C");
 }
@@ -212,7 +218,11 @@ async fn cloud_events_in_binary_structured_and_batch_modes() {
         .insert_header((header::CONTENT_TYPE, "application/json"));
     let (status, _, body) = send(&state, binary).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    assert_eq!(body["ids"], json!(["ce-42"]));
+    // CloudEvents make source + id unique: both go into the event id.
+    assert_eq!(
+        body["ids"],
+        json!([jobico_common::EventId::from_cloud_event("/crm", "ce-42").as_str()])
+    );
     let record = queue.try_recv().unwrap();
     assert_eq!(record.data["firstName"], "Ada");
     assert_eq!(
@@ -229,7 +239,10 @@ async fn cloud_events_in_binary_structured_and_batch_modes() {
         .insert_header((header::CONTENT_TYPE, "application/cloudevents+json"));
     let (status, _, body) = send(&state, req).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    assert_eq!(body["ids"], json!(["s-1"]));
+    assert_eq!(
+        body["ids"],
+        json!([jobico_common::EventId::from_cloud_event("/crm", "s-1").as_str()])
+    );
     assert_eq!(queue.try_recv().unwrap().attributes["id"], "s-1");
 
     let bad_item =
@@ -254,7 +267,13 @@ async fn cloud_events_in_binary_structured_and_batch_modes() {
         .insert_header((header::CONTENT_TYPE, "application/cloudevents-batch+json"));
     let (status, _, body) = send(&state, req).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    assert_eq!(body["ids"], json!(["b-1", "b-2"]));
+    assert_eq!(
+        body["ids"],
+        json!([
+            jobico_common::EventId::from_cloud_event("/crm", "b-1").as_str(),
+            jobico_common::EventId::from_cloud_event("/crm", "b-2").as_str()
+        ])
+    );
 
     let missing_type = put("/execute/default/ev1", VALID)
         .insert_header(("ce-specversion", "1.0"))

@@ -100,7 +100,7 @@ async fn publishes_one_message_per_event_with_headers_and_reports_it_accepted() 
     );
     // Accepting is one write: the stored message is the `accepted` state, nothing is in the bucket.
     let kv = context.get_key_value(STATE_BUCKET).await.unwrap();
-    assert!(kv.get("default.order-1").await.unwrap().is_none());
+    assert!(kv.get("default.ev1.order-1").await.unwrap().is_none());
     let (status, _, _) = send(
         &state,
         actix_web::test::TestRequest::get().uri("/events/default/unknown"),
@@ -167,9 +167,12 @@ async fn a_recorded_state_wins_over_the_stored_event_and_outlives_it() {
     }
     // The dispatcher recorded a later state while the message is still in the stream.
     let running = recorded("fast", EventState::Running);
-    kv.put("default.fast", serde_json::to_vec(&running).unwrap().into())
-        .await
-        .unwrap();
+    kv.put(
+        "default.ev1.fast",
+        serde_json::to_vec(&running).unwrap().into(),
+    )
+    .await
+    .unwrap();
     let (_, _, body) = status_of("fast").await;
     assert_eq!(
         (body["state"].as_str(), body["job"].as_str()),
@@ -179,7 +182,7 @@ async fn a_recorded_state_wins_over_the_stored_event_and_outlives_it() {
     // The dispatcher recorded `dispatched` and acked: the message is gone, the record stays.
     let dispatched = recorded("gone", EventState::Dispatched);
     kv.put(
-        "default.gone",
+        "default.ev1.gone",
         serde_json::to_vec(&dispatched).unwrap().into(),
     )
     .await

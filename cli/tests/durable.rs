@@ -295,22 +295,32 @@ fn the_same_key_for_two_event_types_or_two_sources_gives_distinct_events() {
         &[("Idempotency-Key", "K")],
     );
     assert_eq!(status, 202, "{batch}");
-    let mut all: Vec<String> = batch["ids"]
+    let items: Vec<String> = batch["ids"]
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_str().unwrap().to_owned())
         .collect();
-    for literal in all.clone() {
-        let (status, answer) = up.put_headers(
-            "/execute/default/ev1",
-            ADA,
-            &[("Idempotency-Key", &literal)],
-        );
+    let mut all = items.clone();
+    for literal in ["K-0", "K-1"] {
+        let (status, answer) =
+            up.put_headers("/execute/default/ev1", ADA, &[("Idempotency-Key", literal)]);
         assert_eq!(status, 202, "{answer}");
         assert_ne!(answer["duplicate"], true, "key {literal:?}: {answer}");
         all.push(answer["ids"][0].as_str().unwrap().to_owned());
     }
+    // An item id sent back as a key is that item (the 503 retry recipe): stored once.
+    let (status, again) = up.put_headers(
+        "/execute/default/ev1",
+        ADA,
+        &[("Idempotency-Key", &items[1])],
+    );
+    assert_eq!(
+        (status, again["duplicate"].as_bool()),
+        (202, Some(true)),
+        "{again}"
+    );
+    assert_eq!(again["ids"][0], items[1].as_str());
     let distinct: std::collections::BTreeSet<_> = all.iter().collect();
     assert_eq!(distinct.len(), 4, "{all:?}");
     for id in &all {

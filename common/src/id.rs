@@ -13,9 +13,16 @@ use serde::{Deserialize, Serialize};
 /// Longest id we accept: the limit on a Kubernetes label value.
 pub const MAX_EVENT_ID_LEN: usize = 63;
 
-/// Marks ids Jobico derived (batch items, hashed keys, CloudEvents): a client key containing
-/// it is never used as an id literally, so derived ids and literal keys never collide.
+/// Marks ids Jobico derived (batch items, hashed keys, CloudEvents: `h--<40 hex>`): a client
+/// key containing it is used as an id literally only when it is exactly such an id.
 pub const DERIVED_MARK: &str = "--";
+
+/// Whether `id` has the form of a derived id: `h--` and 40 lowercase hex digits.
+fn is_hashed(id: &str) -> bool {
+    id.strip_prefix("h--").is_some_and(|hex| {
+        hex.len() == 40 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
 
 /// A validated event id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -67,43 +74,41 @@ impl EventId {
     }
 
     /// The id for a client-supplied key (`Idempotency-Key`): the key itself when it is a valid
-    /// id that does not contain [`DERIVED_MARK`], otherwise [`EventId::hashed`] of the key, so
-    /// the same key always maps to the same id and no key maps to an id derived for something
-    /// else (a batch item, a CloudEvent).
+    /// id that does not contain [`DERIVED_MARK`], or is exactly the hashed form Jobico derives
+    /// (so sending back an id Jobico assigned, as the 503 retry recipe does, gives that same
+    /// id); otherwise the hashed form of the key. The same key always maps to the same id, and
+    /// no key maps by accident to an id derived for something else (a batch item, a
+    /// CloudEvent): that takes knowing the digest.
     pub fn from_client_key(key: &str) -> Self {
         match Self::parse(key) {
-            Ok(id) if !key.contains(DERIVED_MARK) => id,
-            _ => Self::hashed(key),
+            Ok(id) if !key.contains(DERIVED_MARK) || is_hashed(key) => id,
+            _ => Self::hashed("key", &[key]),
         }
     }
 
-    /// The id of item `index` of a batch sent with client key `key`: `<key>--<index>`, or
-    /// `h--<digest of key>--<index>` when the key is not used as it is (see
-    /// [`EventId::from_client_key`]) or is too long to carry the suffix. Ids containing `--`
-    /// are never taken from a client key literally, so an item id cannot collide with the
-    /// id of a single event sent with another key.
+    /// The id of item `index` of a batch sent with client key `key` (hashed, like every id
+    /// Jobico derives), so no item id collides with a literal key such as `<key>-1`.
     pub fn batch_item(key: &str, index: usize) -> Self {
-        let suffix = format!("{DERIVED_MARK}{index}");
-        let base = Self::from_client_key(key);
-        if base.0.len() + suffix.len() <= MAX_EVENT_ID_LEN {
-            Self(format!("{}{suffix}", base.0))
-        } else {
-            Self(format!("{}{suffix}", Self::hashed(key).0))
-        }
+        Self::hashed("batch-item", &[key, &index.to_string()])
     }
 
     /// The id of a CloudEvent: CloudEvents makes `source` + `id` unique, not `id` alone, so
-    /// both go into it (always in the hashed form, since sources are URI references).
+    /// both go into it.
     pub fn from_cloud_event(source: &str, id: &str) -> Self {
-        // NUL cannot occur in either attribute (they are JSON strings or header values
-        // validated as visible ASCII), so the pair is unambiguous.
-        Self::hashed(&format!("{source}\0{id}"))
+        Self::hashed("cloudevent", &[source, id])
     }
 
-    /// `h--` followed by the first 40 hex digits of the SHA-256 of `text`.
-    fn hashed(text: &str) -> Self {
+    /// `h--` followed by the first 40 hex digits of the SHA-256 of `domain` and `parts`, each
+    /// followed by NUL (which no key, index or attribute contains: headers and JSON strings
+    /// validated as visible text), so each kind of derivation has its own ids.
+    fn hashed(domain: &str, parts: &[&str]) -> Self {
         use sha2::{Digest, Sha256};
-        let digest = Sha256::digest(text.as_bytes());
+        let mut hasher = Sha256::new();
+        for part in std::iter::once(&domain).chain(parts) {
+            hasher.update(part.as_bytes());
+            hasher.update([0]);
+        }
+        let digest = hasher.finalize();
         let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
         Self(format!("h{DERIVED_MARK}{hex}"))
     }
@@ -185,26 +190,37 @@ mod tests {
         assert!(EventId::from_client_key("a..b").as_str().starts_with("h--"));
         // A key that looks derived is hashed, so it cannot take a derived id.
         assert!(EventId::from_client_key("K--1").as_str().starts_with("h--"));
+        assert_ne!(EventId::from_client_key("K--1").as_str(), "K--1");
     }
 
     #[test]
-    fn derived_ids_never_collide_with_literal_keys() {
+    fn derived_ids_never_collide_with_literal_keys_and_come_back_unchanged() {
         let item = EventId::batch_item("K", 1);
-        assert_eq!(item.as_str(), "K--1");
-        assert_ne!(EventId::from_client_key(item.as_str()), item);
+        assert!(is_hashed(item.as_str()), "{item}");
         assert_ne!(EventId::from_client_key("K-1"), item);
-        let long = "x".repeat(60);
-        for index in [0, 999] {
-            let id = EventId::batch_item(&long, index);
-            assert!(EventId::parse(id.as_str()).is_ok(), "{id}");
-            assert!(id.as_str().ends_with(&format!("--{index}")));
+        assert_ne!(EventId::from_client_key("K--1"), item);
+        assert_ne!(EventId::batch_item("K", 1), EventId::batch_item("K", 2));
+        assert_ne!(EventId::batch_item("K", 1), EventId::batch_item("K1", 1));
+        // Sending an assigned id back as a key gives that id (the 503 retry recipe).
+        for assigned in [
+            item.clone(),
+            EventId::from_cloud_event("/a", "1"),
+            EventId::generate(),
+        ] {
+            assert_eq!(EventId::from_client_key(assigned.as_str()), assigned);
         }
-        assert_ne!(EventId::batch_item(&long, 1), EventId::batch_item(&long, 2));
+        // A key that only looks derived is hashed.
+        assert!(EventId::from_client_key("h--xyz").as_str() != "h--xyz");
         // CloudEvents: the same id from two sources is two events; the same pair is one.
         let a = EventId::from_cloud_event("/a", "1");
         assert_ne!(a, EventId::from_cloud_event("/b", "1"));
         assert_eq!(a, EventId::from_cloud_event("/a", "1"));
         assert_ne!(a, EventId::from_cloud_event("/a1", ""));
+        // Each derivation has its own ids.
+        assert_ne!(
+            EventId::batch_item("/a", 1),
+            EventId::from_cloud_event("/a", "1")
+        );
         assert!(EventId::parse(a.as_str()).is_ok());
     }
 

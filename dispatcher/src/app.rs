@@ -16,6 +16,7 @@ use crate::leader::{Elector, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::render::Renderer;
 use crate::tracker;
+use crate::trust::Signer;
 
 /// Turns events from the JetStream stream into Kubernetes Jobs running wasm-exec.
 #[derive(Debug, Parser)]
@@ -85,10 +86,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     metrics.leader.set(1);
 
-    let backend = Arc::new(KubeBackend::new(
-        client.clone(),
-        Renderer::new(&args.exec_image),
-    ));
+    let signer = Signer::load_or_create(&js)
+        .await
+        .context("loading the Job signing key")?;
+    let backend = Arc::new(
+        KubeBackend::new(client.clone(), Renderer::new(&args.exec_image)).with_signer(signer),
+    );
     let retry = RetryPolicy::default();
     let dispatcher = Dispatcher::connect(js, backend.clone(), metrics.clone(), retry)
         .await
@@ -103,10 +106,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ));
     let mut tracker = tokio::spawn(tracker::run(
         client.clone(),
-        dispatcher.states.clone(),
-        backend.active.clone(),
-        dispatcher.counters.clone(),
-        metrics.clone(),
+        tracker::TrackerConfig {
+            states: dispatcher.states.clone(),
+            active: backend.active.clone(),
+            counters: dispatcher.counters.clone(),
+            metrics: metrics.clone(),
+            signer: backend.signer().clone(),
+            image: args.exec_image.clone(),
+        },
         work.clone(),
     ));
     let counters = tokio::spawn(controller::flush_counters(

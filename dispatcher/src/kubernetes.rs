@@ -12,6 +12,7 @@ use kube::api::{Api, PostParams};
 use crate::backend::{Backend, Batch, DispatchError, Dispatched, keys};
 use crate::inputs;
 use crate::render::{DEFAULT_TEMPLATE_KEY, Renderer};
+use crate::trust::Signer;
 
 /// Field manager name on every write.
 pub const FIELD_MANAGER: &str = "jobico-dispatcher";
@@ -51,6 +52,19 @@ impl ActiveJobs {
         }
     }
 
+    /// Replaces every count by the given active Jobs `(namespace, event, name)` (after a
+    /// relist, so a deletion missed during a watch gap does not leak a slot).
+    pub fn replace<'a>(&self, jobs: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>) {
+        let mut fresh: HashMap<EventKey, HashSet<String>> = HashMap::new();
+        for (namespace, event, name) in jobs {
+            fresh
+                .entry((namespace.to_owned(), event.to_owned()))
+                .or_default()
+                .insert(name.to_owned());
+        }
+        *self.0.lock().expect("active jobs lock") = fresh;
+    }
+
     /// How many Jobs of `namespace/event` are active.
     pub fn count(&self, namespace: &str, event: &str) -> usize {
         self.0
@@ -68,6 +82,7 @@ pub struct KubeBackend {
     templates: Mutex<HashMap<TemplateKey, (Instant, String)>>,
     modules: Mutex<HashMap<ModuleKey, (Instant, Option<String>)>>,
     claim_settle: Duration,
+    signer: Signer,
     /// Active Jobs, for concurrency caps.
     pub active: ActiveJobs,
 }
@@ -153,8 +168,21 @@ impl KubeBackend {
             templates: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             claim_settle: CLAIM_SETTLE,
+            signer: Signer::ephemeral(),
             active: ActiveJobs::default(),
         }
+    }
+
+    /// The same backend signing its Jobs with `signer` (by default a key of its own; the
+    /// dispatcher shares one with its state tracker and the other replicas).
+    pub fn with_signer(mut self, signer: Signer) -> Self {
+        self.signer = signer;
+        self
+    }
+
+    /// The signer of this backend's Jobs.
+    pub fn signer(&self) -> &Signer {
+        &self.signer
     }
 
     /// The same backend with another [`Backend::claim_settle`] (tests use a short one).
@@ -238,12 +266,13 @@ impl KubeBackend {
 impl Backend for KubeBackend {
     async fn dispatch(&self, batch: &Batch) -> Result<Dispatched, DispatchError> {
         let template = self.template(batch).await?;
-        let job = self
+        let mut job = self
             .renderer
             .render(batch, template.as_deref())
             .map_err(|e| DispatchError::Permanent {
                 reason: e.to_string(),
             })?;
+        self.signer.sign_job(&mut job);
         let name = batch.job_name();
         let jobs: Api<BatchJob> = Api::namespaced(self.client.clone(), batch.namespace());
         let params = PostParams {
@@ -270,6 +299,16 @@ impl Backend for KubeBackend {
             }
             Err(kube::Error::Api(status)) if status.is_already_exists() => {
                 let existing = bounded(&format!("reading Job {name}"), jobs.get(&name)).await?;
+                if !self.signer.verify(&existing) {
+                    // Someone else's Job under the name this batch must use: never take it
+                    // for ours; the events wait until it is gone.
+                    return Err(DispatchError::Held {
+                        reason: format!(
+                            "a Job {}/{name} that Jobico did not create holds the name of this batch's Job; delete it",
+                            batch.namespace()
+                        ),
+                    });
+                }
                 let ids = job_ids(&existing);
                 if ids.iter().map(String::as_str).eq(batch.ids()) {
                     Ok(Dispatched {
@@ -287,7 +326,10 @@ impl Backend for KubeBackend {
     async fn holds(&self, namespace: &str, job: &str, id: &str) -> Result<bool, DispatchError> {
         let jobs: Api<BatchJob> = Api::namespaced(self.client.clone(), namespace);
         match bounded(&format!("reading Job {job}"), jobs.get_opt(job)).await? {
-            Some(existing) => Ok(job_ids(&existing).iter().any(|held| held == id)),
+            Some(existing) => {
+                Ok(self.signer.verify(&existing)
+                    && job_ids(&existing).iter().any(|held| held == id))
+            }
             None => Ok(false),
         }
     }

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod render;
 pub mod state;
 pub mod tracker;
+pub mod trust;
 
 pub use backend::{Backend, Batch, DispatchError, Dispatched};
 pub use consumer::{Dispatcher, RetryPolicy};

@@ -2,6 +2,14 @@
 //! running → succeeded/failed (with the exit code and wasm-exec's per-event summary from the
 //! pod's termination message) in the state bucket, keeps the active-Job counts for
 //! concurrency caps, and counts transitions for the resources' status.
+//!
+//! States never stick: a failed write is tried again; a Job deleted before it finished, or
+//! gone during a watch gap (seen by comparing a relist with the Jobs known to run), fails its
+//! events that have no outcome yet, with the reason; the active counts are re-derived from
+//! every relist. Only signed Jobs and their executor pods are believed ([`crate::trust`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 use futures::{StreamExt, TryStreamExt};
 use jobico_common::{EventState, EventStatus, state::exit};
@@ -16,6 +24,7 @@ use crate::backend::{job_name, keys};
 use crate::kubernetes::ActiveJobs;
 use crate::metrics::Metrics;
 use crate::state::{self, Advanced, Counters, StateStore};
+use crate::trust::Signer;
 
 /// The executor container's name in the default template.
 pub const CONTAINER: &str = "wasm-exec";
@@ -77,11 +86,10 @@ fn update(origin: &Origin, id: &str, state: EventState) -> EventStatus {
     status
 }
 
-/// The state updates a pod implies (empty while pending, or when a retry may follow).
-pub fn pod_updates(pod: &Pod) -> (Option<Origin>, Vec<EventStatus>) {
-    let Some(origin) = origin(&pod.metadata, None) else {
-        return (None, vec![]);
-    };
+/// The state updates a pod of the Job `origin` describes implies (empty while pending, or
+/// when a retry may follow). The ids are the Job's, never the pod's own annotations.
+pub fn pod_updates(pod: &Pod, origin: &Origin) -> Vec<EventStatus> {
+    let origin = origin.clone();
     let phase = pod
         .status
         .as_ref()
@@ -138,7 +146,7 @@ pub fn pod_updates(pod: &Pod) -> (Option<Origin>, Vec<EventStatus>) {
         }
         _ => vec![],
     };
-    (Some(origin), updates)
+    updates
 }
 
 /// Whether a Job has finished, and the state updates that implies.
@@ -185,25 +193,239 @@ pub fn job_updates(job: &BatchJob) -> (Option<Origin>, bool, Vec<EventStatus>) {
     }
 }
 
-/// Writes updates, counting transitions into final states for the resource's status.
-async fn record(
-    states: &StateStore,
-    counters: &Counters,
-    metrics: &Metrics,
-    origin: &Origin,
-    updates: Vec<EventStatus>,
-) {
-    for status in updates {
-        let state = status.state;
-        match states.advance(status).await {
-            Ok(Advanced::Moved) => {
-                metrics.state_updates.inc();
-                counters.add(&origin.namespace, &origin.owner, state);
+/// The uid and name of the Job controlling `pod`, from its owner references.
+fn controlling_job(pod: &Pod) -> Option<(String, String)> {
+    pod.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "Job" && o.api_version == "batch/v1")
+        .map(|o| (o.uid.clone(), o.name.clone()))
+}
+
+/// Whether `pod` runs the executor image in its executor container (a pod claiming to belong
+/// to one of our Jobs but running something else reports nothing).
+fn runs_executor(pod: &Pod, image: &str) -> bool {
+    pod.spec.as_ref().is_some_and(|spec| {
+        spec.containers
+            .iter()
+            .any(|c| c.name == CONTAINER && c.image.as_deref() == Some(image))
+            && spec.init_containers.as_ref().is_none_or(Vec::is_empty)
+    })
+}
+
+/// How often failed state writes are tried again.
+const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most failed state writes kept for retrying; beyond, the oldest are dropped (a relist
+/// replays the states of Jobs that still exist).
+const MAX_RETRIES: usize = 100_000;
+
+/// What the tracker shares between its watches.
+struct Tracker {
+    client: kube::Client,
+    states: StateStore,
+    active: ActiveJobs,
+    counters: Counters,
+    metrics: std::sync::Arc<Metrics>,
+    signer: Signer,
+    image: String,
+    /// Jobs whose signature verified, by uid: their origin, and whether they were still
+    /// running when last seen.
+    known: Mutex<HashMap<String, (Origin, bool)>>,
+    /// State writes that failed, by state key, to be tried again.
+    retries: Mutex<HashMap<String, (Origin, EventStatus)>>,
+}
+
+impl Tracker {
+    /// Writes updates, counting transitions into final states for the resource's status; a
+    /// write that fails is kept and tried again.
+    async fn record(&self, origin: &Origin, updates: Vec<EventStatus>) {
+        for status in updates {
+            let state = status.state;
+            match self.states.advance(status.clone()).await {
+                Ok(Advanced::Moved) => {
+                    self.metrics.state_updates.inc();
+                    self.counters.add(&origin.namespace, &origin.owner, state);
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cannot record an event state, retrying");
+                    let key = jobico_common::subject::state_key(
+                        &status.namespace,
+                        &status.event,
+                        &status.id,
+                    );
+                    let mut retries = self.retries.lock().expect("retries lock");
+                    let later = retries.get(&key).is_some_and(|(_, kept)| {
+                        state::rank(kept.state) > state::rank(status.state)
+                    });
+                    if !later && retries.len() < MAX_RETRIES {
+                        retries.insert(key, (origin.clone(), status));
+                    }
+                }
             }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "cannot record an event state"),
         }
     }
+
+    /// Tries the failed writes again until `shutdown`.
+    async fn retry(&self, shutdown: &CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RETRY_EVERY) => {}
+            }
+            let pending: Vec<_> = self
+                .retries
+                .lock()
+                .expect("retries lock")
+                .drain()
+                .map(|(_, v)| v)
+                .collect();
+            for (origin, status) in pending {
+                self.record(&origin, vec![status]).await;
+            }
+        }
+    }
+
+    /// The origin of a Job the dispatcher created and signed; `None` for anyone else's.
+    fn trust(&self, job: &BatchJob) -> Option<(String, Origin)> {
+        let origin = origin(&job.metadata, job.metadata.name.as_deref())?;
+        if !self.signer.verify(job) {
+            tracing::debug!(
+                namespace = origin.namespace,
+                job = origin.job,
+                "ignoring a Job Jobico did not sign"
+            );
+            return None;
+        }
+        Some((job.metadata.uid.clone()?, origin))
+    }
+
+    /// The origin of the signed Job controlling `pod`, read from the API when its watch has not
+    /// shown it yet; `None` when the pod is not one of ours.
+    async fn pod_origin(&self, pod: &Pod) -> Option<Origin> {
+        let (uid, name) = controlling_job(pod)?;
+        if let Some((origin, _)) = self.known.lock().expect("known lock").get(&uid) {
+            return Some(origin.clone());
+        }
+        let namespace = pod.metadata.namespace.as_deref()?;
+        let jobs: Api<BatchJob> = Api::namespaced(self.client.clone(), namespace);
+        let job = crate::kubernetes::bounded("reading a pod's Job", jobs.get_opt(&name))
+            .await
+            .ok()??;
+        let (found, origin) = self.trust(&job)?;
+        (found == uid).then_some(origin)
+    }
+
+    async fn on_job(&self, job: &BatchJob, seen: Option<&mut HashSet<String>>) {
+        let Some((uid, origin)) = self.trust(job) else {
+            return;
+        };
+        let (_, finished, updates) = job_updates(job);
+        self.active
+            .set(&origin.namespace, &origin.event, &origin.job, !finished);
+        self.known
+            .lock()
+            .expect("known lock")
+            .insert(uid.clone(), (origin.clone(), !finished));
+        if let Some(seen) = seen {
+            seen.insert(uid);
+        }
+        self.record(&origin, updates).await;
+    }
+
+    /// A Job deleted: its end is recorded from its last state; one deleted before it finished
+    /// fails its events (states only move forward, so events its pod already recorded keep
+    /// their outcome).
+    async fn on_job_deleted(&self, job: &BatchJob) {
+        let Some((uid, origin)) = self.trust(job) else {
+            return;
+        };
+        self.active
+            .set(&origin.namespace, &origin.event, &origin.job, false);
+        self.known.lock().expect("known lock").remove(&uid);
+        let (_, finished, updates) = job_updates(job);
+        let updates = if finished {
+            updates
+        } else {
+            failed(&origin, "the Kubernetes Job was deleted before it finished")
+        };
+        self.record(&origin, updates).await;
+    }
+
+    /// After a relist: Jobs known to be running that the list no longer has were deleted during
+    /// the watch gap (by a user, or by their TTL after finishing unseen). Their events' outcome
+    /// is unknown unless their pods recorded it; the rest are failed with that reason. The
+    /// active counts become exactly what the list showed.
+    async fn after_relist(&self, seen: &HashSet<String>) {
+        let vanished: Vec<Origin> = {
+            let mut known = self.known.lock().expect("known lock");
+            let gone: Vec<String> = known
+                .keys()
+                .filter(|uid| !seen.contains(*uid))
+                .cloned()
+                .collect();
+            gone.into_iter()
+                .filter_map(|uid| known.remove(&uid))
+                .filter(|(_, running)| *running)
+                .map(|(origin, _)| origin)
+                .collect()
+        };
+        let running: Vec<Origin> = self
+            .known
+            .lock()
+            .expect("known lock")
+            .values()
+            .filter(|(_, running)| *running)
+            .map(|(origin, _)| origin.clone())
+            .collect();
+        self.active.replace(
+            running
+                .iter()
+                .map(|o| (o.namespace.as_str(), o.event.as_str(), o.job.as_str())),
+        );
+        for origin in vanished {
+            tracing::warn!(
+                namespace = origin.namespace,
+                job = origin.job,
+                "a Job vanished while the watch was away"
+            );
+            let updates = failed(
+                &origin,
+                "the Kubernetes Job was deleted before its outcome was seen (it may have run; see its logs if they are kept)",
+            );
+            self.record(&origin, updates).await;
+        }
+    }
+
+    async fn on_pod(&self, pod: &Pod) {
+        let Some(origin) = self.pod_origin(pod).await else {
+            return;
+        };
+        if !runs_executor(pod, &self.image) {
+            tracing::warn!(
+                namespace = origin.namespace,
+                job = origin.job,
+                "a pod of a Jobico Job runs another image; ignoring what it reports"
+            );
+            return;
+        }
+        let updates = pod_updates(pod, &origin);
+        self.record(&origin, updates).await;
+    }
+}
+
+/// `failed` with `reason` for every event of `origin`.
+fn failed(origin: &Origin, reason: &str) -> Vec<EventStatus> {
+    origin
+        .ids
+        .iter()
+        .map(|id| {
+            let mut status = update(origin, id, EventState::Failed);
+            status.reason = Some(reason.to_owned());
+            status
+        })
+        .collect()
 }
 
 /// The label selector of everything the dispatcher creates.
@@ -211,40 +433,60 @@ pub fn selector() -> String {
     format!("{}={}", keys::MANAGED_BY, keys::MANAGER)
 }
 
+/// What the tracker needs besides the cluster.
+#[derive(Debug, Clone)]
+pub struct TrackerConfig {
+    /// Event states.
+    pub states: StateStore,
+    /// Active Jobs per event type, for concurrency caps.
+    pub active: ActiveJobs,
+    /// Counts for the resources' status.
+    pub counters: Counters,
+    /// Metrics.
+    pub metrics: std::sync::Arc<Metrics>,
+    /// Verifies that a Job is one the dispatcher created.
+    pub signer: Signer,
+    /// The executor image (`--exec-image`): pods running another report nothing.
+    pub image: String,
+}
+
 /// Watches the dispatcher's Jobs and pods in every namespace until `shutdown`. The watches
 /// restart (and relist) by themselves after errors; replays are harmless because states only
-/// move forward.
-pub async fn run(
-    client: kube::Client,
-    states: StateStore,
-    active: ActiveJobs,
-    counters: Counters,
-    metrics: std::sync::Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let config = watcher::Config::default().labels(&selector());
-    let jobs = watcher(Api::<BatchJob>::all(client.clone()), config.clone()).default_backoff();
-    let pods = watcher(Api::<Pod>::all(client), config)
+/// move forward. Only Jobs the dispatcher signed, and their pods, are believed
+/// ([`crate::trust`]).
+pub async fn run(client: kube::Client, config: TrackerConfig, shutdown: CancellationToken) {
+    let tracker = Tracker {
+        client: client.clone(),
+        states: config.states,
+        active: config.active,
+        counters: config.counters,
+        metrics: config.metrics,
+        signer: config.signer,
+        image: config.image,
+        known: Mutex::default(),
+        retries: Mutex::default(),
+    };
+    let watch = watcher::Config::default().labels(&selector());
+    let jobs = watcher(Api::<BatchJob>::all(client.clone()), watch.clone()).default_backoff();
+    let pods = watcher(Api::<Pod>::all(client), watch)
         .default_backoff()
         .applied_objects();
     let job_loop = async {
         let mut jobs = std::pin::pin!(jobs);
+        let mut listing: Option<HashSet<String>> = None;
         loop {
             match jobs.try_next().await {
-                Ok(Some(watcher::Event::Apply(job) | watcher::Event::InitApply(job))) => {
-                    let (origin, finished, updates) = job_updates(&job);
-                    if let Some(origin) = origin {
-                        active.set(&origin.namespace, &origin.event, &origin.job, !finished);
-                        record(&states, &counters, &metrics, &origin, updates).await;
+                Ok(Some(watcher::Event::Init)) => listing = Some(HashSet::new()),
+                Ok(Some(watcher::Event::InitApply(job))) => {
+                    tracker.on_job(&job, listing.as_mut()).await
+                }
+                Ok(Some(watcher::Event::InitDone)) => {
+                    if let Some(seen) = listing.take() {
+                        tracker.after_relist(&seen).await;
                     }
                 }
-                // A Job deleted before it finished no longer counts against the cap.
-                Ok(Some(watcher::Event::Delete(job))) => {
-                    if let (Some(origin), _, _) = job_updates(&job) {
-                        active.set(&origin.namespace, &origin.event, &origin.job, false);
-                    }
-                }
-                Ok(Some(watcher::Event::Init | watcher::Event::InitDone)) => {}
+                Ok(Some(watcher::Event::Apply(job))) => tracker.on_job(&job, None).await,
+                Ok(Some(watcher::Event::Delete(job))) => tracker.on_job_deleted(&job).await,
                 Ok(None) => break,
                 Err(error) => tracing::warn!(%error, "job watch failed, retrying"),
             }
@@ -254,11 +496,7 @@ pub async fn run(
         let mut pods = std::pin::pin!(pods);
         while let Some(next) = pods.next().await {
             match next {
-                Ok(pod) => {
-                    if let (Some(origin), updates) = pod_updates(&pod) {
-                        record(&states, &counters, &metrics, &origin, updates).await;
-                    }
-                }
+                Ok(pod) => tracker.on_pod(&pod).await,
                 Err(error) => tracing::warn!(%error, "pod watch failed, retrying"),
             }
         }
@@ -267,5 +505,6 @@ pub async fn run(
         _ = shutdown.cancelled() => {}
         _ = job_loop => {}
         _ = pod_loop => {}
+        _ = tracker.retry(&shutdown) => {}
     }
 }

@@ -13,6 +13,7 @@ use jobico_dispatcher::kubernetes::ActiveJobs;
 use jobico_dispatcher::leader::{Elector, LeaseConfig};
 use jobico_dispatcher::metrics::Metrics;
 use jobico_dispatcher::state::Deltas;
+use jobico_dispatcher::trust::Signer;
 use jobico_dispatcher::{Dispatcher, RetryPolicy, tracker};
 use jobico_model::Job as JobicoJob;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -402,12 +403,43 @@ async fn leader_election_creates_respects_takes_over_and_loses_races() {
     assert_eq!(taken["metadata"]["resourceVersion"], "8");
 }
 
+/// The executor image the tracker tests run with.
+const IMAGE: &str = "exec:1";
+
+/// A Job of events a1, b2, c3 as the dispatcher creates it, signed by `signer` (or not).
+fn batch_job(signer: Option<&Signer>, conditions: Value) -> Value {
+    let mut job: k8s_openapi::api::batch::v1::Job = serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "jobico-ev1-x", "namespace": "default", "uid": "job-uid-1", "resourceVersion": "4",
+            "labels": {"event": "ev1", "jobico.coeux.dev/job": "job-for-ev1", "app.kubernetes.io/managed-by": "jobico-dispatcher"},
+            "annotations": {"jobico.coeux.dev/event-ids": "a1,b2,c3"}},
+        "status": {"conditions": conditions}}))
+    .unwrap();
+    if let Some(signer) = signer {
+        signer.sign_job(&mut job);
+    }
+    serde_json::to_value(job).unwrap()
+}
+
+/// The origin of [`batch_job`].
+fn job_origin() -> tracker::Origin {
+    tracker::Origin {
+        namespace: "default".into(),
+        event: "ev1".into(),
+        owner: "job-for-ev1".into(),
+        job: "jobico-ev1-x".into(),
+        ids: vec!["a1".into(), "b2".into(), "c3".into()],
+    }
+}
+
 fn pod(phase: &str, exit: Option<(i32, &str)>) -> Value {
     let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "jobico-ev1-x-abcde", "namespace": "default", "resourceVersion": "5",
             "labels": {"event": "ev1", "jobico.coeux.dev/job": "job-for-ev1", "app.kubernetes.io/managed-by": "jobico-dispatcher",
                        "batch.kubernetes.io/job-name": "jobico-ev1-x"},
-            "annotations": {"jobico.coeux.dev/event-ids": "a1,b2,c3"}},
+            "annotations": {"jobico.coeux.dev/event-ids": "a1,b2,c3"},
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "jobico-ev1-x", "uid": "job-uid-1", "controller": true}]},
+        "spec": {"containers": [{"name": "wasm-exec", "image": IMAGE}]},
         "status": {"phase": phase}});
     if let Some((code, message)) = exit {
         pod["status"]["containerStatuses"] = json!([{"name": "wasm-exec", "ready": false, "restartCount": 0, "image": "x", "imageID": "",
@@ -422,7 +454,7 @@ fn pod_and_job_states_map_to_event_states() {
         {"id":"a1","status":"succeeded","duration_ms":1.0,"output_bytes":3,"result":"ok"},
         {"id":"b2","status":"failed","error":"trap","message":"unreachable","duration_ms":1.0,"output_bytes":0}]}"#;
     let states = |pod: Value| {
-        let (_, updates) = tracker::pod_updates(&serde_json::from_value(pod).unwrap());
+        let updates = tracker::pod_updates(&serde_json::from_value(pod).unwrap(), &job_origin());
         updates
             .into_iter()
             .map(|u| (u.id, u.state, u.exit_code, u.reason))
@@ -498,6 +530,8 @@ async fn the_tracker_relists_after_a_410_and_records_states() {
     let summary = r#"{"events":3,"succeeded":3,"failed":0,"omitted":0,"outcomes":[{"id":"a1","status":"succeeded","duration_ms":2.5,"output_bytes":3,"result":"hi"}]}"#;
     let selector = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Djobico-dispatcher";
     let list = |kind: &str, items: Vec<Value>, version: &str| json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": version}, "items": items});
+    let signer = Signer::ephemeral();
+    let job = batch_job(Some(&signer), json!([]));
     let server = tokio::spawn(async move {
         let mut log = Vec::new();
         let mut held = Vec::new();
@@ -536,7 +570,7 @@ async fn the_tracker_relists_after_a_410_and_records_states() {
                     );
                     continue;
                 }
-                (false, false) => list("JobList", vec![], "5"),
+                (false, false) => list("JobList", vec![job.clone()], "5"),
                 // Later watches stay open and quiet.
                 (_, true) => {
                     held.push(send);
@@ -557,10 +591,14 @@ async fn the_tracker_relists_after_a_410_and_records_states() {
     });
     let run = tokio::spawn(tracker::run(
         client,
-        dispatcher.states.clone(),
-        active,
-        dispatcher.counters.clone(),
-        dispatcher.metrics.clone(),
+        tracker::TrackerConfig {
+            states: dispatcher.states.clone(),
+            active,
+            counters: dispatcher.counters.clone(),
+            metrics: dispatcher.metrics.clone(),
+            signer,
+            image: IMAGE.into(),
+        },
         shutdown.clone(),
     ));
     support::eventually(15, "succeeded after the relist", || async {
@@ -727,4 +765,191 @@ async fn the_oldest_resource_keeps_a_contested_event_name() {
     assert_eq!(consumers.ensure(young), vec![]);
     assert_eq!(consumers.events().len(), 1);
     consumers.shutdown().await;
+}
+
+/// Serves the tracker's lists and watches: each list of a kind answers the next of `lists`
+/// (the last one again when they run out); a watch answers 410 Gone while more lists of its
+/// kind are queued (forcing a relist) and otherwise stays open and quiet. A GET of one Job
+/// answers it from the latest Job list.
+fn serve_watches(
+    mut api: support::fake_api::Verifier,
+    mut job_lists: std::collections::VecDeque<Vec<Value>>,
+    mut pod_lists: std::collections::VecDeque<Vec<Value>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut last_jobs = Vec::new();
+        let list = |kind: &str, items: &[Value]| json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "7"}, "items": items});
+        while let Some((_, path, _, send)) = api.next().await {
+            let pods = path.starts_with("/api/v1/pods");
+            let watch = path.contains("watch=true");
+            let lists = if pods { &mut pod_lists } else { &mut job_lists };
+            let body = if path.starts_with("/apis/batch/v1/namespaces/") {
+                let name = path.split('?').next().unwrap().rsplit('/').next().unwrap();
+                match last_jobs
+                    .iter()
+                    .find(|j: &&Value| j["metadata"]["name"] == name)
+                {
+                    Some(job) => job.clone(),
+                    None => status(404, "NotFound", "not found"),
+                }
+            } else if watch && lists.len() > 1 {
+                lists.pop_front();
+                let gone = json!({"type": "ERROR", "object": status(410, "Expired", "too old resource version")});
+                send.send_response(
+                    http::Response::builder()
+                        .status(200)
+                        .body(kube::client::Body::from(format!("{gone}\n").into_bytes()))
+                        .unwrap(),
+                );
+                continue;
+            } else if watch {
+                held.push(send);
+                continue;
+            } else {
+                let items = lists.front().cloned().unwrap_or_default();
+                if !pods {
+                    last_jobs = items.clone();
+                }
+                list(if pods { "PodList" } else { "JobList" }, &items)
+            };
+            send.send_response(
+                http::Response::builder()
+                    .status(if body["kind"] == "Status" { 404 } else { 200 })
+                    .body(kube::client::Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+        }
+    })
+}
+
+/// A tracker on a fresh fake API serving `jobs` and `pods` lists; returns the dispatcher (for
+/// its states), the active counts and the shutdown token.
+async fn tracking(
+    signer: Signer,
+    jobs: Vec<Vec<Value>>,
+    pods: Vec<Vec<Value>>,
+) -> (
+    jobico_testkit::NatsServer,
+    Arc<Dispatcher<Nothing>>,
+    ActiveJobs,
+    CancellationToken,
+) {
+    let (server, js) = nats().await;
+    let dispatcher = Dispatcher::connect(
+        js,
+        Nothing,
+        Arc::new(Metrics::new()),
+        RetryPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let (client, api) = verifier();
+    serve_watches(api, jobs.into(), pods.into());
+    let shutdown = CancellationToken::new();
+    let active = ActiveJobs::default();
+    tokio::spawn(tracker::run(
+        client,
+        tracker::TrackerConfig {
+            states: dispatcher.states.clone(),
+            active: active.clone(),
+            counters: dispatcher.counters.clone(),
+            metrics: dispatcher.metrics.clone(),
+            signer,
+            image: IMAGE.into(),
+        },
+        shutdown.clone(),
+    ));
+    (server, dispatcher, active, shutdown)
+}
+
+#[tokio::test]
+async fn unsigned_jobs_and_pods_running_another_image_record_nothing() {
+    let signer = Signer::ephemeral();
+    let success = r#"{"events":1,"succeeded":1,"failed":0,"omitted":0,"outcomes":[]}"#;
+    // A tenant's Job copying our labels, complete; its pod claims success for a1, b2, c3.
+    let forged_job = batch_job(None, json!([{"type": "Complete", "status": "True"}]));
+    let forged_pod = pod("Succeeded", Some((0, success)));
+    // One of our Jobs (d4), with a pod of a tenant that points at it but runs another image.
+    let mut ours = batch_job(Some(&Signer::ephemeral()), json!([]));
+    ours["metadata"]["name"] = json!("jobico-ev1-y");
+    ours["metadata"]["uid"] = json!("job-uid-2");
+    ours["metadata"]["annotations"]["jobico.coeux.dev/event-ids"] = json!("d4");
+    let mut ours: k8s_openapi::api::batch::v1::Job = serde_json::from_value(ours).unwrap();
+    signer.sign_job(&mut ours);
+    let ours = serde_json::to_value(ours).unwrap();
+    let mut impostor = pod("Succeeded", Some((0, success)));
+    impostor["metadata"]["name"] = json!("impostor");
+    impostor["metadata"]["ownerReferences"][0]["uid"] = json!("job-uid-2");
+    impostor["metadata"]["ownerReferences"][0]["name"] = json!("jobico-ev1-y");
+    impostor["spec"]["containers"][0]["image"] = json!("evil:1");
+    // And, as a control, our Job's real pod running, which is recorded.
+    let mut real = pod("Running", None);
+    real["metadata"]["name"] = json!("real");
+    real["metadata"]["ownerReferences"][0]["uid"] = json!("job-uid-2");
+    real["metadata"]["ownerReferences"][0]["name"] = json!("jobico-ev1-y");
+    let (_server, dispatcher, _active, shutdown) = tracking(
+        signer,
+        vec![vec![forged_job, ours]],
+        vec![vec![forged_pod, impostor, real]],
+    )
+    .await;
+    support::eventually(10, "our Job's pod recorded", || async {
+        dispatcher
+            .states
+            .get("default", "ev1", "d4")
+            .await
+            .unwrap()
+            .is_some_and(|s| s.state == EventState::Running)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in ["a1", "b2", "c3"] {
+        assert_eq!(
+            dispatcher.states.get("default", "ev1", id).await.unwrap(),
+            None,
+            "{id} was recorded from a forged Job or pod"
+        );
+    }
+    assert_eq!(
+        dispatcher
+            .states
+            .get("default", "ev1", "d4")
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        EventState::Running,
+        "the impostor pod's success was believed"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_job_gone_during_a_watch_gap_fails_its_events_and_frees_its_slot() {
+    let signer = Signer::ephemeral();
+    let running = batch_job(Some(&signer), json!([]));
+    // First list: our Job runs. Then the watch expires and the relist no longer has it.
+    let (_server, dispatcher, active, shutdown) =
+        tracking(signer, vec![vec![running], vec![]], vec![vec![]]).await;
+    support::eventually(10, "failed with the reason", || async {
+        dispatcher
+            .states
+            .get("default", "ev1", "b2")
+            .await
+            .unwrap()
+            .is_some_and(|s| {
+                s.state == EventState::Failed
+                    && s.reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("deleted before its outcome was seen"))
+            })
+    })
+    .await;
+    assert_eq!(
+        active.count("default", "ev1"),
+        0,
+        "the vanished Job still holds a slot"
+    );
+    shutdown.cancel();
 }

@@ -501,8 +501,11 @@ async fn crash_and_restart(before: Arc<JobicoJob>, after: Arc<JobicoJob>, before
     let (client, cluster) = FakeCluster::start();
     let ids = publish(&js, "default", "ev1", "k", events).await;
     let ack_wait = Duration::from_secs(1);
+    // The restarted dispatcher shares the signing key (in a cluster: the NATS KV bucket).
+    let signer = jobico_dispatcher::trust::Signer::ephemeral();
     let crashing = Crashing {
-        inner: KubeBackend::new(client.clone(), Renderer::new("exec:1")),
+        inner: KubeBackend::new(client.clone(), Renderer::new("exec:1"))
+            .with_signer(signer.clone()),
         calls: AtomicUsize::new(0),
         before_create,
     };
@@ -523,7 +526,9 @@ async fn crash_and_restart(before: Arc<JobicoJob>, after: Arc<JobicoJob>, before
     let settle = Duration::from_secs(2);
     let (ctx, token, handle) = start(
         &js,
-        KubeBackend::new(client, Renderer::new("exec:1")).with_claim_settle(settle),
+        KubeBackend::new(client, Renderer::new("exec:1"))
+            .with_claim_settle(settle)
+            .with_signer(signer),
         after,
         ack_wait,
     )
@@ -568,9 +573,10 @@ async fn a_replay_to_a_recreated_consumer_creates_no_second_job() {
     let (_server, js) = nats().await;
     let (client, cluster) = FakeCluster::start();
     publish(&js, "default", "ev1", "p", 4).await;
+    let signer = jobico_dispatcher::trust::Signer::ephemeral();
     let (_ctx, token, handle) = start(
         &js,
-        KubeBackend::new(client.clone(), Renderer::new("exec:1")),
+        KubeBackend::new(client.clone(), Renderer::new("exec:1")).with_signer(signer.clone()),
         sample("ev1.yaml"),
         consumer::ACK_WAIT,
     )
@@ -587,7 +593,7 @@ async fn a_replay_to_a_recreated_consumer_creates_no_second_job() {
         .unwrap();
     let (ctx, token, handle) = start(
         &js,
-        KubeBackend::new(client, Renderer::new("exec:1")),
+        KubeBackend::new(client, Renderer::new("exec:1")).with_signer(signer),
         sample("ev1.yaml"),
         consumer::ACK_WAIT,
     )

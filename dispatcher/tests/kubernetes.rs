@@ -7,11 +7,24 @@ use std::time::Duration;
 use jobico_dispatcher::backend::{Backend, DispatchError, Dispatched};
 use jobico_dispatcher::kubernetes::KubeBackend;
 use jobico_dispatcher::render::Renderer;
+use jobico_dispatcher::trust::Signer;
 use serde_json::{Value, json};
 use support::fake_api::{Verifier, status, too_many_requests, verifier};
 use support::{batch, golden, sample};
 
 const IMAGE: &str = "ghcr.io/coeux/wasm-exec:0.1.0";
+
+/// A signer with a fixed key, so signed bodies are the same every run.
+fn signer() -> Signer {
+    Signer::from_key([7; jobico_dispatcher::trust::KEY_BYTES])
+}
+
+/// `job` as the dispatcher would have created it: signed.
+fn signed(job: Value) -> Value {
+    let mut job: k8s_openapi::api::batch::v1::Job = serde_json::from_value(job).unwrap();
+    signer().sign_job(&mut job);
+    serde_json::to_value(job).unwrap()
+}
 const CREATE: &str = "/apis/batch/v1/namespaces/default/jobs?&fieldManager=jobico-dispatcher";
 
 /// What the fake API does with the create, controller-rs style.
@@ -42,9 +55,9 @@ impl Scenario {
                         status(409, "AlreadyExists", "jobs.batch exists"),
                     )
                     .await;
-                let existing = json!({"apiVersion": "batch/v1", "kind": "Job",
-                    "metadata": {"name": name, "namespace": "default",
-                                 "annotations": {"jobico.coeux.dev/event-ids": ids}}});
+                let existing = signed(json!({"apiVersion": "batch/v1", "kind": "Job",
+                    "metadata": {"name": name, "namespace": "default", "labels": {"event": "ev1"},
+                                 "annotations": {"jobico.coeux.dev/event-ids": ids}}}));
                 assert_eq!(
                     api.expect("GET", &job_path, 200, existing).await,
                     Value::Null
@@ -79,7 +92,7 @@ impl Scenario {
 
 async fn dispatch(scenario: Scenario, ids: &[&str]) -> (Result<Dispatched, DispatchError>, Value) {
     let (client, api) = verifier();
-    let backend = KubeBackend::new(client, Renderer::new(IMAGE));
+    let backend = KubeBackend::new(client, Renderer::new(IMAGE)).with_signer(signer());
     let owner = sample("ev1.yaml");
     let b = batch(&owner, ids);
     let server = tokio::spawn(scenario.run(api, b.job_name()));
@@ -96,12 +109,21 @@ async fn create_posts_the_golden_job_body() {
         dispatch(Scenario::Created, &["0190c5a1-7b7e-7c3e-9f00-000000000001"]).await;
     let dispatched = result.unwrap();
     assert!(dispatched.created);
-    assert_eq!(dispatched.job, "jobico-ev1-2cba2f84d9735b38");
+    assert_eq!(
+        dispatched.job,
+        jobico_dispatcher::backend::job_name("ev1", "0190c5a1-7b7e-7c3e-9f00-000000000001")
+    );
     golden(
         "ev1-create-request.json",
         &(serde_json::to_string_pretty(&body).unwrap() + "\n"),
     );
-    // The body is the rendered Job, nothing else.
+    // The body is the rendered Job and its signature, nothing else.
+    let mut body = body;
+    let signature = body["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove(jobico_dispatcher::trust::SIGNATURE);
+    assert!(signature.is_some_and(|s| s.is_string()));
     let rendered: Value = serde_yaml::from_str(
         &std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/ev1.yaml"),
@@ -198,13 +220,17 @@ async fn a_template_configmap_is_read_once_and_used() {
 #[tokio::test]
 async fn holds_asks_whether_the_claimed_job_has_the_event() {
     let (client, mut api) = verifier();
-    let backend = KubeBackend::new(client, Renderer::new(IMAGE));
+    let backend = KubeBackend::new(client, Renderer::new(IMAGE)).with_signer(signer());
     let path = "/apis/batch/v1/namespaces/default/jobs/jobico-ev1-x";
     let server = tokio::spawn(async move {
-        let job = json!({"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": "jobico-ev1-x", "namespace": "default", "annotations": {"jobico.coeux.dev/event-ids": "a1,b2"}}});
+        let unsigned = json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "jobico-ev1-x", "namespace": "default", "labels": {"event": "ev1"},
+                         "annotations": {"jobico.coeux.dev/event-ids": "a1,b2"}}});
+        let job = signed(unsigned.clone());
         api.expect("GET", path, 200, job.clone()).await;
         api.expect("GET", path, 200, job).await;
+        // A Job Jobico did not create never holds an event, whatever it says.
+        api.expect("GET", path, 200, unsigned).await;
         api.expect("GET", path, 404, status(404, "NotFound", "not found"))
             .await;
         api.expect("GET", path, 503, status(503, "ServiceUnavailable", "down"))
@@ -221,6 +247,13 @@ async fn holds_asks_whether_the_claimed_job_has_the_event() {
             .holds("default", "jobico-ev1-x", "c3")
             .await
             .unwrap()
+    );
+    assert!(
+        !backend
+            .holds("default", "jobico-ev1-x", "b2")
+            .await
+            .unwrap(),
+        "an unsigned Job was believed"
     );
     assert!(
         !backend
