@@ -117,10 +117,20 @@ pub enum DispatchError {
         /// How long the server asked us to wait (HTTP 429 `Retry-After`), if it did.
         retry_after: Option<Duration>,
     },
-    /// Trying again cannot help (invalid template, rejected object): dead-letter at once.
+    /// Trying again cannot help (events too large, an object the API server rejects):
+    /// dead-letter at once.
     #[error("{reason}")]
     Permanent {
         /// What happened.
+        reason: String,
+    },
+    /// This resource cannot run events now, through no fault of the events: its template is
+    /// refused, breaks a rendering bound or renders a Job the pod policy refuses, or its
+    /// template ConfigMap is missing. Keep the messages in the stream (do not dead-letter
+    /// them): they run once the resource is fixed, which its `Ready` condition asks for.
+    #[error("{reason}")]
+    Held {
+        /// What is wrong with the resource.
         reason: String,
     },
     /// The Job name is taken by a Job holding other event ids. Events in `ids` are in that

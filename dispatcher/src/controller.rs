@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::consumers::{Conflict, ConsumerSet};
-use crate::kubernetes::FIELD_MANAGER;
+use crate::kubernetes::{FIELD_MANAGER, TemplateSourceError, read_template};
+use crate::render::{Renderer, check_template};
 use crate::state::{Counters, Deltas};
 
 /// The finalizer the dispatcher puts on each resource it consumes for.
@@ -33,6 +34,9 @@ pub const REASON_DISPATCHING: &str = "Dispatching";
 pub const REASON_INVALID: &str = "Invalid";
 /// Reason: an older resource of the namespace declares one of this resource's event names.
 pub const REASON_DUPLICATE_EVENT: &str = "DuplicateEvent";
+/// Reason: the resource's template ConfigMap is missing, or its template (the default
+/// included, with the resource's settings) is refused or renders a Job the pod policy refuses.
+pub const REASON_INVALID_TEMPLATE: &str = "InvalidTemplate";
 /// How often a healthy resource is reconciled without a change (a safety net only).
 const RESYNC: Duration = Duration::from_secs(300);
 /// Wait before retrying a failed reconcile.
@@ -60,6 +64,8 @@ pub struct Context<B> {
     pub consumers: Arc<ConsumerSet<B>>,
     /// Kubernetes Events.
     pub recorder: Recorder,
+    /// Checks each resource's template before its events are consumed, when set.
+    pub renderer: Option<Arc<Renderer>>,
 }
 
 impl<B> std::fmt::Debug for Context<B> {
@@ -83,8 +89,39 @@ impl<B: Backend> Context<B> {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             consumers,
+            renderer: None,
         }
     }
+
+    /// Checks every resource's template with `renderer` (the one creating the Jobs) before
+    /// consuming its events.
+    pub fn with_renderer(mut self, renderer: Arc<Renderer>) -> Self {
+        self.renderer = Some(renderer);
+        self
+    }
+}
+
+/// What is wrong with a valid resource's template, if anything: its ConfigMap is read and
+/// the template checked by [`check_template`] (off the async threads: it renders the largest
+/// batches the resource can get).
+async fn template_problem(
+    client: &kube::Client,
+    renderer: &Arc<Renderer>,
+    cr: &Arc<JobicoJob>,
+) -> Result<Option<String>, Error> {
+    let source = match read_template(client, cr).await {
+        Ok(source) => source,
+        Err(TemplateSourceError::Missing(problem)) => return Ok(Some(problem)),
+        Err(TemplateSourceError::Api(error)) => return Err(Error::Kube(error)),
+    };
+    let (renderer, cr) = (renderer.clone(), cr.clone());
+    let checked =
+        tokio::task::spawn_blocking(move || check_template(&renderer, &cr, source.as_deref()))
+            .await;
+    Ok(match checked {
+        Ok(result) => result.err(),
+        Err(error) => Some(format!("checking the template failed: {error}")),
+    })
 }
 
 /// Checks that the CRD is installed; the error says how to install it.
@@ -225,6 +262,12 @@ async fn apply<B: Backend>(
     let name = cr.name_any();
     let namespace = cr.namespace().unwrap_or_default();
     let (mut ready, mut reason, mut message) = readiness(&cr);
+    if ready
+        && let Some(renderer) = &ctx.renderer
+        && let Some(problem) = template_problem(&ctx.client, renderer, &cr).await?
+    {
+        (ready, reason, message) = (false, REASON_INVALID_TEMPLATE, problem);
+    }
     if ready {
         let conflicts = ctx.consumers.ensure(cr.clone());
         if !conflicts.is_empty() {
@@ -277,6 +320,10 @@ async fn apply<B: Backend>(
                 tracing::debug!(%error, "cannot publish a Kubernetes Event");
             }
         }
+    }
+    // A template ConfigMap's edits do not trigger a reconcile: look again soon.
+    if reason == REASON_INVALID_TEMPLATE {
+        return Ok(Action::requeue(ERROR_REQUEUE));
     }
     Ok(Action::requeue(RESYNC))
 }
