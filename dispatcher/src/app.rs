@@ -99,11 +99,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Everything below stops on `work`: a signal, or the lease lost.
     let work = shutdown.child_token();
     let consumers = Arc::new(ConsumerSet::new(dispatcher.clone(), work.clone()));
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        consumers.clone(),
-        Some(args.identity.clone()),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            consumers.clone(),
+            Some(args.identity.clone()),
+        )
+        .with_renderer(Arc::new(Renderer::new(&args.exec_image))),
+    );
     let mut tracker = tokio::spawn(tracker::run(
         client.clone(),
         tracker::TrackerConfig {

@@ -125,14 +125,18 @@ pub enum DispatchError {
         /// How long the server asked us to wait (HTTP 429 `Retry-After`), if it did.
         retry_after: Option<Duration>,
     },
-    /// Trying again cannot help (the API refused the object itself): dead-letter at once.
+    /// Trying again cannot help (events too large, an object the API server rejects):
+    /// dead-letter at once.
     #[error("{reason}")]
     Permanent {
         /// What happened.
         reason: String,
     },
-    /// The resource cannot run events now (its module is missing, its template is invalid):
-    /// keep the events in the stream, record them as held, and retry until it can.
+    /// This resource cannot run events now, through no fault of the events: its module is
+    /// missing, its template is refused, breaks a rendering bound or renders a Job the pod
+    /// policy refuses, or its template ConfigMap is missing. Keep the messages in the stream
+    /// (do not dead-letter them), record them as held: they run once the resource is fixed,
+    /// which its `Ready` condition asks for.
     #[error("{reason}")]
     Held {
         /// What is missing or wrong, and how to fix it.

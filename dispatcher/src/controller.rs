@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Backend;
 use crate::consumers::{Conflict, ConsumerSet};
 use crate::inputs;
-use crate::kubernetes::FIELD_MANAGER;
+use crate::kubernetes::{FIELD_MANAGER, TemplateSourceError, read_template};
+use crate::render::{Renderer, check_template};
 use crate::state::{Counters, Deltas};
 
 /// The finalizer the dispatcher puts on each resource it consumes for.
@@ -41,6 +42,9 @@ pub const REASON_INPUTS_MISSING: &str = "InputsMissing";
 /// within this time of the ConfigMap appearing (and held events start running sooner, see
 /// the backend's own check).
 const INPUTS_RECHECK: Duration = Duration::from_secs(5);
+/// Reason: the resource's template ConfigMap is missing, or its template (the default
+/// included, with the resource's settings) is refused or renders a Job the pod policy refuses.
+pub const REASON_INVALID_TEMPLATE: &str = "InvalidTemplate";
 /// How often a healthy resource is reconciled without a change (a safety net only).
 const RESYNC: Duration = Duration::from_secs(300);
 /// Wait before retrying a failed reconcile.
@@ -68,6 +72,8 @@ pub struct Context<B> {
     pub consumers: Arc<ConsumerSet<B>>,
     /// Kubernetes Events.
     pub recorder: Recorder,
+    /// Checks each resource's template before its events are consumed, when set.
+    pub renderer: Option<Arc<Renderer>>,
 }
 
 impl<B> std::fmt::Debug for Context<B> {
@@ -91,8 +97,39 @@ impl<B: Backend> Context<B> {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             consumers,
+            renderer: None,
         }
     }
+
+    /// Checks every resource's template with `renderer` (the one creating the Jobs) before
+    /// consuming its events.
+    pub fn with_renderer(mut self, renderer: Arc<Renderer>) -> Self {
+        self.renderer = Some(renderer);
+        self
+    }
+}
+
+/// What is wrong with a valid resource's template, if anything: its ConfigMap is read and
+/// the template checked by [`check_template`] (off the async threads: it renders the largest
+/// batches the resource can get).
+async fn template_problem(
+    client: &kube::Client,
+    renderer: &Arc<Renderer>,
+    cr: &Arc<JobicoJob>,
+) -> Result<Option<String>, Error> {
+    let source = match read_template(client, cr).await {
+        Ok(source) => source,
+        Err(TemplateSourceError::Missing(problem)) => return Ok(Some(problem)),
+        Err(TemplateSourceError::Api(error)) => return Err(Error::Kube(error)),
+    };
+    let (renderer, cr) = (renderer.clone(), cr.clone());
+    let checked =
+        tokio::task::spawn_blocking(move || check_template(&renderer, &cr, source.as_deref()))
+            .await;
+    Ok(match checked {
+        Ok(result) => result.err(),
+        Err(error) => Some(format!("checking the template failed: {error}")),
+    })
 }
 
 /// Checks that the CRD is installed; the error says how to install it.
@@ -224,12 +261,13 @@ async fn apply<B: Backend>(
     let (mut ready, mut reason, mut message) = readiness(&cr);
     let mut requeue = RESYNC;
     if ready {
-        // Consumers run even while an input is missing: they hold the events in the stream
-        // and run them once it appears.
+        // Consumers run even while the template is invalid or an input is missing: they hold
+        // the events in the stream, never dispatched, and run them once it is fixed.
         let conflicts = ctx.consumers.ensure(cr.clone());
-        let missing = inputs::problems(&ctx.client, &cr)
-            .await
-            .map_err(Error::Kube)?;
+        let template = match &ctx.renderer {
+            Some(renderer) => template_problem(&ctx.client, renderer, &cr).await?,
+            None => None,
+        };
         if !conflicts.is_empty() {
             (ready, reason, message) = conflicted(&conflicts);
             tracing::warn!(
@@ -238,17 +276,29 @@ async fn apply<B: Backend>(
                 message,
                 "event names held by older resources"
             );
-        } else if !missing.is_empty() {
-            (ready, reason, message) = (
-                false,
-                REASON_INPUTS_MISSING,
-                format!(
-                    "events are held until this is fixed: {}",
-                    missing.join("; ")
-                ),
-            );
-            requeue = INPUTS_RECHECK;
-            tracing::warn!(namespace, name, message, "inputs missing, holding events");
+        } else if let Some(problem) = template {
+            // A template that breaks the pod policy or a rendering bound: not ready before
+            // any event is dispatched. Its ConfigMap's edits trigger no reconcile: look again
+            // soon.
+            (ready, reason, message) = (false, REASON_INVALID_TEMPLATE, problem);
+            requeue = ERROR_REQUEUE;
+            tracing::warn!(namespace, name, message, "invalid template, holding events");
+        } else {
+            let missing = inputs::problems(&ctx.client, &cr)
+                .await
+                .map_err(Error::Kube)?;
+            if !missing.is_empty() {
+                (ready, reason, message) = (
+                    false,
+                    REASON_INPUTS_MISSING,
+                    format!(
+                        "events are held until this is fixed: {}",
+                        missing.join("; ")
+                    ),
+                );
+                requeue = INPUTS_RECHECK;
+                tracing::warn!(namespace, name, message, "inputs missing, holding events");
+            }
         }
     } else {
         tracing::warn!(

@@ -5,13 +5,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use jobico_model::Job as JobicoJob;
 use k8s_openapi::api::batch::v1::Job as BatchJob;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
 
 use crate::backend::{Backend, Batch, DispatchError, Dispatched, keys};
 use crate::inputs;
-use crate::render::{DEFAULT_TEMPLATE_KEY, Renderer};
+use crate::render::{DEFAULT_TEMPLATE_KEY, RenderError, Renderer};
 use crate::trust::Signer;
 
 /// Field manager name on every write.
@@ -218,7 +219,8 @@ impl KubeBackend {
         Ok(problem)
     }
 
-    /// The resource's own template source, if it names one (read from its ConfigMap).
+    /// The resource's own template source, if it names one (read from its ConfigMap, cached
+    /// for [`TEMPLATE_TTL`]).
     async fn template(&self, batch: &Batch) -> Result<Option<String>, DispatchError> {
         let Some(reference) = &batch.owner.spec.template else {
             return Ok(None);
@@ -238,40 +240,91 @@ impl KubeBackend {
         {
             return Ok(Some(source.clone()));
         }
-        let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &namespace);
-        let map = bounded(
-            &format!("reading ConfigMap {namespace}/{}", reference.name),
-            maps.get(&reference.name),
-        )
-        .await?;
-        let source = map
-            .data
-            .as_ref()
-            .and_then(|d| d.get(&key))
-            .cloned()
-            .ok_or_else(|| DispatchError::Permanent {
-                reason: format!(
-                    "template ConfigMap {namespace}/{} has no key {key:?}",
-                    reference.name
-                ),
-            })?;
-        self.templates
-            .lock()
-            .expect("template cache")
-            .insert(cache_key, (Instant::now(), source.clone()));
-        Ok(Some(source))
+        let source = match read_template(&self.client, &batch.owner).await {
+            Ok(source) => source,
+            Err(TemplateSourceError::Missing(reason)) => {
+                return Err(DispatchError::Held { reason });
+            }
+            Err(TemplateSourceError::Api(error)) => return Err(classify(error)),
+        };
+        if let Some(source) = &source {
+            self.templates
+                .lock()
+                .expect("template cache")
+                .insert(cache_key, (Instant::now(), source.clone()));
+        }
+        Ok(source)
+    }
+}
+
+/// Why a resource's template could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateSourceError {
+    /// The ConfigMap or its key does not exist: the resource must be fixed.
+    #[error("{0}")]
+    Missing(String),
+    /// The API call failed.
+    #[error("reading the template ConfigMap: {0}")]
+    Api(#[source] kube::Error),
+}
+
+/// The template source `owner` names in `spec.template` (None when it names none), read from
+/// its ConfigMap.
+pub async fn read_template(
+    client: &kube::Client,
+    owner: &JobicoJob,
+) -> Result<Option<String>, TemplateSourceError> {
+    let Some(reference) = &owner.spec.template else {
+        return Ok(None);
+    };
+    let namespace = owner.metadata.namespace.as_deref().unwrap_or("default");
+    let key = reference.key.as_deref().unwrap_or(DEFAULT_TEMPLATE_KEY);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let map = match tokio::time::timeout(API_TIMEOUT, maps.get_opt(&reference.name))
+        .await
+        .unwrap_or_else(|_| Err(kube::Error::Service("reading the template ConfigMap timed out".into())))
+    {
+        Ok(Some(map)) => map,
+        Ok(None) => {
+            return Err(TemplateSourceError::Missing(format!(
+                "template ConfigMap {namespace}/{} not found",
+                reference.name
+            )));
+        }
+        Err(error) => return Err(TemplateSourceError::Api(error)),
+    };
+    map.data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .cloned()
+        .map(Some)
+        .ok_or_else(|| {
+            TemplateSourceError::Missing(format!(
+                "template ConfigMap {namespace}/{} has no key {key:?}",
+                reference.name
+            ))
+        })
+}
+
+/// What a failed render means for the events: held when the template (or the resource's
+/// settings it renders) is at fault, dead-lettered when the events themselves cannot run.
+pub fn render_failure(error: RenderError) -> DispatchError {
+    let reason = error.to_string();
+    if error.is_template_fault() {
+        DispatchError::Held { reason }
+    } else {
+        DispatchError::Permanent { reason }
     }
 }
 
 impl Backend for KubeBackend {
     async fn dispatch(&self, batch: &Batch) -> Result<Dispatched, DispatchError> {
         let template = self.template(batch).await?;
+        // The pod policy runs inside `render`, on the typed Job about to be created.
         let mut job = self
             .renderer
             .render(batch, template.as_deref())
-            .map_err(|e| DispatchError::Permanent {
-                reason: e.to_string(),
-            })?;
+            .map_err(render_failure)?;
         self.signer.sign_job(&mut job);
         let name = batch.job_name();
         let jobs: Api<BatchJob> = Api::namespaced(self.client.clone(), batch.namespace());

@@ -4,7 +4,8 @@
 //! - [`backend`]: the [`Backend`](backend::Backend) seam and the [`Batch`](backend::Batch) type.
 //! - [`consumer`]: durable JetStream pull consumers, batching, retries, dead letters, acks;
 //!   [`consumers`]: one consumer task per declared event.
-//! - [`render`]: the handlebars Job template.
+//! - [`render`]: the handlebars Job template; [`template`]: its bounds; [`policy`]: what a
+//!   rendered Job may be.
 //! - [`kubernetes`]: the Kubernetes backend (Job creation).
 //! - [`state`]: event state records in the NATS KV bucket.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the admin port.
@@ -23,8 +24,10 @@ pub mod inputs;
 pub mod kubernetes;
 pub mod leader;
 pub mod metrics;
+pub mod policy;
 pub mod render;
 pub mod state;
+pub mod template;
 pub mod tracker;
 pub mod trust;
 

@@ -1,7 +1,8 @@
-//! Kubernetes Job rendering: a handlebars template (strict mode) filled with a batch's values,
-//! parsed into a `batch/v1` Job.
+//! Kubernetes Job rendering: a handlebars template (strict mode, bounded: see
+//! [`crate::template`]) filled with a batch's values, parsed into a `batch/v1` Job and checked
+//! against [`crate::policy`].
 //!
-//! Values reach the YAML only through two forms, so an event payload can never inject YAML:
+//! Values reach the YAML only through two forms, so no value can inject YAML:
 //! `{{x}}` writes `x` as a JSON string (quoted and escaped; JSON strings are valid YAML
 //! double-quoted scalars) and `{{json x}}` writes any value as JSON (YAML flow style).
 //! The variables are listed in [`TemplateContext`] and documented in the crate README.
@@ -9,13 +10,18 @@
 use std::collections::BTreeMap;
 
 use handlebars::{Context, Handlebars, Helper, HelperResult, Output, RenderContext};
+use jobico_common::envelope::{EnvEntry, EventsTooLarge, MAX_EVENTS_BYTES, split_events};
 use jobico_common::state::exit;
-use jobico_model::EventSpec;
+use jobico_common::{EventId, EventRecord, id::MAX_EVENT_ID_LEN};
+use jobico_model::{EventSpec, Job as JobicoJob};
 use k8s_openapi::api::batch::v1::Job as BatchJob;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::backend::{Batch, keys};
+use crate::policy::{self, Violation};
+use crate::template::{BoundedTemplate, TemplateError};
 
 /// The default template, embedded in the binary.
 pub const DEFAULT_TEMPLATE: &str = include_str!("../templates/job.yaml.hbs");
@@ -35,9 +41,8 @@ pub const DEFAULT_MEMORY_MIB: u32 = 64;
 /// Wall-clock limit per event in milliseconds when the event sets none (wasm-exec's default).
 pub const DEFAULT_TIMEOUT_MILLIS: u64 = 10_000;
 
-const TEMPLATE_NAME: &str = "default";
-
-/// Why a Job could not be rendered. Always permanent: the same input renders the same way.
+/// Why a Job could not be rendered. The same input renders the same way, so retrying does
+/// not help; [`RenderError::is_template_fault`] tells what a fixed template would cure.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
     /// The event is no longer declared by its resource.
@@ -46,9 +51,13 @@ pub enum RenderError {
     /// The resource has no uid (the owner reference needs it).
     #[error("resource {0} has no uid")]
     NoUid(String),
-    /// The template failed to compile or render (strict mode: a missing variable is an error).
+    /// The events are more than a Job can carry.
+    #[error(transparent)]
+    EventsTooLarge(#[from] EventsTooLarge),
+    /// The template was refused, broke a rendering bound, or failed to render (strict mode:
+    /// a missing variable is an error).
     #[error("template: {0}")]
-    Template(#[source] Box<handlebars::RenderError>),
+    Template(#[source] TemplateError),
     /// The output is not a valid Kubernetes Job.
     #[error("rendered Job is not valid: {0}")]
     Parse(#[source] serde_yaml::Error),
@@ -60,6 +69,20 @@ pub enum RenderError {
         /// The value it must have.
         expected: String,
     },
+    /// The output breaks the pod policy.
+    #[error("rendered Job breaks the pod policy: {}", policy::describe(.0))]
+    Policy(Vec<Violation>),
+}
+
+impl RenderError {
+    /// Whether the template (or the resource's settings it renders) is at fault rather than
+    /// the events: the same events render once that is fixed, so they should wait.
+    pub fn is_template_fault(&self) -> bool {
+        matches!(
+            self,
+            Self::Template(_) | Self::Parse(_) | Self::Identity { .. } | Self::Policy(_)
+        )
+    }
 }
 
 /// The values a template sees (serialised in camelCase).
@@ -84,8 +107,11 @@ pub struct TemplateContext {
     pub image: String,
     /// The container arguments (`run` and one `--env NAME=VALUE` per granted variable).
     pub args: Vec<String>,
-    /// The events as the JSON text wasm-exec reads from `JOBICO_EVENTS`.
-    pub events: String,
+    /// The executor container's environment, as `{name, value}` entries: `JOBICO_MODULE`,
+    /// the events (`JOBICO_EVENTS`, or `JOBICO_EVENTS_PARTS` and its parts: see
+    /// [`jobico_common::envelope`]), `JOBICO_MEMORY`, `JOBICO_DEADLINE` and, when set,
+    /// `JOBICO_FUEL`. Write it with `env: {{json env}}`.
+    pub env: Vec<EnvEntry>,
     /// The module: `configMap`, `key` (the wasm file name), `dir` and `path`.
     pub module: BTreeMap<&'static str, String>,
     /// Per-event limits in wasm-exec's syntax: `memory` (`64Mi`), `deadline` (`10000ms`),
@@ -106,6 +132,7 @@ pub struct TemplateContext {
 /// Renders Jobs from the default template or from a resource's own.
 pub struct Renderer {
     registry: Handlebars<'static>,
+    default: BoundedTemplate,
     image: String,
 }
 
@@ -170,13 +197,22 @@ impl Renderer {
         registry.set_strict_mode(true);
         registry.register_escape_fn(to_yaml_safe_json::<str>);
         registry.register_helper("json", Box::new(json_helper));
-        registry
-            .register_template_string(TEMPLATE_NAME, DEFAULT_TEMPLATE)
-            .expect("the embedded template compiles");
+        // Only the allowed helpers stay callable: of the built-ins that is all but `raw` and
+        // `log` (a name-only `{{log}}` is then a variable, refused when missing).
+        for name in ["raw", "log"] {
+            registry.unregister_helper(name);
+        }
         Self {
             registry,
+            default: BoundedTemplate::compile(DEFAULT_TEMPLATE)
+                .expect("the embedded template compiles within the bounds"),
             image: image.into(),
         }
+    }
+
+    /// The executor image every Job must run.
+    pub fn image(&self) -> &str {
+        &self.image
     }
 
     /// The values a template sees for `batch`.
@@ -202,7 +238,28 @@ impl Renderer {
         }
         let annotations = BTreeMap::from([(keys::EVENT_IDS.to_owned(), ids.join(","))]);
         let exec: Vec<_> = batch.events.iter().map(|e| e.to_exec()).collect();
+        let events = serde_json::to_string(&exec).expect("events serialise");
         let limits = spec.limits.clone().unwrap_or_default();
+        let memory = format!("{}Mi", limits.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB));
+        let deadline = format!(
+            "{}ms",
+            limits.timeout_millis.unwrap_or(DEFAULT_TIMEOUT_MILLIS)
+        );
+        let fuel = limits.fuel.map(|f| f.to_string());
+        let entry = |name: &str, value: String| EnvEntry {
+            name: name.to_owned(),
+            value,
+        };
+        let mut env = vec![entry(
+            "JOBICO_MODULE",
+            format!("{MODULE_DIR}/{}", spec.wasm),
+        )];
+        env.extend(split_events(&events)?);
+        env.push(entry("JOBICO_MEMORY", memory.clone()));
+        env.push(entry("JOBICO_DEADLINE", deadline.clone()));
+        if let Some(fuel) = &fuel {
+            env.push(entry("JOBICO_FUEL", fuel.clone()));
+        }
         let mut args = vec!["run".to_owned()];
         for var in &spec.env {
             args.push("--env".to_owned());
@@ -230,18 +287,14 @@ impl Renderer {
             ]),
             image: self.image.clone(),
             args,
-            events: serde_json::to_string(&exec).expect("events serialise"),
+            env,
             module: BTreeMap::from([
                 ("configMap", owner.modules_config_map()),
                 ("key", spec.wasm.clone()),
                 ("dir", MODULE_DIR.to_owned()),
                 ("path", format!("{MODULE_DIR}/{}", spec.wasm)),
             ]),
-            limits: json!({
-                "memory": format!("{}Mi", limits.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB)),
-                "deadline": format!("{}ms", limits.timeout_millis.unwrap_or(DEFAULT_TIMEOUT_MILLIS)),
-                "fuel": limits.fuel.map(|f| f.to_string()),
-            }),
+            limits: json!({"memory": memory, "deadline": deadline, "fuel": fuel}),
             resources,
             backoff_limit: owner.spec.backoff_limit.unwrap_or(DEFAULT_BACKOFF_LIMIT),
             active_deadline_seconds: owner
@@ -261,13 +314,13 @@ impl Renderer {
     }
 
     /// Renders `batch` with the default template (`template` = None) or the given source,
-    /// and checks the result keeps the name, namespace, labels and ids annotation the
-    /// dispatcher relies on (they are added to the Job and pod template when a custom
-    /// template leaves them out).
+    /// checks the result keeps the name and namespace, adds the labels and ids annotation
+    /// the dispatcher relies on to the Job and its pod template (when a custom template
+    /// leaves them out), and checks the result against [`policy::check`].
     pub fn render(&self, batch: &Batch, template: Option<&str>) -> Result<BatchJob, RenderError> {
-        let text = self.render_text(batch, template)?;
-        let mut job: BatchJob = serde_yaml::from_str(&text).map_err(RenderError::Parse)?;
         let context = self.context(batch)?;
+        let text = self.render_context(&context, template)?;
+        let mut job: BatchJob = serde_yaml::from_str(&text).map_err(RenderError::Parse)?;
         let identity = |field, expected: &str, actual: Option<&String>| {
             if actual.map(String::as_str) == Some(expected) {
                 Ok(())
@@ -296,6 +349,15 @@ impl Renderer {
                 .get_or_insert_with(Default::default)
                 .extend(context.annotations.clone());
         }
+        let owner = OwnerReference {
+            api_version: context.owner["apiVersion"].clone(),
+            kind: context.owner["kind"].clone(),
+            name: context.owner["name"].clone(),
+            uid: context.owner["uid"].clone(),
+            controller: Some(true),
+            block_owner_deletion: None,
+        };
+        policy::check(&job, &self.image, &owner).map_err(RenderError::Policy)?;
         Ok(job)
     }
 
@@ -305,11 +367,83 @@ impl Renderer {
         batch: &Batch,
         template: Option<&str>,
     ) -> Result<String, RenderError> {
-        let context = self.context(batch)?;
-        let result = match template {
-            None => self.registry.render(TEMPLATE_NAME, &context),
-            Some(source) => self.registry.render_template(source, &context),
+        self.render_context(&self.context(batch)?, template)
+    }
+
+    fn render_context(
+        &self,
+        context: &TemplateContext,
+        template: Option<&str>,
+    ) -> Result<String, RenderError> {
+        let data = serde_json::to_value(context).expect("the template context serialises");
+        let compiled;
+        let template = match template {
+            None => &self.default,
+            Some(source) => {
+                compiled = BoundedTemplate::compile(source).map_err(RenderError::Template)?;
+                &compiled
+            }
         };
-        result.map_err(|e| RenderError::Template(Box::new(e)))
+        template
+            .render(&self.registry, &data)
+            .map_err(RenderError::Template)
+    }
+}
+
+/// Checks a resource's template (`None`: the default) before any event is dispatched:
+/// renders, for each declared event, the largest batch it can get (`maxEvents` events of the
+/// longest ids, [`MAX_EVENTS_BYTES`] of events escaped at the worst case) and a single event
+/// of the same size, and runs the same checks as a dispatch. A template that passes cannot
+/// fail them for a real batch, whose values are never larger. The error names the event and
+/// what is wrong.
+pub fn check_template(
+    renderer: &Renderer,
+    owner: &std::sync::Arc<JobicoJob>,
+    template: Option<&str>,
+) -> Result<(), String> {
+    if let Some(source) = template {
+        BoundedTemplate::compile(source).map_err(|e| format!("template: {e}"))?;
+    }
+    for spec in &owner.spec.events {
+        let most = spec.batch.as_ref().map_or(1, |b| b.max_events.max(1)) as usize;
+        let mut sizes = vec![1, most];
+        sizes.dedup();
+        for size in sizes {
+            let batch = probe(owner, &spec.name, size);
+            renderer
+                .render(&batch, template)
+                .map_err(|e| format!("event {:?}: {e}", spec.name))?;
+        }
+    }
+    Ok(())
+}
+
+/// A batch of `size` events of `event` with the longest ids and, together, the most events
+/// text a Job carries, made of `"` characters (each doubles when escaped, twice over).
+fn probe(owner: &std::sync::Arc<JobicoJob>, event: &str, size: usize) -> Batch {
+    let id = |i: usize| {
+        let digits = format!("{i}");
+        format!(
+            "p{}{digits}",
+            "0".repeat(MAX_EVENT_ID_LEN - 1 - digits.len())
+        )
+    };
+    // One item is `{"id":"<id>","data":"<quotes>"}`: 19 bytes and the id around the data, each
+    // quote escaped to 2 bytes; the array adds brackets and commas.
+    let framing = 2 + size * (19 + MAX_EVENT_ID_LEN) + (size - 1);
+    let quotes = MAX_EVENTS_BYTES.saturating_sub(framing) / (2 * size);
+    let namespace = owner.metadata.namespace.clone().unwrap_or_default();
+    Batch {
+        owner: owner.clone(),
+        event: event.to_owned(),
+        events: (0..size)
+            .map(|i| EventRecord {
+                id: EventId::parse(id(i)).expect("probe ids are valid"),
+                namespace: namespace.clone(),
+                event: event.to_owned(),
+                data: Value::String("\"".repeat(quotes)),
+                attributes: BTreeMap::new(),
+            })
+            .collect(),
     }
 }

@@ -953,3 +953,93 @@ async fn a_job_gone_during_a_watch_gap_fails_its_events_and_frees_its_slot() {
     );
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_template_the_policy_refuses_makes_the_resource_not_ready_before_any_event() {
+    let (_server, js) = nats().await;
+    let dispatcher = Dispatcher::connect(
+        js,
+        Nothing,
+        Arc::new(Metrics::new()),
+        RetryPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumers = Arc::new(ConsumerSet::new(dispatcher, shutdown.clone()));
+    let (client, mut api) = verifier();
+    let ctx = Arc::new(
+        Context::new(client, consumers.clone(), Some("pod-a".into())).with_renderer(Arc::new(
+            jobico_dispatcher::render::Renderer::new("wasm-exec:1"),
+        )),
+    );
+    let mut cr = (*sample("ev1.yaml")).clone();
+    cr.spec.template = Some(jobico_model::TemplateRef {
+        name: "tpl".into(),
+        key: None,
+    });
+    let cr = with_finalizer(cr);
+    let default = jobico_dispatcher::render::DEFAULT_TEMPLATE;
+    let hostile = default.replacen(
+        "drop: [\"ALL\"]",
+        "drop: [\"ALL\"]\n              add: [\"SYS_ADMIN\"]",
+        1,
+    );
+    let status_path = format!("{CR_PATH}/status?&force=true&fieldManager=jobico-dispatcher");
+    let applied = json!({"apiVersion": "jobico.coeux.dev/v1", "kind": "Job", "metadata": {"name": "job-for-ev1"}, "spec": {"events": []}});
+    let events_path = "/apis/events.k8s.io/v1/namespaces/default/events?";
+    let map = |source: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tpl"}, "data": {"job.yaml.hbs": source}});
+    let tpl_path = "/api/v1/namespaces/default/configmaps/tpl";
+
+    let (hostile_map, status_path_1, applied_1) =
+        (map(&hostile), status_path.clone(), applied.clone());
+    let server = tokio::spawn(async move {
+        api.expect("GET", tpl_path, 200, hostile_map).await;
+        let status_patch = api.expect("PATCH", &status_path_1, 200, applied_1).await;
+        let event = api.expect("POST", events_path, 201, json!({})).await;
+        (api, status_patch, event)
+    });
+    let action = controller::reconcile(cr.clone(), ctx.clone())
+        .await
+        .unwrap();
+    let (mut api, status_patch, event) = server.await.unwrap();
+    let condition = &status_patch["status"]["conditions"][0];
+    assert_eq!(
+        (condition["status"].as_str(), condition["reason"].as_str()),
+        (Some("False"), Some(controller::REASON_INVALID_TEMPLATE))
+    );
+    let message = condition["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.template.spec.containers[0].securityContext.capabilities.add"),
+        "{message}"
+    );
+    assert_eq!(event["type"], "Warning");
+    // Its events are consumed only to be held: none is dispatched while the template is refused.
+    assert_eq!(
+        consumers.events(),
+        [("default".to_owned(), "ev1".to_owned())]
+    );
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(30))
+    );
+
+    // Fixed: the next reconcile reads it again, and the events are consumed.
+    let good = map(default);
+    let server = tokio::spawn(async move {
+        api.expect("GET", tpl_path, 200, good).await;
+        expect_inputs(&mut api).await;
+        let status_patch = api.expect("PATCH", &status_path, 200, applied).await;
+        api.expect("POST", events_path, 201, json!({})).await;
+        status_patch
+    });
+    controller::reconcile(cr, ctx).await.unwrap();
+    let status_patch = server.await.unwrap();
+    assert_eq!(status_patch["status"]["conditions"][0]["status"], "True");
+    assert_eq!(
+        consumers.events(),
+        [("default".to_owned(), "ev1".to_owned())]
+    );
+    shutdown.cancel();
+    consumers.shutdown().await;
+}

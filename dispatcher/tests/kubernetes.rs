@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use jobico_dispatcher::backend::{Backend, DispatchError, Dispatched};
 use jobico_dispatcher::kubernetes::KubeBackend;
-use jobico_dispatcher::render::Renderer;
+use jobico_dispatcher::render::{DEFAULT_TEMPLATE, Renderer};
 use jobico_dispatcher::trust::Signer;
 use serde_json::{Value, json};
 use support::fake_api::{Verifier, status, too_many_requests, verifier};
@@ -193,7 +193,11 @@ async fn a_template_configmap_is_read_once_and_used() {
         key: None,
     });
     let owner = std::sync::Arc::new(owner);
-    let template = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {{name}}\n  namespace: {{namespace}}\n  labels: {custom: \"yes\"}\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers: [{name: wasm-exec, image: {{image}}}]\n";
+    let template = DEFAULT_TEMPLATE.replacen(
+        "  labels: {{json labels}}",
+        "  labels: {custom: \"yes\"}",
+        1,
+    );
     let server = tokio::spawn(async move {
         let map = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tpl"}, "data": {"job.yaml.hbs": template}});
         api.expect("GET", "/api/v1/namespaces/default/configmaps/tpl", 200, map)
@@ -215,6 +219,57 @@ async fn a_template_configmap_is_read_once_and_used() {
         second["metadata"]["labels"]["jobico.coeux.dev/event-id"],
         "b2"
     );
+}
+
+#[tokio::test]
+async fn a_template_the_policy_refuses_or_a_missing_one_holds_the_events() {
+    let (client, mut api) = verifier();
+    let backend = KubeBackend::new(client, Renderer::new(IMAGE));
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.spec.template = Some(jobico_model::TemplateRef {
+        name: "tpl".into(),
+        key: None,
+    });
+    let owner = std::sync::Arc::new(owner);
+    let hostile = DEFAULT_TEMPLATE.replacen(
+        "      restartPolicy: Never\n",
+        "      restartPolicy: Never\n      hostNetwork: true\n",
+        1,
+    );
+    let server = tokio::spawn(async move {
+        let map = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tpl"}, "data": {"job.yaml.hbs": hostile}});
+        api.expect("GET", "/api/v1/namespaces/default/configmaps/tpl", 200, map)
+            .await;
+        // No create follows the refusal: the next request is the second owner's read.
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/default/configmaps/gone",
+            404,
+            status(404, "NotFound", "configmaps \"gone\" not found"),
+        )
+        .await;
+    });
+    match backend.dispatch(&batch(&owner, &["a1"])).await {
+        Err(DispatchError::Held { reason }) => {
+            assert!(
+                reason.contains("spec.template.spec.hostNetwork"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected Held, got {other:?}"),
+    }
+    let mut missing = (*owner).clone();
+    missing.spec.template.as_mut().unwrap().name = "gone".into();
+    match backend
+        .dispatch(&batch(&std::sync::Arc::new(missing), &["b2"]))
+        .await
+    {
+        Err(DispatchError::Held { reason }) => {
+            assert_eq!(reason, "template ConfigMap default/gone not found");
+        }
+        other => panic!("expected Held, got {other:?}"),
+    }
+    server.await.unwrap();
 }
 
 #[tokio::test]

@@ -2,7 +2,8 @@
 
 mod support;
 
-use jobico_dispatcher::render::{RenderError, Renderer};
+use jobico_common::envelope::{MAX_EVENTS_BYTES, join_events};
+use jobico_dispatcher::render::{DEFAULT_TEMPLATE, RenderError, Renderer};
 use jobico_model::{BatchSpec, EnvVar, EventLimits};
 use k8s_openapi::api::batch::v1::Job as BatchJob;
 use serde_json::json;
@@ -110,8 +111,11 @@ fn custom_templates_are_strict_and_keep_the_identity_fields() {
         .render(&b, Some("metadata:\n  name: {{nope}}\n"))
         .unwrap_err();
     assert!(matches!(missing, RenderError::Template(_)), "{missing}");
-    let minimal = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {{name}}\n  namespace: {{namespace}}\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers: [{name: x, image: {{image}}}]\n";
-    let job = renderer.render(&b, Some(minimal)).unwrap();
+    // A template leaving out the labels and annotations gets them.
+    let bare = DEFAULT_TEMPLATE
+        .replace("labels: {{json labels}}", "")
+        .replace("annotations: {{json annotations}}", "");
+    let job = renderer.render(&b, Some(&bare)).unwrap();
     for meta in [
         &job.metadata,
         job.spec
@@ -132,13 +136,84 @@ fn custom_templates_are_strict_and_keep_the_identity_fields() {
             "e1"
         );
     }
-    let renamed = minimal.replace("{{name}}", "other");
+    let renamed = DEFAULT_TEMPLATE.replacen("name: {{name}}", "name: other", 1);
     assert!(matches!(
         renderer.render(&b, Some(&renamed)).unwrap_err(),
         RenderError::Identity { .. }
     ));
     let broken = renderer.render(&b, Some("{{#if}")).unwrap_err();
     assert!(matches!(broken, RenderError::Template(_)), "{broken}");
+    // A minimal Job is valid Kubernetes but not a Job the dispatcher creates.
+    let minimal = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {{name}}\n  namespace: {{namespace}}\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers: [{name: x, image: {{image}}}]\n";
+    let refused = renderer.render(&b, Some(minimal)).unwrap_err();
+    assert!(matches!(refused, RenderError::Policy(_)), "{refused}");
+    assert!(refused.is_template_fault());
+}
+
+#[test]
+fn events_over_one_variable_are_split_and_the_parts_join_back() {
+    let owner = sample("ev1.yaml");
+    let mut b = batch(&owner, &["big-1"]);
+    let data = json!({"firstName": "Ada", "lastName": "é".repeat(150_000)});
+    b.events = vec![record("default", "ev1", "big-1", data.clone())];
+    let job = Renderer::new(IMAGE).render(&b, None).unwrap();
+    let env: Vec<_> = job
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .env
+        .clone()
+        .unwrap();
+    let joined = join_events(|name| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+            .map(Into::into)
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&joined).unwrap(),
+        json!([{"id": "big-1", "data": data}])
+    );
+    // The shape, with each part's value replaced by its length.
+    let mut shown = job.clone();
+    let container = &mut shown
+        .spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[0];
+    for var in container.env.as_mut().unwrap() {
+        if var.name.starts_with("JOBICO_EVENTS_") && var.name != "JOBICO_EVENTS_PARTS" {
+            let bytes = var.value.as_ref().unwrap().len();
+            var.value = Some(format!("<{bytes} bytes>"));
+        }
+    }
+    golden("ev1-parts.yaml", &yaml(&shown));
+}
+
+#[test]
+fn events_over_what_a_job_carries_are_refused() {
+    let owner = sample("ev1.yaml");
+    let mut b = batch(&owner, &["huge-1"]);
+    b.events = vec![record(
+        "default",
+        "ev1",
+        "huge-1",
+        json!("x".repeat(MAX_EVENTS_BYTES)),
+    )];
+    let error = Renderer::new(IMAGE).render(&b, None).unwrap_err();
+    assert!(matches!(error, RenderError::EventsTooLarge(_)), "{error}");
+    assert!(!error.is_template_fault(), "the events, not the template");
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use jobico_common::ExecEvent;
+use jobico_common::envelope::{EVENTS_PARTS_VAR, EVENTS_VAR, join_events};
 use jobico_common::telemetry::LogArgs;
 
 use crate::limits::{parse_bytes, parse_duration};
@@ -54,16 +55,14 @@ pub struct RunArgs {
     #[arg(env = "JOBICO_MODULE", required = true, value_name = "MODULE")]
     pub module: Option<PathBuf>,
     /// File of events (a JSON array of {"id":...,"data":...} or one such object); `-` for stdin.
-    /// Without it and without --events-json, events are read from stdin.
+    /// Without it and without --events-json, events are read from the environment
+    /// (JOBICO_EVENTS, or JOBICO_EVENTS_PARTS=N and JOBICO_EVENTS_0 .. JOBICO_EVENTS_<N-1>,
+    /// whose values are joined: how a Kubernetes Job carries more than one variable holds),
+    /// else from stdin.
     #[arg(long, env = "JOBICO_EVENTS_FILE", value_name = "PATH")]
     pub events: Option<PathBuf>,
     /// Events as inline JSON, in the same shape as --events.
-    #[arg(
-        long,
-        env = "JOBICO_EVENTS",
-        value_name = "JSON",
-        conflicts_with = "events"
-    )]
+    #[arg(long, value_name = "JSON", conflicts_with = "events")]
     pub events_json: Option<String>,
     /// Memory limit per event, in bytes or with a K/M/G/Ki/Mi/Gi suffix.
     #[arg(long, env = "JOBICO_MEMORY", default_value = "64Mi", value_parser = parse_bytes)]
@@ -193,10 +192,18 @@ fn load(args: &RunArgs) -> anyhow::Result<crate::Module> {
 }
 
 fn read_events(args: &RunArgs) -> anyhow::Result<Vec<ExecEvent>> {
-    let (bytes, source) = match (&args.events, &args.events_json) {
-        (Some(_), Some(_)) => bail!("give events with --events or with --events-json, not both"),
-        (None, Some(json)) => (json.as_bytes().to_vec(), "--events-json".to_owned()),
-        (Some(path), None) if path != Path::new("-") => (
+    let from_env = join_events(|name| std::env::var_os(name))
+        .context("cannot read events from the environment")?;
+    let (bytes, source) = match (&args.events, &args.events_json, from_env) {
+        (Some(_), Some(_), _) => {
+            bail!("give events with --events or with --events-json, not both")
+        }
+        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => bail!(
+            "events are given in the environment ({EVENTS_VAR} or {EVENTS_PARTS_VAR}) and by --events or --events-json; give them one way"
+        ),
+        (None, Some(json), None) => (json.as_bytes().to_vec(), "--events-json".to_owned()),
+        (None, None, Some(text)) => (text.into_bytes(), "the environment".to_owned()),
+        (Some(path), None, None) if path != Path::new("-") => (
             std::fs::read(path)
                 .with_context(|| format!("cannot read events file {}", path.display()))?,
             path.display().to_string(),

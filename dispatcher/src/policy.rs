@@ -1,0 +1,588 @@
+//! What a rendered Kubernetes Job may be, whatever template produced it.
+//!
+//! A resource's template is written by whoever may create ConfigMaps in its namespace, and the
+//! dispatcher creates the Job with its own, cluster-wide, permission. So the safety of the pod
+//! must not depend on the template: [`check`] runs on the typed Job that is about to be
+//! created (the default template's included) and refuses anything outside the Kubernetes
+//! *restricted* Pod Security Standard plus Jobico's own rules:
+//!
+//! - no service-account token: `automountServiceAccountToken: false`, the `default` account,
+//!   no projected `serviceAccountToken` volume;
+//! - one container, `wasm-exec`, running `--exec-image` with the image's entrypoint: no other
+//!   containers, init or ephemeral containers (they would run whatever the template names,
+//!   and the summary and failure policy are read from `wasm-exec` alone), no lifecycle hooks
+//!   or probes (the kubelet runs their HTTP and TCP handlers from the node's network);
+//! - `runAsNonRoot`, not user 0, `allowPrivilegeEscalation: false`, not privileged,
+//!   capabilities `drop: [ALL]` and no `add`, `readOnlyRootFilesystem`, seccomp
+//!   `RuntimeDefault` or `Localhost`, no unconfined AppArmor, no custom SELinux type, default
+//!   `procMount`, no Windows host process, no sysctls;
+//! - no host namespaces, host ports, node name (it skips the scheduler and its taints),
+//!   device claims or `hostPath`: volumes are `configMap`, `secret`, `emptyDir`,
+//!   `downwardAPI` or `projected` of the first three;
+//! - environment values written out (no `valueFrom`, `envFrom`), so the size of the process's
+//!   environment is known here: every string within `MAX_ARG_STRLEN` and all together within
+//!   [`MAX_EXEC_ENV_BYTES`];
+//! - the Job runs its pod once (`restartPolicy: Never`, no parallelism, completions or
+//!   manual selector, not managed by another controller), keeps the dispatcher's
+//!   `podFailurePolicy` and its one owner reference, writes its termination message where the
+//!   state tracker reads it, and fits in the API server and etcd.
+
+use std::fmt;
+
+use jobico_common::envelope::{MAX_ARG_STRLEN, MAX_EXEC_ENV_BYTES};
+use jobico_common::state::exit;
+use k8s_openapi::api::batch::v1::{
+    Job as BatchJob, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
+    PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
+};
+use k8s_openapi::api::core::v1::{Container, PodSecurityContext, PodSpec, SecurityContext};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use serde_json::Value;
+
+/// The executor container's name (the `podFailurePolicy` and the state tracker refer to it).
+pub const EXEC_CONTAINER: &str = "wasm-exec";
+/// Where the kubelet reads the termination message by default, and where wasm-exec writes it.
+pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
+/// The only service account a Job may name: every namespace has it, and its token is never
+/// mounted (`automountServiceAccountToken: false` is required too).
+const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+/// SELinux types the *baseline* Pod Security Standard allows.
+const SELINUX_TYPES: [&str; 4] = [
+    "container_t",
+    "container_init_t",
+    "container_kvm_t",
+    "container_engine_t",
+];
+/// Volume sources a Job may use: none reaches the node's files or another namespace.
+const VOLUME_TYPES: [&str; 5] = [
+    "configMap",
+    "secret",
+    "emptyDir",
+    "downwardAPI",
+    "projected",
+];
+/// Most bytes of a Job as etcd stores it (protobuf, strings unescaped), estimated by
+/// [`stored_size`]: etcd's default request limit of 1.5 MiB, less 128 KiB for what the API
+/// server adds (managed fields, status) and the Pod made from the Job carries besides.
+pub const MAX_STORED_JOB_BYTES: usize = (3 << 19) - (128 << 10);
+/// Most bytes of the create request (JSON, where escaping can double the events): the API
+/// server's default body limit of 3 MiB, less 64 KiB.
+pub const MAX_REQUEST_JOB_BYTES: usize = (3 << 20) - (64 << 10);
+/// Bytes `execve` counts for each string besides its characters: the NUL and the pointer.
+const EXEC_STRING_OVERHEAD: usize = 1 + 8;
+
+/// One way a rendered Job breaks the policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The field, as a path in the Job (`spec.template.spec.hostNetwork`).
+    pub path: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// The violations, joined for a status message or a log line.
+pub fn describe(violations: &[Violation]) -> String {
+    violations
+        .iter()
+        .map(Violation::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The `podFailurePolicy` every Job must carry: fail the Job at once when a guest failed
+/// (running the pod again would fail the same way), ignore evictions and preemptions.
+pub fn pod_failure_policy() -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "FailJob".into(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    container_name: Some(EXEC_CONTAINER.into()),
+                    operator: "In".into(),
+                    values: vec![exit::GUEST_FAILED],
+                }),
+                on_pod_conditions: None,
+            },
+            PodFailurePolicyRule {
+                action: "Ignore".into(),
+                on_exit_codes: None,
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".into(),
+                    status: "True".into(),
+                }]),
+            },
+        ],
+    }
+}
+
+#[derive(Default)]
+struct Violations(Vec<Violation>);
+
+impl Violations {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Violation {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn require(&mut self, ok: bool, path: impl Into<String>, message: &str) {
+        if !ok {
+            self.push(path, message);
+        }
+    }
+}
+
+/// Checks a rendered Job against the policy (module docs): `image` is the dispatcher's
+/// `--exec-image`, `owner` the reference to the Jobico resource. Every violation is listed.
+pub fn check(job: &BatchJob, image: &str, owner: &OwnerReference) -> Result<(), Vec<Violation>> {
+    let mut v = Violations::default();
+    let owners = job.metadata.owner_references.as_deref().unwrap_or_default();
+    v.require(
+        owners == std::slice::from_ref(owner),
+        "metadata.ownerReferences",
+        "must be the one reference to the Jobico resource, as rendered",
+    );
+    match &job.spec {
+        None => v.push("spec", "is missing"),
+        Some(spec) => {
+            v.require(
+                spec.pod_failure_policy.as_ref() == Some(&pod_failure_policy()),
+                "spec.podFailurePolicy",
+                "must be the dispatcher's (FailJob on a guest failure, Ignore DisruptionTarget)",
+            );
+            for (field, value) in [
+                ("spec.completions", spec.completions),
+                ("spec.parallelism", spec.parallelism),
+            ] {
+                v.require(
+                    value.is_none_or(|n| n == 1),
+                    field,
+                    "must be unset or 1: a batch runs in one pod",
+                );
+            }
+            v.require(
+                spec.completion_mode
+                    .as_deref()
+                    .is_none_or(|m| m == "NonIndexed"),
+                "spec.completionMode",
+                "must be unset or NonIndexed",
+            );
+            v.require(
+                spec.manual_selector != Some(true),
+                "spec.manualSelector",
+                "must not be true: the Job's selector is the API server's",
+            );
+            v.require(
+                spec.managed_by.is_none(),
+                "spec.managedBy",
+                "must be unset: the Job controller runs the Job",
+            );
+            match &spec.template.spec {
+                None => v.push("spec.template.spec", "is missing"),
+                Some(pod) => check_pod(&mut v, pod, image),
+            }
+        }
+    }
+    check_size(&mut v, job);
+    if v.0.is_empty() { Ok(()) } else { Err(v.0) }
+}
+
+fn check_pod(v: &mut Violations, pod: &PodSpec, image: &str) {
+    const POD: &str = "spec.template.spec";
+    v.require(
+        pod.automount_service_account_token == Some(false),
+        format!("{POD}.automountServiceAccountToken"),
+        "must be false: the pod gets no service-account token",
+    );
+    for (field, value) in [
+        ("serviceAccountName", &pod.service_account_name),
+        ("serviceAccount", &pod.service_account),
+    ] {
+        v.require(
+            value
+                .as_deref()
+                .is_none_or(|n| n == DEFAULT_SERVICE_ACCOUNT),
+            format!("{POD}.{field}"),
+            "must be unset or \"default\"",
+        );
+    }
+    for (field, value) in [
+        ("hostNetwork", pod.host_network),
+        ("hostPID", pod.host_pid),
+        ("hostIPC", pod.host_ipc),
+    ] {
+        v.require(
+            value != Some(true),
+            format!("{POD}.{field}"),
+            "must not be true",
+        );
+    }
+    v.require(
+        pod.node_name.is_none(),
+        format!("{POD}.nodeName"),
+        "must be unset: the scheduler places the pod",
+    );
+    v.require(
+        pod.resource_claims.as_ref().is_none_or(Vec::is_empty),
+        format!("{POD}.resourceClaims"),
+        "must be empty: no devices",
+    );
+    v.require(
+        pod.restart_policy.as_deref() == Some("Never"),
+        format!("{POD}.restartPolicy"),
+        "must be Never",
+    );
+    v.require(
+        pod.init_containers.as_ref().is_none_or(Vec::is_empty),
+        format!("{POD}.initContainers"),
+        "must be empty",
+    );
+    v.require(
+        pod.ephemeral_containers.as_ref().is_none_or(Vec::is_empty),
+        format!("{POD}.ephemeralContainers"),
+        "must be empty",
+    );
+    if let Some(context) = &pod.security_context {
+        check_pod_security(v, context);
+    }
+    match pod.containers.as_slice() {
+        [container] => check_container(v, container, pod.security_context.as_ref(), image),
+        _ => v.push(
+            format!("{POD}.containers"),
+            format!(
+                "must be the one container {EXEC_CONTAINER:?}, found {}",
+                pod.containers.len()
+            ),
+        ),
+    }
+    for (i, volume) in pod.volumes.iter().flatten().enumerate() {
+        let path = format!("{POD}.volumes[{i}]");
+        let value = serde_json::to_value(volume).expect("volumes serialise");
+        let kinds: Vec<&str> = value
+            .as_object()
+            .into_iter()
+            .flat_map(|o| o.keys())
+            .map(String::as_str)
+            .filter(|k| *k != "name")
+            .collect();
+        match kinds.as_slice() {
+            [kind] if VOLUME_TYPES.contains(kind) => {}
+            _ => v.push(
+                path.clone(),
+                format!(
+                    "must be one of {} (found {})",
+                    VOLUME_TYPES.join(", "),
+                    kinds.join(", ")
+                ),
+            ),
+        }
+        let sources = volume
+            .projected
+            .iter()
+            .flat_map(|p| p.sources.iter().flatten());
+        for (j, source) in sources.enumerate() {
+            let projected_path = format!("{path}.projected.sources[{j}]");
+            v.require(
+                source.service_account_token.is_none(),
+                format!("{projected_path}.serviceAccountToken"),
+                "must be unset: the pod gets no service-account token",
+            );
+            v.require(
+                source.cluster_trust_bundle.is_none(),
+                format!("{projected_path}.clusterTrustBundle"),
+                "must be unset: only configMap, secret and downwardAPI are projected",
+            );
+        }
+    }
+}
+
+fn check_pod_security(v: &mut Violations, context: &PodSecurityContext) {
+    const PATH: &str = "spec.template.spec.securityContext";
+    v.require(
+        context.sysctls.as_ref().is_none_or(Vec::is_empty),
+        format!("{PATH}.sysctls"),
+        "must be empty",
+    );
+    v.require(
+        context.run_as_user != Some(0),
+        format!("{PATH}.runAsUser"),
+        "must not be 0 (root)",
+    );
+    if let Some(selinux) = &context.se_linux_options {
+        check_selinux_type(v, PATH, selinux.type_.as_deref());
+    }
+    if let Some(profile) = &context.seccomp_profile {
+        check_seccomp(v, PATH, &profile.type_);
+    }
+    if let Some(profile) = &context.app_armor_profile {
+        v.require(
+            profile.type_ != "Unconfined",
+            format!("{PATH}.appArmorProfile.type"),
+            "must not be Unconfined",
+        );
+    }
+    if let Some(windows) = &context.windows_options {
+        v.require(
+            windows.host_process != Some(true),
+            format!("{PATH}.windowsOptions.hostProcess"),
+            "must not be true",
+        );
+    }
+}
+
+fn check_selinux_type(v: &mut Violations, path: &str, type_: Option<&str>) {
+    v.require(
+        type_.is_none_or(|t| t.is_empty() || SELINUX_TYPES.contains(&t)),
+        format!("{path}.seLinuxOptions.type"),
+        "must be unset or one of container_t, container_init_t, container_kvm_t, container_engine_t",
+    );
+}
+
+fn check_seccomp(v: &mut Violations, path: &str, type_: &str) {
+    v.require(
+        matches!(type_, "RuntimeDefault" | "Localhost"),
+        format!("{path}.seccompProfile.type"),
+        "must be RuntimeDefault or Localhost",
+    );
+}
+
+fn check_container(
+    v: &mut Violations,
+    container: &Container,
+    pod: Option<&PodSecurityContext>,
+    image: &str,
+) {
+    let path = "spec.template.spec.containers[0]";
+    v.require(
+        container.name == EXEC_CONTAINER,
+        format!("{path}.name"),
+        "must be wasm-exec",
+    );
+    v.require(
+        container.image.as_deref() == Some(image),
+        format!("{path}.image"),
+        &format!("must be the executor image {image:?}"),
+    );
+    v.require(
+        container.command.is_none(),
+        format!("{path}.command"),
+        "must be unset: the image's entrypoint (wasm-exec) runs",
+    );
+    for (field, set) in [
+        ("lifecycle", container.lifecycle.is_some()),
+        ("livenessProbe", container.liveness_probe.is_some()),
+        ("readinessProbe", container.readiness_probe.is_some()),
+        ("startupProbe", container.startup_probe.is_some()),
+        ("restartPolicy", container.restart_policy.is_some()),
+        ("envFrom", container.env_from.is_some()),
+        (
+            "volumeDevices",
+            !container.volume_devices.as_ref().is_none_or(Vec::is_empty),
+        ),
+    ] {
+        v.require(!set, format!("{path}.{field}"), "must be unset");
+    }
+    v.require(
+        container
+            .termination_message_path
+            .as_deref()
+            .is_none_or(|p| p == TERMINATION_MESSAGE_PATH),
+        format!("{path}.terminationMessagePath"),
+        "must be unset or /dev/termination-log (where wasm-exec writes the summary)",
+    );
+    v.require(
+        container
+            .termination_message_policy
+            .as_deref()
+            .is_none_or(|p| p == "File"),
+        format!("{path}.terminationMessagePolicy"),
+        "must be unset or File: the summary comes from wasm-exec, not from the guest's output",
+    );
+    for (i, port) in container.ports.iter().flatten().enumerate() {
+        v.require(
+            port.host_port.is_none_or(|p| p == 0),
+            format!("{path}.ports[{i}].hostPort"),
+            "must be unset",
+        );
+    }
+    for (i, mount) in container.volume_mounts.iter().flatten().enumerate() {
+        v.require(
+            mount
+                .mount_propagation
+                .as_deref()
+                .is_none_or(|p| p == "None"),
+            format!("{path}.volumeMounts[{i}].mountPropagation"),
+            "must be unset or None",
+        );
+    }
+    check_container_security(v, path, container.security_context.as_ref(), pod);
+    check_exec_strings(v, path, container);
+}
+
+fn check_container_security(
+    v: &mut Violations,
+    path: &str,
+    context: Option<&SecurityContext>,
+    pod: Option<&PodSecurityContext>,
+) {
+    let path = format!("{path}.securityContext");
+    let default = SecurityContext::default();
+    let c = context.unwrap_or(&default);
+    v.require(
+        c.allow_privilege_escalation == Some(false),
+        format!("{path}.allowPrivilegeEscalation"),
+        "must be false",
+    );
+    v.require(
+        c.privileged != Some(true),
+        format!("{path}.privileged"),
+        "must not be true",
+    );
+    let caps = c.capabilities.as_ref();
+    v.require(
+        caps.and_then(|c| c.drop.as_ref())
+            .is_some_and(|d| d.iter().any(|cap| cap == "ALL")),
+        format!("{path}.capabilities.drop"),
+        "must contain ALL",
+    );
+    v.require(
+        caps.and_then(|c| c.add.as_ref()).is_none_or(Vec::is_empty),
+        format!("{path}.capabilities.add"),
+        "must be empty",
+    );
+    v.require(
+        c.read_only_root_filesystem == Some(true),
+        format!("{path}.readOnlyRootFilesystem"),
+        "must be true",
+    );
+    // The container's settings win over the pod's; either may provide them.
+    let non_root = c
+        .run_as_non_root
+        .or_else(|| pod.and_then(|p| p.run_as_non_root));
+    v.require(
+        non_root == Some(true),
+        format!("{path}.runAsNonRoot"),
+        "must be true (here or in the pod's securityContext)",
+    );
+    v.require(
+        c.run_as_user != Some(0),
+        format!("{path}.runAsUser"),
+        "must not be 0 (root)",
+    );
+    match c
+        .seccomp_profile
+        .as_ref()
+        .or_else(|| pod.and_then(|p| p.seccomp_profile.as_ref()))
+    {
+        Some(profile) => check_seccomp(v, &path, &profile.type_),
+        None => v.push(
+            format!("{path}.seccompProfile"),
+            "must be set (here or in the pod's securityContext)",
+        ),
+    }
+    v.require(
+        c.proc_mount.as_deref().is_none_or(|m| m == "Default"),
+        format!("{path}.procMount"),
+        "must be unset or Default",
+    );
+    if let Some(selinux) = &c.se_linux_options {
+        check_selinux_type(v, &path, selinux.type_.as_deref());
+    }
+    if let Some(profile) = &c.app_armor_profile {
+        v.require(
+            profile.type_ != "Unconfined",
+            format!("{path}.appArmorProfile.type"),
+            "must not be Unconfined",
+        );
+    }
+    if let Some(windows) = &c.windows_options {
+        v.require(
+            windows.host_process != Some(true),
+            format!("{path}.windowsOptions.hostProcess"),
+            "must not be true",
+        );
+    }
+}
+
+/// The container's arguments and environment must fit one `execve`.
+fn check_exec_strings(v: &mut Violations, path: &str, container: &Container) {
+    let mut total = 0;
+    for (i, arg) in container.args.iter().flatten().enumerate() {
+        let bytes = arg.len() + 1;
+        total += bytes + EXEC_STRING_OVERHEAD - 1;
+        v.require(
+            bytes <= MAX_ARG_STRLEN,
+            format!("{path}.args[{i}]"),
+            &format!(
+                "is {bytes} bytes, more than the {MAX_ARG_STRLEN} Linux takes in one argument"
+            ),
+        );
+    }
+    for (i, var) in container.env.iter().flatten().enumerate() {
+        if var.value_from.is_some() {
+            v.push(
+                format!("{path}.env[{i}].valueFrom"),
+                "must be unset: values are written out, so their size is known",
+            );
+        }
+        let bytes = var.name.len() + 1 + var.value.as_deref().map_or(0, str::len) + 1;
+        total += bytes + EXEC_STRING_OVERHEAD - 1;
+        v.require(
+            bytes <= MAX_ARG_STRLEN,
+            format!("{path}.env[{i}]"),
+            &format!(
+                "{} is {bytes} bytes, more than the {MAX_ARG_STRLEN} Linux takes in one variable",
+                var.name
+            ),
+        );
+    }
+    v.require(
+        total <= MAX_EXEC_ENV_BYTES,
+        format!("{path}.env"),
+        &format!("arguments and environment take {total} bytes, more than the {MAX_EXEC_ENV_BYTES} one execve leaves them"),
+    );
+}
+
+fn check_size(v: &mut Violations, job: &BatchJob) {
+    let value = serde_json::to_value(job).expect("Jobs serialise");
+    let stored = stored_size(&value);
+    v.require(
+        stored <= MAX_STORED_JOB_BYTES,
+        "metadata",
+        &format!("the Job takes about {stored} bytes, more than the {MAX_STORED_JOB_BYTES} etcd leaves it"),
+    );
+    let request = value.to_string().len();
+    v.require(
+        request <= MAX_REQUEST_JOB_BYTES,
+        "metadata",
+        &format!("the Job's JSON takes {request} bytes, more than the {MAX_REQUEST_JOB_BYTES} the API server accepts"),
+    );
+}
+
+/// An upper estimate of a value's protobuf size, as etcd stores it: every string and key with
+/// its bytes unescaped, and a few bytes of framing for each.
+pub fn stored_size(value: &Value) -> usize {
+    // Protobuf frames a field with a tag and a length: at most 1 + 5 bytes for our sizes,
+    // counted as 8 to stay above it.
+    const FRAMING: usize = 8;
+    match value {
+        Value::Null | Value::Bool(_) => FRAMING,
+        Value::Number(n) => FRAMING + n.to_string().len(),
+        Value::String(s) => FRAMING + s.len(),
+        Value::Array(items) => FRAMING + items.iter().map(stored_size).sum::<usize>(),
+        Value::Object(fields) => {
+            FRAMING
+                + fields
+                    .iter()
+                    .map(|(k, v)| k.len() + stored_size(v))
+                    .sum::<usize>()
+        }
+    }
+}

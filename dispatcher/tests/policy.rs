@@ -1,0 +1,363 @@
+//! The pod policy on rendered Jobs: one hostile template per invariant, each refused, and the
+//! default template accepted; the same checks before any event is dispatched
+//! (`check_template`).
+
+mod support;
+
+use jobico_dispatcher::policy::{self, Violation};
+use jobico_dispatcher::render::{DEFAULT_TEMPLATE, RenderError, Renderer, check_template};
+use jobico_model::EnvVar;
+use support::{batch, sample};
+
+const IMAGE: &str = "ghcr.io/coeux/wasm-exec:0.1.0";
+
+/// The default template with `edit` applied: `(find, replace)`, `find` must occur.
+fn edited(find: &str, replace: &str) -> String {
+    assert!(
+        DEFAULT_TEMPLATE.contains(find),
+        "the default template has {find:?}"
+    );
+    DEFAULT_TEMPLATE.replacen(find, replace, 1)
+}
+
+fn violations(template: &str) -> Vec<Violation> {
+    let owner = sample("ev1.yaml");
+    match Renderer::new(IMAGE).render(&batch(&owner, &["e1"]), Some(template)) {
+        Err(RenderError::Policy(violations)) => violations,
+        other => panic!("expected a policy refusal, got {other:?}"),
+    }
+}
+
+const POD: &str = "spec.template.spec";
+const CONTAINER: &str = "spec.template.spec.containers[0]";
+const SECURITY: &str = "spec.template.spec.containers[0].securityContext";
+
+#[test]
+fn the_default_template_meets_the_policy() {
+    let owner = sample("ev1.yaml");
+    let renderer = Renderer::new(IMAGE);
+    renderer.render(&batch(&owner, &["e1"]), None).unwrap();
+    renderer
+        .render(&batch(&owner, &["e1"]), Some(DEFAULT_TEMPLATE))
+        .unwrap();
+    check_template(&renderer, &owner, None).unwrap();
+    check_template(&renderer, &owner, Some(DEFAULT_TEMPLATE)).unwrap();
+}
+
+#[test]
+fn every_hostile_template_is_refused() {
+    let pod_spec = "      restartPolicy: Never\n";
+    let add_to_pod = |line: &str| edited(pod_spec, &format!("{pod_spec}      {line}\n"));
+    let container_security = "            allowPrivilegeEscalation: false\n";
+    let add_to_container_security = |line: &str| {
+        edited(
+            container_security,
+            &format!("{container_security}            {line}\n"),
+        )
+    };
+    let container = "          terminationMessagePolicy: File\n";
+    let add_to_container =
+        |line: &str| edited(container, &format!("{container}          {line}\n"));
+    let volumes = "      volumes:\n";
+    let add_volume = |volume: &str| edited(volumes, &format!("{volumes}        - {volume}\n"));
+    let cases: Vec<(&str, String, String)> = vec![
+        (
+            "token automount",
+            edited(
+                "automountServiceAccountToken: false",
+                "automountServiceAccountToken: true",
+            ),
+            format!("{POD}.automountServiceAccountToken"),
+        ),
+        (
+            "token automount left to the default",
+            edited("      automountServiceAccountToken: false\n", ""),
+            format!("{POD}.automountServiceAccountToken"),
+        ),
+        (
+            "another service account",
+            add_to_pod("serviceAccountName: jobico-dispatcher"),
+            format!("{POD}.serviceAccountName"),
+        ),
+        (
+            "the deprecated service account field",
+            add_to_pod("serviceAccount: admin"),
+            format!("{POD}.serviceAccount"),
+        ),
+        (
+            "a projected token",
+            add_volume(
+                "{name: t, projected: {sources: [{serviceAccountToken: {path: token, audience: api}}]}}",
+            ),
+            format!("{POD}.volumes[0].projected.sources[0].serviceAccountToken"),
+        ),
+        (
+            "host network",
+            add_to_pod("hostNetwork: true"),
+            format!("{POD}.hostNetwork"),
+        ),
+        (
+            "host PID",
+            add_to_pod("hostPID: true"),
+            format!("{POD}.hostPID"),
+        ),
+        (
+            "host IPC",
+            add_to_pod("hostIPC: true"),
+            format!("{POD}.hostIPC"),
+        ),
+        (
+            "a hostPath volume",
+            add_volume("{name: root, hostPath: {path: /}}"),
+            format!("{POD}.volumes[0]"),
+        ),
+        (
+            "a persistent volume claim",
+            add_volume("{name: data, persistentVolumeClaim: {claimName: other}}"),
+            format!("{POD}.volumes[0]"),
+        ),
+        (
+            "a node name",
+            add_to_pod("nodeName: control-plane"),
+            format!("{POD}.nodeName"),
+        ),
+        (
+            "sysctls",
+            edited(
+                "        runAsNonRoot: true\n        runAsUser: 65532",
+                "        sysctls: [{name: kernel.shm_rmid_forced, value: \"0\"}]\n        runAsNonRoot: true\n        runAsUser: 65532",
+            ),
+            format!("{POD}.securityContext.sysctls"),
+        ),
+        (
+            "root in the pod",
+            edited("runAsUser: 65532", "runAsUser: 0"),
+            format!("{POD}.securityContext.runAsUser"),
+        ),
+        (
+            "restartPolicy OnFailure",
+            edited("restartPolicy: Never", "restartPolicy: OnFailure"),
+            format!("{POD}.restartPolicy"),
+        ),
+        (
+            "an init container",
+            add_to_pod("initContainers: [{name: init, image: busybox}]"),
+            format!("{POD}.initContainers"),
+        ),
+        (
+            "an ephemeral container",
+            add_to_pod("ephemeralContainers: [{name: debug, image: busybox}]"),
+            format!("{POD}.ephemeralContainers"),
+        ),
+        (
+            "a sidecar",
+            edited(
+                "      volumes:\n",
+                "        - {name: sidecar, image: busybox}\n      volumes:\n",
+            ),
+            format!("{POD}.containers"),
+        ),
+        (
+            "another image",
+            edited("image: {{image}}", "image: \"evil.example/shell:latest\""),
+            format!("{CONTAINER}.image"),
+        ),
+        (
+            "another entrypoint",
+            add_to_container("command: [\"/bin/sh\", \"-c\", \"id\"]"),
+            format!("{CONTAINER}.command"),
+        ),
+        (
+            "a renamed container",
+            edited("- name: wasm-exec", "- name: other"),
+            format!("{CONTAINER}.name"),
+        ),
+        (
+            "a lifecycle hook",
+            add_to_container(
+                "lifecycle: {postStart: {httpGet: {host: 169.254.169.254, path: /, port: 80}}}",
+            ),
+            format!("{CONTAINER}.lifecycle"),
+        ),
+        (
+            "a probe",
+            add_to_container("livenessProbe: {tcpSocket: {host: 10.0.0.1, port: 6443}}"),
+            format!("{CONTAINER}.livenessProbe"),
+        ),
+        (
+            "a host port",
+            add_to_container("ports: [{containerPort: 80, hostPort: 80}]"),
+            format!("{CONTAINER}.ports[0].hostPort"),
+        ),
+        (
+            "a secret in the environment",
+            add_to_container("envFrom: [{secretRef: {name: other}}]"),
+            format!("{CONTAINER}.envFrom"),
+        ),
+        (
+            "the guest's output as termination message",
+            edited(
+                "terminationMessagePolicy: File",
+                "terminationMessagePolicy: FallbackToLogsOnError",
+            ),
+            format!("{CONTAINER}.terminationMessagePolicy"),
+        ),
+        (
+            "privileged",
+            add_to_container_security("privileged: true"),
+            format!("{SECURITY}.privileged"),
+        ),
+        (
+            "privilege escalation",
+            edited(
+                "allowPrivilegeEscalation: false",
+                "allowPrivilegeEscalation: true",
+            ),
+            format!("{SECURITY}.allowPrivilegeEscalation"),
+        ),
+        (
+            "added capabilities",
+            edited(
+                "drop: [\"ALL\"]",
+                "drop: [\"ALL\"]\n              add: [\"SYS_ADMIN\"]",
+            ),
+            format!("{SECURITY}.capabilities.add"),
+        ),
+        (
+            "capabilities kept",
+            edited("drop: [\"ALL\"]", "drop: [\"NET_RAW\"]"),
+            format!("{SECURITY}.capabilities.drop"),
+        ),
+        (
+            "a writable root",
+            edited(
+                "readOnlyRootFilesystem: true",
+                "readOnlyRootFilesystem: false",
+            ),
+            format!("{SECURITY}.readOnlyRootFilesystem"),
+        ),
+        (
+            "root allowed",
+            edited(
+                "            runAsNonRoot: true\n",
+                "            runAsNonRoot: false\n",
+            ),
+            format!("{SECURITY}.runAsNonRoot"),
+        ),
+        (
+            "root in the container",
+            add_to_container_security("runAsUser: 0"),
+            format!("{SECURITY}.runAsUser"),
+        ),
+        (
+            "seccomp unconfined",
+            DEFAULT_TEMPLATE.replace("type: RuntimeDefault", "type: Unconfined"),
+            format!("{SECURITY}.seccompProfile.type"),
+        ),
+        (
+            "AppArmor unconfined",
+            add_to_container_security("appArmorProfile: {type: Unconfined}"),
+            format!("{SECURITY}.appArmorProfile.type"),
+        ),
+        (
+            "an unmasked /proc",
+            add_to_container_security("procMount: Unmasked"),
+            format!("{SECURITY}.procMount"),
+        ),
+        (
+            "an SELinux type that escapes",
+            add_to_container_security("seLinuxOptions: {type: spc_t}"),
+            format!("{SECURITY}.seLinuxOptions.type"),
+        ),
+        (
+            "a Windows host process",
+            add_to_container_security("windowsOptions: {hostProcess: true}"),
+            format!("{SECURITY}.windowsOptions.hostProcess"),
+        ),
+        (
+            "guest failures retried",
+            edited("values: [{{json exitCodes.guestFailed}}]", "values: [99]"),
+            "spec.podFailurePolicy".into(),
+        ),
+        (
+            "no owner",
+            edited("  ownerReferences:\n", "  x-ownerReferences:\n"),
+            "metadata.ownerReferences".into(),
+        ),
+        (
+            "another owner",
+            edited(
+                "uid: {{owner.uid}}",
+                "uid: \"00000000-0000-0000-0000-000000000000\"",
+            ),
+            "metadata.ownerReferences".into(),
+        ),
+        (
+            "parallel pods",
+            edited("  backoffLimit:", "  parallelism: 5\n  backoffLimit:"),
+            "spec.parallelism".into(),
+        ),
+        (
+            "a manual selector",
+            edited(
+                "  backoffLimit:",
+                "  manualSelector: true\n  selector: {matchLabels: {app: other}}\n  backoffLimit:",
+            ),
+            "spec.manualSelector".into(),
+        ),
+    ];
+    for (what, template, path) in cases {
+        let found = violations(&template);
+        assert!(
+            found.iter().any(|v| v.path == path),
+            "{what}: expected a violation at {path}, got {}",
+            policy::describe(&found)
+        );
+    }
+}
+
+#[test]
+fn the_exec_environment_must_fit_one_execve() {
+    // One granted variable over the kernel's per-string limit, then many within it but over
+    // the total: both are the resource's settings, refused before any event.
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.spec.events[0].env = vec![EnvVar {
+        name: "BIG".into(),
+        value: "v".repeat(200_000),
+    }];
+    let renderer = Renderer::new(IMAGE);
+    let owner = std::sync::Arc::new(owner);
+    let message = check_template(&renderer, &owner, None).unwrap_err();
+    assert!(message.contains("containers[0].args[2]"), "{message}");
+    let mut owner = (*owner).clone();
+    owner.spec.events[0].env = (0..12)
+        .map(|i| EnvVar {
+            name: format!("V{i}"),
+            value: "v".repeat(100_000),
+        })
+        .collect();
+    let owner = std::sync::Arc::new(owner);
+    // A small batch fits; the largest one the resource can get does not.
+    renderer.render(&batch(&owner, &["e1"]), None).unwrap();
+    let message = check_template(&renderer, &owner, None).unwrap_err();
+    assert!(
+        message.contains("containers[0].env: arguments and environment take"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_template_that_copies_the_events_fails_the_largest_batch() {
+    // Fine for small events; twice the events do not fit a Kubernetes object.
+    let copy = edited(
+        "      annotations: {{json annotations}}\n",
+        "      annotations:\n{{#each env}}\n        {{name}}: {{value}}\n{{/each}}\n",
+    );
+    let owner = sample("ev1.yaml");
+    let renderer = Renderer::new(IMAGE);
+    renderer
+        .render(&batch(&owner, &["e1"]), Some(&copy))
+        .unwrap();
+    let message = check_template(&renderer, &owner, Some(&copy)).unwrap_err();
+    assert!(message.starts_with("event \"ev1\": "), "{message}");
+}

@@ -1,0 +1,191 @@
+//! wasm-exec as Kubernetes starts it: the dispatcher renders the Job, and the binary is
+//! `execve`d with exactly that container's arguments and environment (plus what the kubelet
+//! adds), its ConfigMap volumes laid out on disk the way the kubelet mounts them. This is where
+//! the kernel's limits on one string (`MAX_ARG_STRLEN`) and on all of them (`ARG_MAX`) bite.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use jobico_common::{EventId, EventRecord};
+use jobico_dispatcher::backend::Batch;
+use jobico_dispatcher::render::Renderer;
+use jobico_model::{Job as JobicoJob, Manifest};
+use k8s_openapi::api::batch::v1::Job as BatchJob;
+use k8s_openapi::api::core::v1::ConfigMap;
+use serde_json::{Value, json};
+use wasm_exec::{EXIT_HOST_ERROR, EXIT_OK, RunSummary};
+
+/// The sample resource `samples/ev1.yaml` (event ev1, module echo.wasm: stdin to stdout) and
+/// its ConfigMaps.
+fn sample() -> (Arc<JobicoJob>, Vec<ConfigMap>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/ev1.yaml");
+    let mut manifest = Manifest::default();
+    manifest.read_path(&path).expect("sample reads");
+    let mut job = manifest.jobs.into_iter().next().expect("a Job resource");
+    job.metadata.uid = Some("6f1c9a4e-2b7d-4c1e-9a52-0c8f4a1d2e3b".into());
+    (Arc::new(job), manifest.config_maps)
+}
+
+fn batch(owner: &Arc<JobicoJob>, events: &[(String, Value)]) -> Batch {
+    Batch {
+        owner: owner.clone(),
+        event: "ev1".into(),
+        events: events
+            .iter()
+            .map(|(id, data)| EventRecord {
+                id: EventId::parse(id.as_str()).unwrap(),
+                namespace: "default".into(),
+                event: "ev1".into(),
+                data: data.clone(),
+                attributes: BTreeMap::new(),
+            })
+            .collect(),
+    }
+}
+
+/// Starts the rendered Job's executor container the way the kubelet would and returns its
+/// exit code, stdout and the termination message.
+fn start_pod(job: &BatchJob, config_maps: &[ConfigMap]) -> (Option<i32>, String, String) {
+    let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let [container] = pod.containers.as_slice() else {
+        panic!("one container expected");
+    };
+    assert!(container.command.is_none(), "the image's entrypoint runs");
+    let root = tempfile::tempdir().unwrap();
+    // Mount every ConfigMap volume: each item's key written at <mountPath>/<path>.
+    let mut mounts = Vec::new();
+    for mount in container.volume_mounts.iter().flatten() {
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .unwrap();
+        let source = volume.config_map.as_ref().expect("a ConfigMap volume");
+        let map = config_maps
+            .iter()
+            .find(|m| m.metadata.name.as_deref() == Some(source.name.as_str()))
+            .expect("the ConfigMap exists");
+        let dir = root.path().join(mount.mount_path.trim_start_matches('/'));
+        for item in source.items.iter().flatten() {
+            let bytes = map.binary_data.as_ref().unwrap()[&item.key].0.clone();
+            let file = dir.join(&item.path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, bytes).unwrap();
+        }
+        mounts.push((mount.mount_path.clone(), dir));
+    }
+    // Paths inside a mount point at the laid-out copy; nothing else is changed.
+    let remap = |value: &str| -> String {
+        for (mount_path, dir) in &mounts {
+            if let Some(rest) = value.strip_prefix(mount_path.as_str()) {
+                return format!("{}{rest}", dir.display());
+            }
+        }
+        value.to_owned()
+    };
+    let termination_log = root.path().join("termination-log");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wasm-exec"));
+    command.env_clear();
+    // What the runtime and the kubelet add (enableServiceLinks: false leaves only the API
+    // server's service), and the termination message file the kubelet mounts.
+    command
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOSTNAME", job.metadata.name.as_deref().unwrap())
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "443")
+        .env("KUBERNETES_SERVICE_PORT_HTTPS", "443")
+        .env("KUBERNETES_PORT", "tcp://10.96.0.1:443")
+        .env("KUBERNETES_PORT_443_TCP", "tcp://10.96.0.1:443")
+        .env("KUBERNETES_PORT_443_TCP_PROTO", "tcp")
+        .env("KUBERNETES_PORT_443_TCP_PORT", "443")
+        .env("KUBERNETES_PORT_443_TCP_ADDR", "10.96.0.1")
+        .env("JOBICO_TERMINATION_LOG", &termination_log);
+    for var in container.env.iter().flatten() {
+        assert!(var.value_from.is_none(), "{} has a literal value", var.name);
+        command.env(&var.name, remap(var.value.as_deref().unwrap_or_default()));
+    }
+    command.args(container.args.iter().flatten().map(|a| remap(a)));
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("execve of wasm-exec with the Job's environment: {e}"));
+    let message = std::fs::read_to_string(&termination_log).unwrap_or_default();
+    (
+        output.status.code(),
+        String::from_utf8(output.stdout).unwrap(),
+        message,
+    )
+}
+
+/// Renders `events` with the default template, starts the pod and checks that every event
+/// reached the echo module whole.
+fn run_through_a_pod(events: &[(String, Value)]) {
+    let (owner, config_maps) = sample();
+    let job = Renderer::new("ghcr.io/coeux/wasm-exec:test")
+        .render(&batch(&owner, events), None)
+        .expect("the batch renders");
+    let (code, stdout, message) = start_pod(&job, &config_maps);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let summary: RunSummary = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(code, Some(EXIT_OK.into()), "{summary:?}");
+    assert_eq!(summary.succeeded, events.len());
+    for (id, data) in events {
+        let expected = format!("{id} stdout {}", serde_json::to_string(data).unwrap());
+        assert!(
+            lines.iter().any(|line| *line == expected),
+            "event {id} did not reach the module whole"
+        );
+    }
+    let written: RunSummary = serde_json::from_str(&message).unwrap();
+    assert_eq!(written.succeeded, events.len());
+}
+
+#[test]
+fn a_150_kb_event_reaches_the_module() {
+    let data = json!({"firstName": "Ada", "lastName": "x".repeat(150_000)});
+    run_through_a_pod(&[("big-1".into(), data)]);
+}
+
+#[test]
+fn a_1_mib_batch_reaches_the_module() {
+    // What the consumer batches at maxBytes = 1 MiB: stored messages (EventRecord JSON) of
+    // 1 MiB together. Quotes and multi-byte characters make the escaping as costly as it gets.
+    let piece = "\"é✓\\ ";
+    let mut events = Vec::new();
+    let mut stored = 0;
+    for i in 0.. {
+        let data = json!({"firstName": "Ada", "lastName": piece.repeat(4_000 + 97 * i)});
+        let record = batch(&sample().0, &[(format!("b-{i}"), data.clone())]).events[0].clone();
+        let bytes = serde_json::to_vec(&record).unwrap().len();
+        if stored + bytes > 1 << 20 {
+            break;
+        }
+        stored += bytes;
+        events.push((format!("b-{i}"), data));
+    }
+    assert!(stored > 1_000_000, "{stored}");
+    run_through_a_pod(&events);
+}
+
+#[test]
+fn a_missing_part_is_a_host_error_that_names_it() {
+    let (owner, config_maps) = sample();
+    let data = json!({"firstName": "Ada", "lastName": "x".repeat(250_000)});
+    let mut job = Renderer::new("ghcr.io/coeux/wasm-exec:test")
+        .render(&batch(&owner, &[("cut-1".into(), data)]), None)
+        .unwrap();
+    let pod = job.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+    let env = pod.containers[0].env.as_mut().unwrap();
+    env.retain(|var| var.name != "JOBICO_EVENTS_1");
+    let (code, stdout, message) = start_pod(&job, &config_maps);
+    assert_eq!(code, Some(EXIT_HOST_ERROR.into()), "{stdout}");
+    let summary: RunSummary = serde_json::from_str(&message).unwrap();
+    let error = summary.error.unwrap();
+    assert!(
+        error.contains("JOBICO_EVENTS_PARTS=3 but JOBICO_EVENTS_1 is not set"),
+        "{error}"
+    );
+}
