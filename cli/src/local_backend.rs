@@ -127,8 +127,12 @@ fn final_statuses(batch: &Batch, outcomes: &[EventOutcome]) -> Vec<EventStatus> 
                 error: outcome.error,
                 outcome: Some(outcome.clone()),
             });
-            let mut status =
-                state::status(batch.namespace(), &batch.event, &outcome.id, decided.state());
+            let mut status = state::status(
+                batch.namespace(),
+                &batch.event,
+                &outcome.id,
+                decided.state(),
+            );
             status.exit_code = Some(exit_code);
             status.reason = decided.reason();
             status.summary = decided
@@ -284,7 +288,11 @@ mod tests {
                 "{outcome:?}"
             );
             assert_eq!(
-                (status.namespace.as_str(), status.event.as_str(), status.id.as_str()),
+                (
+                    status.namespace.as_str(),
+                    status.event.as_str(),
+                    status.id.as_str()
+                ),
                 ("team", "ev1", "e1")
             );
             assert_eq!(
@@ -297,7 +305,9 @@ mod tests {
     #[test]
     fn a_hundred_event_batch_with_one_failure_leaves_ninety_nine_succeeded() {
         // 63-character ids and long failure messages: the termination message is cut.
-        let ids: Vec<String> = (0..100).map(|i| format!("{i:03}-{}", "i".repeat(59))).collect();
+        let ids: Vec<String> = (0..100)
+            .map(|i| format!("{i:03}-{}", "i".repeat(59)))
+            .collect();
         let outcomes: Vec<_> = ids
             .iter()
             .enumerate()
@@ -316,6 +326,10 @@ mod tests {
         assert_eq!(succeeded, 99);
         assert_eq!(statuses[42].state, EventState::Failed);
         assert_eq!(statuses[42].reason.as_deref(), Some("trap"));
-        assert!(statuses.iter().all(|s| s.exit_code == Some(exit::GUEST_FAILED)));
+        assert!(
+            statuses
+                .iter()
+                .all(|s| s.exit_code == Some(exit::GUEST_FAILED))
+        );
     }
 }

@@ -404,7 +404,7 @@ impl TerminationMessage {
             failed: summary.failed,
             output_bytes: summary.output_bytes,
             duration: summary.duration,
-            error: summary.error.as_ref().map(|e| cut(e, TERMINATION_TEXT_LIMIT)),
+            error: summary.error.clone(),
             batch: ran.then(|| {
                 let ids: Vec<&str> = summary.outcomes.iter().map(|o| o.id.as_str()).collect();
                 batch_digest(&ids)
@@ -413,10 +413,6 @@ impl TerminationMessage {
             omitted: summary.outcomes.len(),
             outcomes: Vec::new(),
         };
-        if message.len() > limit {
-            message.batch = None;
-            message.states = None;
-        }
         let listed: Vec<ListedOutcome> = summary
             .outcomes
             .iter()
@@ -431,6 +427,11 @@ impl TerminationMessage {
         whole.omitted = 0;
         if whole.len() <= limit {
             return whole;
+        }
+        message.error = message.error.map(|e| cut(&e, TERMINATION_TEXT_LIMIT));
+        if message.len() > limit {
+            message.batch = None;
+            message.states = None;
         }
         let shortened: Vec<ListedOutcome> = listed
             .into_iter()
@@ -620,7 +621,10 @@ mod tests {
     }
 
     fn states_of(finals: &[Option<FinalState>]) -> Vec<Option<EventState>> {
-        finals.iter().map(|f| f.as_ref().map(FinalState::state)).collect()
+        finals
+            .iter()
+            .map(|f| f.as_ref().map(FinalState::state))
+            .collect()
     }
 
     #[test]
@@ -629,9 +633,15 @@ mod tests {
         let summary = RunSummary::new(&outcomes);
         let text = summary.termination_message().to_json();
         let back: TerminationMessage = serde_json::from_str(&text).unwrap();
-        assert_eq!((back.events, back.succeeded, back.failed, back.omitted), (2, 1, 1, 0));
+        assert_eq!(
+            (back.events, back.succeeded, back.failed, back.omitted),
+            (2, 1, 1, 0)
+        );
         assert_eq!(back.outcomes[1].outcome, outcomes[1]);
-        assert_eq!(back.states.unwrap().0, [Ending::Succeeded, Ending::Failed(ErrorKind::Trap)]);
+        assert_eq!(
+            back.states.unwrap().0,
+            [Ending::Succeeded, Ending::Failed(ErrorKind::Trap)]
+        );
         assert_eq!(summary.exit_code(), exit::GUEST_FAILED);
         // Readers of the old shape still parse it.
         let old: RunSummary = serde_json::from_str(&text).unwrap();
@@ -649,7 +659,13 @@ mod tests {
         assert!(text.len() <= TERMINATION_MESSAGE_LIMIT, "{}", text.len());
         let finals = final_states(&ids(&outcomes), Some(exit::GUEST_FAILED), Some(&text));
         let want: Vec<_> = (0..100)
-            .map(|i| Some(if i % 2 == 0 { EventState::Succeeded } else { EventState::Failed }))
+            .map(|i| {
+                Some(if i % 2 == 0 {
+                    EventState::Succeeded
+                } else {
+                    EventState::Failed
+                })
+            })
             .collect();
         assert_eq!(states_of(&finals), want);
         // Failures are listed first, shortened, with their index.
@@ -673,10 +689,20 @@ mod tests {
         assert!(text.len() <= TERMINATION_MESSAGE_LIMIT);
         let finals = final_states(&ids(&outcomes), Some(exit::GUEST_FAILED), Some(&text));
         let states = states_of(&finals);
-        assert_eq!(states.iter().filter(|s| **s == Some(EventState::Succeeded)).count(), 99);
+        assert_eq!(
+            states
+                .iter()
+                .filter(|s| **s == Some(EventState::Succeeded))
+                .count(),
+            99
+        );
         assert_eq!(states[42], Some(EventState::Failed));
         let failed = finals[42].as_ref().unwrap();
-        assert_eq!(failed.outcome.as_ref().unwrap().id, long_id(42), "the failure is listed");
+        assert_eq!(
+            failed.outcome.as_ref().unwrap().id,
+            long_id(42),
+            "the failure is listed"
+        );
         assert!(failed.reason().unwrap().starts_with("xxx"));
     }
 
@@ -691,12 +717,19 @@ mod tests {
         let same = final_states(&["a", "b", "c"], Some(1), Some(&text));
         assert_eq!(
             states_of(&same),
-            [Some(EventState::Succeeded), Some(EventState::Failed), Some(EventState::Succeeded)]
+            [
+                Some(EventState::Succeeded),
+                Some(EventState::Failed),
+                Some(EventState::Succeeded)
+            ]
         );
         assert_eq!(same[1].as_ref().unwrap().reason().as_deref(), Some("trap"));
         // Another order, or other ids: the characters cannot be attributed.
         for other in [["b", "a", "c"], ["a", "b", "d"]] {
-            assert_eq!(states_of(&final_states(&other, Some(1), Some(&text))), [None, None, None]);
+            assert_eq!(
+                states_of(&final_states(&other, Some(1), Some(&text))),
+                [None, None, None]
+            );
         }
     }
 
@@ -712,30 +745,56 @@ mod tests {
             states_of(&finals),
             [Some(EventState::Succeeded), Some(EventState::Failed), None]
         );
-        assert_eq!(finals[1].as_ref().unwrap().reason().as_deref(), Some("unreachable"));
+        assert_eq!(
+            finals[1].as_ref().unwrap().reason().as_deref(),
+            Some("unreachable")
+        );
         let cases: [(Option<i32>, Option<&str>, Option<EventState>); 6] = [
             (Some(exit::OK), None, Some(EventState::Succeeded)),
-            (Some(exit::OK), Some("not json"), Some(EventState::Succeeded)),
+            (
+                Some(exit::OK),
+                Some("not json"),
+                Some(EventState::Succeeded),
+            ),
             (Some(exit::GUEST_FAILED), None, None),
-            (Some(exit::HOST_ERROR), Some(r#"{"error":"cannot load"}"#), None),
+            (
+                Some(exit::HOST_ERROR),
+                Some(r#"{"error":"cannot load"}"#),
+                None,
+            ),
             (Some(137), None, None),
             (None, None, None),
         ];
         for (code, message, want) in cases {
-            assert_eq!(states_of(&final_states(&ids, code, message)), [want; 3], "{code:?} {message:?}");
+            assert_eq!(
+                states_of(&final_states(&ids, code, message)),
+                [want; 3],
+                "{code:?} {message:?}"
+            );
         }
     }
 
     #[test]
     fn a_run_that_could_not_start_decides_nothing() {
+        let summary = RunSummary::host_error(2, "cannot load module m.wasm");
+        let text = summary.termination_message().to_json();
+        let back: TerminationMessage = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            back.error.as_deref(),
+            Some("cannot load module m.wasm"),
+            "kept whole"
+        );
         let summary = RunSummary::host_error(2, &"e".repeat(5000));
         assert_eq!(summary.exit_code(), exit::HOST_ERROR);
         let text = summary.termination_message().to_json();
         assert!(text.len() <= TERMINATION_MESSAGE_LIMIT);
         let back: TerminationMessage = serde_json::from_str(&text).unwrap();
         assert!(back.states.is_none() && back.batch.is_none());
-        assert!(back.error.unwrap().len() <= TERMINATION_TEXT_LIMIT);
-        assert_eq!(states_of(&final_states(&["a", "b"], Some(2), Some(&text))), [None, None]);
+        assert!(back.error.unwrap().len() <= ERROR_TEXT_LIMIT);
+        assert_eq!(
+            states_of(&final_states(&["a", "b"], Some(2), Some(&text))),
+            [None, None]
+        );
     }
 
     #[test]
@@ -747,7 +806,11 @@ mod tests {
         let ids = ids(&outcomes);
         // Exit code 0 still decides them all.
         let finals = final_states(&ids, Some(exit::OK), Some(&message.to_json()));
-        assert!(finals.iter().all(|f| f.as_ref().map(FinalState::state) == Some(EventState::Succeeded)));
+        assert!(
+            finals
+                .iter()
+                .all(|f| f.as_ref().map(FinalState::state) == Some(EventState::Succeeded))
+        );
     }
 
     #[test]

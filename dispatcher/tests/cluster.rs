@@ -344,7 +344,11 @@ fn pod_and_job_states_map_to_event_states() {
     // wasm-exec's termination message says how each event ended, listed or not.
     let outcome = |id: &str, ok: bool| EventOutcome {
         id: id.into(),
-        status: if ok { Status::Succeeded } else { Status::Failed },
+        status: if ok {
+            Status::Succeeded
+        } else {
+            Status::Failed
+        },
         exit_code: None,
         error: (!ok).then_some(ErrorKind::Deadline),
         message: None,
@@ -354,16 +358,24 @@ fn pod_and_job_states_map_to_event_states() {
         output_truncated: false,
         result: None,
     };
-    let mut message =
-        RunSummary::new(&[outcome("a1", true), outcome("b2", false), outcome("c3", true)])
-            .termination_message();
+    let mut message = RunSummary::new(&[
+        outcome("a1", true),
+        outcome("b2", false),
+        outcome("c3", true),
+    ])
+    .termination_message();
     message.outcomes.clear();
     message.omitted = 3;
     assert_eq!(
         states(pod("Failed", Some((1, &message.to_json())))),
         [
             ("a1".into(), EventState::Succeeded, Some(1), None),
-            ("b2".into(), EventState::Failed, Some(1), Some("deadline".into())),
+            (
+                "b2".into(),
+                EventState::Failed,
+                Some(1),
+                Some("deadline".into())
+            ),
             ("c3".into(), EventState::Succeeded, Some(1), None),
         ]
     );
@@ -410,7 +422,11 @@ fn a_hundred_event_pod_with_one_failure_records_ninety_nine_successes() {
         .enumerate()
         .map(|(i, id)| EventOutcome {
             id: id.clone(),
-            status: if i == 57 { Status::Failed } else { Status::Succeeded },
+            status: if i == 57 {
+                Status::Failed
+            } else {
+                Status::Succeeded
+            },
             exit_code: Some(if i == 57 { 3 } else { 0 }),
             error: (i == 57).then_some(ErrorKind::GuestError),
             message: (i == 57).then(|| format!("guest returned error code 3: {}", "x".repeat(900))),
@@ -435,8 +451,17 @@ fn a_hundred_event_pod_with_one_failure_records_ninety_nine_successes() {
         .count();
     assert_eq!(succeeded, 99, "only the failure is failed");
     let failed = &updates[57];
-    assert_eq!((failed.id.as_str(), failed.state), (ids[57].as_str(), EventState::Failed));
-    assert!(failed.reason.as_deref().unwrap().starts_with("guest returned error code 3"));
+    assert_eq!(
+        (failed.id.as_str(), failed.state),
+        (ids[57].as_str(), EventState::Failed)
+    );
+    assert!(
+        failed
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("guest returned error code 3")
+    );
     assert_eq!(failed.summary.as_ref().unwrap()["exit_code"], 3);
 }
 

@@ -58,8 +58,9 @@ impl Engine {
     /// fails), and an epoch advancing every `epoch_tick`.
     pub(crate) fn new(instances: u32, pooling: bool, epoch_tick: Duration) -> Result<Self, Error> {
         let instances = instances.max(1);
-        let on_demand =
-            || wasmtime::Engine::new(&base_config()).map_err(|e| Error::Engine { source: boxed(e) });
+        let on_demand = || {
+            wasmtime::Engine::new(&base_config()).map_err(|e| Error::Engine { source: boxed(e) })
+        };
         let wasm = if pooling {
             let mut config = base_config();
             config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config(

@@ -334,7 +334,9 @@ impl Capture {
             let newline = rest.iter().position(|&b| b == b'\n');
             let line = &rest[..newline.unwrap_or(rest.len())];
             let held = self.partial(stream).map_or(0, |p| p.len());
-            let take = line.len().min(self.bounded(usize::MAX).saturating_sub(held));
+            let take = line
+                .len()
+                .min(self.bounded(usize::MAX).saturating_sub(held));
             self.partial(stream)
                 .expect("a byte stream")
                 .extend_from_slice(&line[..take]);
@@ -515,7 +517,10 @@ mod tests {
         assert!(capture.truncated, "cut as soon as it cannot fit");
         assert!(capture.partial_stdout.is_empty());
         capture.write(Stream::Stdout, &[b'a'; 1 << 20]);
-        assert!(capture.partial_stdout.capacity() < 1000, "nothing held once truncated");
+        assert!(
+            capture.partial_stdout.capacity() < 1000,
+            "nothing held once truncated"
+        );
         let captured = capture.finish();
         let kept: Vec<_> = captured.lines().collect();
         // 94 bytes fit after the stream name: 23 escapes and the start of one more.

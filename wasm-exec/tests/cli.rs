@@ -207,13 +207,16 @@ fn the_output_cap_bounds_the_bytes_written_not_the_guest_bytes() {
     let summary_line = stdout.lines().last().unwrap().len() + 1;
     let written = stdout.len() - summary_line;
     // Beyond the cap only the marker line: `<id> stdout <marker>\n`.
-    let marker_line = format!("{id} stdout {}\n", wasm_exec::output::cap_marker(cap as u64));
+    let marker_line = format!(
+        "{id} stdout {}\n",
+        wasm_exec::output::cap_marker(cap as u64)
+    );
     assert!(
         written <= cap + marker_line.len(),
         "{written} bytes written for a cap of {cap}"
     );
     assert!(stdout.contains(&marker_line));
-    // Each empty line costs its prefix: about 1,400 lines, not a million.
+    // Each empty line costs its prefix (44 bytes): about 1,500 lines, not a million.
     let lines = stdout.lines().count();
     assert!(lines < cap / (id.len() + 8) + 3, "{lines}");
     let summary = last_line_summary(&output);
@@ -309,7 +312,12 @@ fn precompiled_modules_are_refused_unless_trusted() {
     }
     // The operator's explicit flag loads the real one.
     let output = wasm_exec(
-        &[cwasm.to_str().unwrap(), "--trust-precompiled", "--events-json", event],
+        &[
+            cwasm.to_str().unwrap(),
+            "--trust-precompiled",
+            "--events-json",
+            event,
+        ],
         &[],
         &log,
     );
