@@ -349,15 +349,19 @@ fn unknown_index() -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TerminationMessage {
     /// Number of events given.
+    #[serde(default)]
     pub events: usize,
     /// Events that succeeded.
+    #[serde(default)]
     pub succeeded: usize,
     /// Events that failed.
+    #[serde(default)]
     pub failed: usize,
     /// Total guest output in bytes.
+    #[serde(default)]
     pub output_bytes: u64,
     /// Total wall time of the events.
-    #[serde(rename = "duration_ms", with = "millis")]
+    #[serde(default, rename = "duration_ms", with = "millis")]
     pub duration: Duration,
     /// Why the run could not start, if so (then neither `batch` nor `states` is given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -370,8 +374,10 @@ pub struct TerminationMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub states: Option<States>,
     /// Outcomes not listed in `outcomes`.
+    #[serde(default)]
     pub omitted: usize,
     /// Outcomes that fit, in event order: failures are kept before successes.
+    #[serde(default)]
     pub outcomes: Vec<ListedOutcome>,
 }
 
@@ -735,8 +741,8 @@ mod tests {
 
     #[test]
     fn without_states_listed_outcomes_and_exit_zero_decide() {
-        // The shape of older executors: a cut RunSummary.
-        let old = r#"{"events":3,"succeeded":1,"failed":1,"omitted":1,"output_bytes":0,"duration_ms":1,
+        // The shape of older executors: a cut RunSummary (here without its totals).
+        let old = r#"{"events":3,"succeeded":1,"failed":1,"omitted":1,
             "outcomes":[{"id":"a1","status":"succeeded","duration_ms":1.0,"output_bytes":3},
             {"id":"b2","status":"failed","error":"trap","message":"unreachable","duration_ms":1.0,"output_bytes":0}]}"#;
         let ids = ["a1", "b2", "c3"];
