@@ -16,7 +16,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jobico_common::{EventRecord, EventState};
+use jobico_common::EventStatus;
+use jobico_common::summary::{self, FinalState, RunSummary};
 use jobico_dispatcher::backend::{Backend, Batch, DispatchError, Dispatched};
 use jobico_dispatcher::state::{self, StateStore};
 use tokio::sync::Semaphore;
@@ -91,15 +92,12 @@ impl LocalBackend {
         }
     }
 
-    /// Records each event's final state, with wasm-exec's outcome as the summary.
-    async fn record(
-        &self,
-        batch: &Batch,
-        outcomes: &[(EventRecord, EventOutcome)],
-    ) -> Result<(), DispatchError> {
-        for (record, outcome) in outcomes {
+    /// Records each event's final state, decided as the cluster's tracker decides it: from
+    /// the batch's exit code and the termination message a pod would have written.
+    async fn record(&self, batch: &Batch, outcomes: &[EventOutcome]) -> Result<(), DispatchError> {
+        for status in final_statuses(batch, outcomes) {
             self.states
-                .advance(final_status(batch, record, outcome))
+                .advance(status)
                 .await
                 // Not acked: the batch runs again once NATS answers (at least once).
                 .map_err(|error| DispatchError::Retryable {
@@ -111,30 +109,39 @@ impl LocalBackend {
     }
 }
 
-/// The `succeeded` or `failed` record of one event, as the cluster's state tracker writes it:
-/// the executor's exit code for this event, its outcome object, and why it failed.
-fn final_status(
-    batch: &Batch,
-    record: &EventRecord,
-    outcome: &EventOutcome,
-) -> jobico_common::EventStatus {
-    let state = if outcome.succeeded() {
-        EventState::Succeeded
-    } else {
-        EventState::Failed
-    };
-    let mut status = state::status(batch.namespace(), &batch.event, record.id.as_str(), state);
-    status.exit_code = Some(i32::from(wasm_exec::exit_code(std::slice::from_ref(
-        outcome,
-    ))));
-    status.summary = Some(serde_json::to_value(outcome).expect("an outcome serialises"));
-    if !outcome.succeeded() {
-        status.reason = outcome
-            .message
-            .clone()
-            .or_else(|| outcome.error.map(|k| k.as_str().to_owned()));
-    }
-    status
+/// The `succeeded` or `failed` record of each event that ran, through
+/// [`summary::final_states`] like the cluster's tracker: the run's exit code, the event's
+/// outcome as the termination message kept it, and why it failed.
+fn final_statuses(batch: &Batch, outcomes: &[EventOutcome]) -> Vec<EventStatus> {
+    let run = RunSummary::new(outcomes);
+    let exit_code = run.exit_code();
+    let message = run.termination_message().to_json();
+    let ids: Vec<&str> = outcomes.iter().map(|o| o.id.as_str()).collect();
+    summary::final_states(&ids, Some(exit_code), Some(&message))
+        .into_iter()
+        .zip(outcomes)
+        .map(|(decided, outcome)| {
+            // Every event that ran is in the message's states (a batch has at most 100); the
+            // outcome itself is the fallback should that ever not hold.
+            let decided = decided.unwrap_or_else(|| FinalState {
+                status: outcome.status,
+                error: outcome.error,
+                outcome: Some(outcome.clone()),
+            });
+            let mut status = state::status(
+                batch.namespace(),
+                &batch.event,
+                &outcome.id,
+                decided.state(),
+            );
+            status.exit_code = Some(exit_code);
+            status.reason = decided.reason();
+            status.summary = decided
+                .outcome
+                .map(|o| serde_json::to_value(o).expect("an outcome serialises"));
+            status
+        })
+        .collect()
 }
 
 impl Backend for LocalBackend {
@@ -161,7 +168,7 @@ impl Backend for LocalBackend {
         let outcomes = tokio::task::spawn_blocking(move || {
             let outcomes: Vec<_> = events
                 .into_iter()
-                .filter_map(|record| modules.run(&record).map(|outcome| (record, outcome)))
+                .filter_map(|record| modules.run(&record))
                 .collect();
             drop(permit);
             outcomes
@@ -198,18 +205,24 @@ impl Backend for LocalBackend {
 mod tests {
     use std::time::Duration;
 
-    use jobico_common::EventId;
+    use jobico_common::state::exit;
+    use jobico_common::{EventId, EventRecord, EventState};
     use wasm_exec::{ErrorKind, Status};
 
     use super::*;
 
-    fn outcome(status: Status, error: Option<ErrorKind>, message: Option<&str>) -> EventOutcome {
+    fn outcome(id: &str, error: Option<ErrorKind>, message: Option<&str>) -> EventOutcome {
         EventOutcome {
-            id: "e".into(),
-            status,
+            id: id.into(),
+            status: if error.is_some() {
+                Status::Failed
+            } else {
+                Status::Succeeded
+            },
             exit_code: None,
             error,
             message: message.map(str::to_owned),
+            warning: None,
             duration: Duration::from_millis(3),
             output_bytes: 0,
             output_truncated: false,
@@ -217,67 +230,107 @@ mod tests {
         }
     }
 
-    #[test]
-    fn final_states_follow_the_outcome_and_the_exit_code_contract() {
+    fn batch(ids: &[&str]) -> Batch {
         let owner: jobico_model::Job = serde_json::from_value(serde_json::json!({
             "apiVersion": "jobico.coeux.dev/v1", "kind": "Job",
             "metadata": {"name": "j", "namespace": "team"},
             "spec": {"events": [{"name": "ev1", "wasm": "m.wasm", "schema": {"key": "s"}}]}
         }))
         .unwrap();
-        let record = EventRecord {
-            id: EventId::generate(),
-            namespace: "team".into(),
-            event: "ev1".into(),
-            data: serde_json::json!({}),
-            attributes: Default::default(),
-        };
-        let batch = Batch {
+        Batch {
             owner: Arc::new(owner),
             event: "ev1".into(),
-            events: vec![record.clone()],
-        };
+            events: ids
+                .iter()
+                .map(|id| EventRecord {
+                    id: EventId::parse(*id).unwrap(),
+                    namespace: "team".into(),
+                    event: "ev1".into(),
+                    data: serde_json::json!({}),
+                    attributes: Default::default(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn final_states_follow_the_outcome_and_the_run_exit_code() {
         let cases = [
+            (None, None, EventState::Succeeded, exit::OK, None),
             (
-                outcome(Status::Succeeded, None, None),
-                EventState::Succeeded,
-                0,
-                None,
-            ),
-            (
-                outcome(Status::Failed, Some(ErrorKind::Trap), Some("unreachable")),
+                Some(ErrorKind::Trap),
+                Some("unreachable"),
                 EventState::Failed,
-                1,
+                exit::GUEST_FAILED,
                 Some("unreachable"),
             ),
             (
-                outcome(Status::Failed, Some(ErrorKind::Deadline), None),
+                Some(ErrorKind::Deadline),
+                None,
                 EventState::Failed,
-                1,
+                exit::GUEST_FAILED,
                 Some("deadline"),
             ),
             (
-                outcome(Status::Failed, Some(ErrorKind::Host), Some("no dir")),
+                Some(ErrorKind::Host),
+                Some("no dir"),
                 EventState::Failed,
-                2,
+                exit::HOST_ERROR,
                 Some("no dir"),
             ),
         ];
-        for (outcome, state, exit_code, reason) in cases {
-            let status = final_status(&batch, &record, &outcome);
+        for (error, message, state, exit_code, reason) in cases {
+            let outcome = outcome("e1", error, message);
+            let statuses = final_statuses(&batch(&["e1"]), std::slice::from_ref(&outcome));
+            let status = &statuses[0];
             assert_eq!(
                 (status.state, status.exit_code, status.reason.as_deref()),
                 (state, Some(exit_code), reason),
                 "{outcome:?}"
             );
             assert_eq!(
-                (status.namespace.as_str(), status.event.as_str(), status.id),
-                ("team", "ev1", record.id.to_string())
+                (
+                    status.namespace.as_str(),
+                    status.event.as_str(),
+                    status.id.as_str()
+                ),
+                ("team", "ev1", "e1")
             );
             assert_eq!(
                 status.summary,
                 Some(serde_json::to_value(&outcome).unwrap())
             );
         }
+    }
+
+    #[test]
+    fn a_hundred_event_batch_with_one_failure_leaves_ninety_nine_succeeded() {
+        // 63-character ids and long failure messages: the termination message is cut.
+        let ids: Vec<String> = (0..100)
+            .map(|i| format!("{i:03}-{}", "i".repeat(59)))
+            .collect();
+        let outcomes: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let mut outcome = outcome(id, (i == 42).then_some(ErrorKind::Trap), None);
+                outcome.result = Some("r".repeat(200));
+                outcome
+            })
+            .collect();
+        let names: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let statuses = final_statuses(&batch(&names), &outcomes);
+        let succeeded = statuses
+            .iter()
+            .filter(|s| s.state == EventState::Succeeded)
+            .count();
+        assert_eq!(succeeded, 99);
+        assert_eq!(statuses[42].state, EventState::Failed);
+        assert_eq!(statuses[42].reason.as_deref(), Some("trap"));
+        assert!(
+            statuses
+                .iter()
+                .all(|s| s.exit_code == Some(exit::GUEST_FAILED))
+        );
     }
 }

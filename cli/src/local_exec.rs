@@ -239,6 +239,11 @@ impl OutputSink for TaggedStdout<'_> {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "[{}] {}: {line}", self.tag, stream);
     }
+
+    /// `[`, `] `, `: ` and the newline around the tag, stream and line.
+    fn framing(&self, _event_id: &str) -> usize {
+        self.tag.len() + 6
+    }
 }
 
 /// One line saying how an event ended.

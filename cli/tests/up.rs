@@ -149,3 +149,38 @@ fn a_token_file_requires_bearer_tokens() {
         "only the authorised event ran"
     );
 }
+
+/// A precompiled module is native code: `jobico up` refuses it from a manifest directory and
+/// from a module ConfigMap, whatever its name, and the event says why.
+#[test]
+fn precompiled_modules_are_refused_in_local_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = wasm_exec::Runtime::new(wasm_exec::RuntimeConfig::default()).unwrap();
+    let echo = std::fs::read(repo().join("samples/echo.wasm")).unwrap();
+    let cwasm = runtime.precompile("echo.wasm", &echo).unwrap();
+    std::fs::copy(repo().join("samples/ev1.yaml"), dir.path().join("ev1.yaml")).unwrap();
+    std::fs::write(dir.path().join("fast.cwasm"), &cwasm).unwrap();
+    let encoded = serde_json::to_string(&k8s_openapi::ByteString(cwasm)).unwrap();
+    std::fs::write(
+        dir.path().join("pre.yaml"),
+        format!(
+            "apiVersion: jobico.coeux.dev/v1\nkind: Job\nmetadata: {{name: pre}}\nspec:\n  events:\n    - {{name: evfile, wasm: fast.cwasm, schema: {{key: schema-ev1}}}}\n    - {{name: evmap, wasm: disguised.wasm, schema: {{key: schema-ev1}}}}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: pre-modules}}\nbinaryData:\n  disguised.wasm: {encoded}\n"
+        ),
+    )
+    .unwrap();
+    let mut up = Up::start(dir.path(), &["--manifests", "."]);
+    let event = r#"{"firstName":"A","lastName":"B"}"#;
+    for (name, module) in [("evfile", "fast.cwasm"), ("evmap", "disguised.wasm")] {
+        let (status, body) = up.put(&format!("/execute/default/{name}"), event);
+        assert_eq!(status, 500, "{body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(module), "{error}");
+        assert!(error.contains("precompiled native code"), "{error}");
+    }
+    // The WebAssembly event beside them runs.
+    assert_eq!(up.put("/execute/default/ev1", event).0, 202);
+    up.wait_for(|l| l.contains("[default/ev1") && l.contains("succeeded in"));
+    let (status, lines) = up.stop();
+    assert!(status.success());
+    assert_eq!(runs(&lines).len(), 1, "only ev1 ran");
+}

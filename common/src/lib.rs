@@ -1,7 +1,8 @@
 //! Contracts shared by Jobico's binaries.
 //!
 //! Everything that crosses a process boundary lives here: the event envelope that travels from the
-//! ingress through JetStream to the executor, event ids, subject and header names, plus the
+//! ingress through JetStream to the executor, event ids, subject and header names, the
+//! executor's run summary and termination message, plus the
 //! process plumbing every binary shares (telemetry and shutdown). This crate depends on neither
 //! kube nor wasmtime so that every binary, including the small `wasm-exec` image, can use it.
 
@@ -10,6 +11,7 @@ pub mod id;
 pub mod shutdown;
 pub mod state;
 pub mod subject;
+pub mod summary;
 pub mod telemetry;
 
 pub use envelope::{EventRecord, ExecEvent};

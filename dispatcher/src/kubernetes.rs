@@ -282,8 +282,11 @@ pub async fn read_template(
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let map = match tokio::time::timeout(API_TIMEOUT, maps.get_opt(&reference.name))
         .await
-        .unwrap_or_else(|_| Err(kube::Error::Service("reading the template ConfigMap timed out".into())))
-    {
+        .unwrap_or_else(|_| {
+            Err(kube::Error::Service(
+                "reading the template ConfigMap timed out".into(),
+            ))
+        }) {
         Ok(Some(map)) => map,
         Ok(None) => {
             return Err(TemplateSourceError::Missing(format!(

@@ -12,12 +12,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use futures::{StreamExt, TryStreamExt};
-use jobico_common::{EventState, EventStatus, state::exit};
+use jobico_common::{EventState, EventStatus, summary};
 use k8s_openapi::api::batch::v1::Job as BatchJob;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::{WatchStreamExt, watcher};
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{job_name, keys};
@@ -30,13 +29,6 @@ use crate::trust::Signer;
 pub const CONTAINER: &str = "wasm-exec";
 /// Label Kubernetes puts on a Job's pods.
 const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
-
-/// The part of wasm-exec's run summary the tracker reads.
-#[derive(Debug, Deserialize)]
-struct Summary {
-    #[serde(default)]
-    outcomes: Vec<serde_json::Value>,
-}
 
 /// Where an object's events belong: namespace, event name, owning resource, Job name, ids.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,37 +101,21 @@ pub fn pod_updates(pod: &Pod, origin: &Origin) -> Vec<EventStatus> {
                 .and_then(|cs| cs.iter().find(|c| c.name == CONTAINER))
                 .and_then(|c| c.state.as_ref())
                 .and_then(|s| s.terminated.as_ref());
-            let exit_code = terminated.map(|t| t.exit_code).unwrap_or(-1);
-            let summary: Option<Summary> = terminated
-                .and_then(|t| t.message.as_deref())
-                .and_then(|m| serde_json::from_str(m).ok());
-            let outcomes = summary.map(|s| s.outcomes).unwrap_or_default();
-            origin
-                .ids
-                .iter()
-                .filter_map(|id| {
-                    let outcome = outcomes.iter().find(|o| o["id"] == id.as_str());
-                    let state = match (outcome, exit_code) {
-                        (Some(o), _) if o["status"] == "succeeded" => EventState::Succeeded,
-                        (Some(_), _) => EventState::Failed,
-                        (None, exit::OK) => EventState::Succeeded,
-                        // Guest failure: the pod failure policy fails the Job now.
-                        (None, exit::GUEST_FAILED) => EventState::Failed,
-                        // Host error or a killed pod: the Job may run it again; its own
-                        // watch records the end.
-                        (None, _) => return None,
-                    };
-                    let mut status = update(&origin, id, state);
-                    status.exit_code = Some(exit_code);
-                    if let Some(outcome) = outcome {
-                        if state == EventState::Failed {
-                            status.reason = outcome["message"]
-                                .as_str()
-                                .or(outcome["error"].as_str())
-                                .map(str::to_owned);
-                        }
-                        status.summary = Some(outcome.clone());
-                    }
+            let exit_code = terminated.map(|t| t.exit_code);
+            let message = terminated.and_then(|t| t.message.as_deref());
+            let ids: Vec<&str> = origin.ids.iter().map(String::as_str).collect();
+            // Events the run does not decide are left to the Job's own watch.
+            summary::final_states(&ids, exit_code, message)
+                .into_iter()
+                .zip(&origin.ids)
+                .filter_map(|(decided, id)| {
+                    let decided = decided?;
+                    let mut status = update(&origin, id, decided.state());
+                    status.exit_code = exit_code;
+                    status.reason = decided.reason();
+                    status.summary = decided
+                        .outcome
+                        .map(|o| serde_json::to_value(o).expect("an outcome serialises"));
                     Some(status)
                 })
                 .collect()
@@ -322,6 +298,25 @@ impl Tracker {
             return;
         };
         let (_, finished, updates) = job_updates(job);
+        // A failed Job fails every event it holds, but its pods know better which ones
+        // succeeded: read them first (the pod watch may not have shown them yet), so the
+        // Job's verdict only reaches events no pod decided.
+        if finished && updates.iter().any(|u| u.state == EventState::Failed) {
+            self.known
+                .lock()
+                .expect("known lock")
+                .insert(uid.clone(), (origin.clone(), false));
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &origin.namespace);
+            let selector = format!("{JOB_NAME_LABEL}={}", origin.job);
+            let listed = crate::kubernetes::bounded(
+                "listing a failed Job's pods",
+                pods.list(&kube::api::ListParams::default().labels(&selector)),
+            )
+            .await;
+            for pod in listed.map(|l| l.items).unwrap_or_default() {
+                self.on_pod(&pod).await;
+            }
+        }
         self.active
             .set(&origin.namespace, &origin.event, &origin.job, !finished);
         self.known

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jobico_common::EventState;
+use jobico_common::summary::{ErrorKind, EventOutcome, RunSummary, Status};
 use jobico_dispatcher::backend::{Backend, Batch, DispatchError, Dispatched};
 use jobico_dispatcher::consumers::{Conflict, ConsumerSet};
 use jobico_dispatcher::controller::{self, Context};
@@ -479,7 +480,46 @@ fn pod_and_job_states_map_to_event_states() {
                 Some(1),
                 Some("unreachable".into())
             ),
-            ("c3".into(), EventState::Failed, Some(1), None),
+        ]
+    );
+    // c3 is not in that (older, cut) summary: exit code 1 says some event failed, not which,
+    // so the run does not decide it and the Job's end will.
+    // wasm-exec's termination message says how each event ended, listed or not.
+    let outcome = |id: &str, ok: bool| EventOutcome {
+        id: id.into(),
+        status: if ok {
+            Status::Succeeded
+        } else {
+            Status::Failed
+        },
+        exit_code: None,
+        error: (!ok).then_some(ErrorKind::Deadline),
+        message: None,
+        warning: None,
+        duration: Duration::from_millis(1),
+        output_bytes: 0,
+        output_truncated: false,
+        result: None,
+    };
+    let mut message = RunSummary::new(&[
+        outcome("a1", true),
+        outcome("b2", false),
+        outcome("c3", true),
+    ])
+    .termination_message();
+    message.outcomes.clear();
+    message.omitted = 3;
+    assert_eq!(
+        states(pod("Failed", Some((1, &message.to_json())))),
+        [
+            ("a1".into(), EventState::Succeeded, Some(1), None),
+            (
+                "b2".into(),
+                EventState::Failed,
+                Some(1),
+                Some("deadline".into())
+            ),
+            ("c3".into(), EventState::Succeeded, Some(1), None),
         ]
     );
     assert!(
@@ -511,6 +551,64 @@ fn pod_and_job_states_map_to_event_states() {
         tracker::job_updates(&job(json!([{"type": "Complete", "status": "True"}])));
     assert!(finished && updates.len() == 2);
     assert_eq!(origin.unwrap().owner, "job-for-ev1");
+}
+
+#[test]
+fn a_hundred_event_pod_with_one_failure_records_ninety_nine_successes() {
+    // The largest batch, 63-character ids, every event with a result, one failing with a
+    // long message: far more than the 4 KiB a termination message holds.
+    let ids: Vec<String> = (0..100)
+        .map(|i| format!("{i:03}-{}", "i".repeat(59)))
+        .collect();
+    let outcomes: Vec<EventOutcome> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| EventOutcome {
+            id: id.clone(),
+            status: if i == 57 {
+                Status::Failed
+            } else {
+                Status::Succeeded
+            },
+            exit_code: Some(if i == 57 { 3 } else { 0 }),
+            error: (i == 57).then_some(ErrorKind::GuestError),
+            message: (i == 57).then(|| format!("guest returned error code 3: {}", "x".repeat(900))),
+            warning: None,
+            duration: Duration::from_millis(2),
+            output_bytes: 300,
+            output_truncated: false,
+            result: Some("r".repeat(300)),
+        })
+        .collect();
+    let summary = RunSummary::new(&outcomes);
+    assert!(summary.to_json().len() > 30_000);
+    let message = summary.termination_message().to_json();
+    assert!(message.len() <= 4096, "{}", message.len());
+    let pod = pod("Failed", Some((1, &message)));
+    let origin = tracker::Origin {
+        ids: ids.clone(),
+        ..job_origin()
+    };
+    let updates = tracker::pod_updates(&serde_json::from_value(pod).unwrap(), &origin);
+    assert_eq!(updates.len(), 100);
+    let succeeded = updates
+        .iter()
+        .filter(|u| u.state == EventState::Succeeded)
+        .count();
+    assert_eq!(succeeded, 99, "only the failure is failed");
+    let failed = &updates[57];
+    assert_eq!(
+        (failed.id.as_str(), failed.state),
+        (ids[57].as_str(), EventState::Failed)
+    );
+    assert!(
+        failed
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("guest returned error code 3")
+    );
+    assert_eq!(failed.summary.as_ref().unwrap()["exit_code"], 3);
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use jobico_common::telemetry::LogArgs;
 use crate::limits::{parse_bytes, parse_duration};
 use crate::{
     Capabilities, DirGrant, EXIT_HOST_ERROR, EXIT_OK, EnvVar, Limits, RunSummary, Runtime,
-    RuntimeConfig, StdoutSink, write_termination_message,
+    RuntimeConfig, StdoutSink, run_exit_code, write_termination_message,
 };
 
 /// Runs a WebAssembly module once per event, each in a fresh instance under limits.
@@ -51,7 +51,8 @@ pub enum Command {
 /// Arguments of `run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Module to run: `.wasm`, `.wat` or precompiled `.cwasm`.
+    /// Module to run: `.wasm` or `.wat` (recognised by content). A precompiled `.cwasm` is
+    /// refused unless --trust-precompiled is given.
     #[arg(env = "JOBICO_MODULE", required = true, value_name = "MODULE")]
     pub module: Option<PathBuf>,
     /// File of events (a JSON array of {"id":...,"data":...} or one such object); `-` for stdin.
@@ -92,9 +93,15 @@ pub struct RunArgs {
         default_value = "/dev/termination-log"
     )]
     pub termination_log: PathBuf,
-    /// Directory caching compiled modules by module digest and engine settings.
+    /// Directory caching compiled modules by module digest and engine settings (only entries
+    /// it can verify are used; see the README).
     #[arg(long, env = "JOBICO_CACHE_DIR", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Load a precompiled MODULE (`wasm-exec compile` output) as native code, unchecked.
+    /// Operator-only: a crafted file runs arbitrary code in the executor. A flag without an
+    /// environment variable, so that nothing but the command line can set it.
+    #[arg(long)]
+    pub trust_precompiled: bool,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -186,8 +193,18 @@ fn load(args: &RunArgs) -> anyhow::Result<crate::Module> {
         cache_dir: args.cache_dir.clone(),
         ..RuntimeConfig::default()
     })?;
-    runtime
-        .load_file(path)
+    let loaded = if args.trust_precompiled {
+        runtime.load_trusted_precompiled_file(path)
+    } else {
+        runtime.load_file(path)
+    };
+    loaded
+        .map_err(|error| match error {
+            crate::Error::Precompiled { .. } => anyhow::anyhow!(
+                "{error}; an operator who trusts this file may pass --trust-precompiled"
+            ),
+            other => other.into(),
+        })
         .with_context(|| format!("cannot load module {}", path.display()))
 }
 
@@ -236,7 +253,7 @@ fn finish(args: &RunArgs, summary: &RunSummary) -> u8 {
         // stdout anyway.
         tracing::warn!(path = %args.termination_log.display(), %error, "cannot write termination message");
     }
-    summary.exit_code()
+    run_exit_code(summary)
 }
 
 fn compile(args: &CompileArgs) -> anyhow::Result<()> {

@@ -36,8 +36,8 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
-    /// A precompiled module was refused, usually because another wasmtime version, engine
-    /// configuration or CPU produced it.
+    /// A trusted precompiled module was refused, usually because another wasmtime version,
+    /// engine configuration or CPU produced it.
     #[error("cannot load precompiled module {name}; recompile it with this wasm-exec for this CPU")]
     Deserialize {
         /// The module's name (its file name).
@@ -63,9 +63,13 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
-    /// A precompiled module was given where source WebAssembly is required.
-    #[error("module {name} is already precompiled")]
-    AlreadyCompiled {
+    /// A precompiled module (native code, such as a `.cwasm`) was given where WebAssembly is
+    /// required: everywhere but a trusted load.
+    #[error(
+        "module {name} is precompiled native code (a .cwasm), not WebAssembly: only .wasm and \
+         .wat modules are accepted"
+    )]
+    Precompiled {
         /// The module's name (its file name).
         name: String,
     },

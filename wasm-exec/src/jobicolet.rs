@@ -4,6 +4,11 @@
 //! `r = malloc(16)`, `event(r, p, len)`, then read two little-endian u64 at `r`: the error
 //! code and `(result_ptr << 32) | result_len`; read the result string; `free` both buffers
 //! (`free(ptr, size)` when the module's `free` takes two parameters, as with `ver() == 1`).
+//!
+//! As in JobicoK8S's host, a failure of the trailing `free` calls does not fail the event: the
+//! result is already written (a Rust guest built with `wee_alloc` traps there when `malloc`
+//! handed out a dangling pointer for a small size). It is reported as a warning. A failure
+//! anywhere before, `malloc`, `init` or `event` included, fails the event.
 
 use std::fmt;
 
@@ -39,6 +44,8 @@ pub(crate) struct Returned {
     pub(crate) result: Vec<u8>,
     /// The length the guest declared.
     pub(crate) declared_len: u32,
+    /// Why freeing the buffers failed, if it did (ignored otherwise).
+    pub(crate) free_error: Option<wasmtime::Error>,
 }
 
 /// Adds `env.log(level, ptr, len)`.
@@ -117,12 +124,15 @@ pub(crate) fn call(
     let result_ptr = (packed >> 32) as u32;
     let declared_len = packed as u32;
     let result = read_result(&memory, store, result_ptr, declared_len, max_result)?;
-    free(&instance, store, shape, ptr, len)?;
-    free(&instance, store, shape, ret, RETURN_AREA)?;
+    // The guest's allocator is not trusted after a failed `free`: stop at the first one.
+    let free_error = free(&instance, store, shape, ptr, len)
+        .and_then(|()| free(&instance, store, shape, ret, RETURN_AREA))
+        .err();
     Ok(Returned {
         code,
         result,
         declared_len,
+        free_error,
     })
 }
 

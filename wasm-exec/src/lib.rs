@@ -22,8 +22,9 @@
 //! and JobicoK8S's jobicolet modules.
 
 mod abi;
-pub mod cache;
+mod cache;
 pub mod cli;
+mod engine;
 mod error;
 mod host;
 mod jobicolet;
@@ -42,5 +43,6 @@ pub use output::{LogLevel, OutputLine, OutputSink, StdoutSink, Stream, VecSink};
 pub use runtime::{Runtime, RuntimeConfig};
 pub use summary::{
     EXIT_GUEST_FAILED, EXIT_HOST_ERROR, EXIT_OK, ErrorKind, EventOutcome, RunSummary, Status,
-    TERMINATION_MESSAGE_LIMIT, exit_code, write_termination_message,
+    TERMINATION_MESSAGE_LIMIT, TerminationMessage, exit_code, run_exit_code,
+    write_termination_message,
 };

@@ -7,12 +7,12 @@ use jobico_common::ExecEvent;
 use wasmtime::{InstancePre, Store, Trap};
 
 use crate::abi::{Abi, Detected};
+use crate::engine::Engine;
 use crate::error::boxed;
 use crate::host::{HostState, MemoryLimiter};
 use crate::jobicolet::{self, AbiViolation};
 use crate::limits::{Capabilities, Limits};
 use crate::output::{OutputSink, SharedCapture, Stream};
-use crate::runtime::Runtime;
 use crate::summary::{ErrorKind, EventOutcome, Status};
 use crate::{Error, wasi};
 
@@ -23,7 +23,7 @@ pub struct Module {
 }
 
 struct Inner {
-    runtime: Runtime,
+    engine: Arc<Engine>,
     name: String,
     module: wasmtime::Module,
     pre: InstancePre<HostState>,
@@ -45,6 +45,7 @@ struct Ending {
     exit_code: Option<i64>,
     error: Option<ErrorKind>,
     message: Option<String>,
+    warning: Option<String>,
     result: Option<String>,
 }
 
@@ -55,14 +56,33 @@ impl Ending {
             exit_code: None,
             error: Some(error),
             message: Some(message),
+            warning: None,
             result: None,
+        }
+    }
+
+    fn exited(code: i32) -> Self {
+        if code == 0 {
+            Self {
+                status: Status::Succeeded,
+                exit_code: Some(0),
+                error: None,
+                message: None,
+                warning: None,
+                result: None,
+            }
+        } else {
+            Self {
+                exit_code: Some(code.into()),
+                ..Self::failed(ErrorKind::Exit, format!("guest exited with code {code}"))
+            }
         }
     }
 }
 
 impl Module {
     pub(crate) fn new(
-        runtime: Runtime,
+        engine: Arc<Engine>,
         name: String,
         module: wasmtime::Module,
         pre: InstancePre<HostState>,
@@ -70,7 +90,7 @@ impl Module {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                runtime,
+                engine,
                 name,
                 module,
                 pre,
@@ -110,13 +130,13 @@ impl Module {
     ) -> EventOutcome {
         let _span =
             tracing::debug_span!("event", id = %event.id, module = %self.inner.name).entered();
-        let _slot = self.inner.runtime.acquire_slot();
+        let _slot = self.inner.engine.acquire_slot();
         let started = Instant::now();
-        let capture = SharedCapture::new(limits.output_cap_bytes);
+        let capture = SharedCapture::new(limits.output_cap_bytes, sink.framing(&event.id));
         let (ending, memory_refused) = self.execute(event, limits, capabilities, &capture);
         let captured = capture.lock().finish();
-        for (stream, line) in &captured.lines {
-            sink.line(&event.id, *stream, line);
+        for (stream, line) in captured.lines() {
+            sink.line(&event.id, stream, line);
         }
         let mut ending = ending;
         if let Some(refused) = memory_refused
@@ -136,11 +156,15 @@ impl Module {
             exit_code: ending.exit_code,
             error: ending.error,
             message: ending.message,
+            warning: ending.warning,
             duration: started.elapsed(),
             output_bytes: captured.produced,
             output_truncated: captured.truncated,
             result: ending.result,
         };
+        if let Some(warning) = &outcome.warning {
+            tracing::warn!(id = %outcome.id, warning, "event kept despite a guest error");
+        }
         if outcome.succeeded() {
             tracing::debug!(duration = ?outcome.duration, "event succeeded");
         } else {
@@ -173,7 +197,7 @@ impl Module {
         };
         let limiter = MemoryLimiter::new(limits.memory_bytes);
         let mut store = Store::new(
-            self.inner.runtime.engine(),
+            self.inner.engine.wasm(),
             HostState {
                 wasi,
                 limiter,
@@ -187,26 +211,13 @@ impl Module {
         }
         store.set_epoch_deadline(deadline_ticks(
             limits.deadline,
-            self.inner.runtime.config().epoch_tick,
+            self.inner.engine.epoch_tick(),
         ));
         store.epoch_deadline_trap();
 
         let ending = match abi {
             Abi::Wasi => match wasi::call(&mut store, &self.inner.pre) {
-                Ok(0) => Ending {
-                    status: Status::Succeeded,
-                    exit_code: Some(0),
-                    error: None,
-                    message: None,
-                    result: None,
-                },
-                Ok(code) => Ending {
-                    status: Status::Failed,
-                    exit_code: Some(code.into()),
-                    error: Some(ErrorKind::Exit),
-                    message: Some(format!("guest exited with code {code}")),
-                    result: None,
-                },
+                Ok(code) => Ending::exited(code),
                 Err(error) => classify(&error),
             },
             Abi::Jobicolet => {
@@ -224,6 +235,13 @@ impl Module {
                             result.push('…');
                         }
                         let failed = returned.code != 0;
+                        let warning = returned.free_error.map(|error| {
+                            format!(
+                                "the guest's `free` failed after the result was written \
+                                 (ignored, as JobicoK8S does): {}",
+                                describe(&error)
+                            )
+                        });
                         Ending {
                             status: if failed {
                                 Status::Failed
@@ -234,16 +252,17 @@ impl Module {
                             error: failed.then_some(ErrorKind::GuestError),
                             message: failed
                                 .then(|| format!("guest returned error code {}", returned.code)),
+                            warning,
                             result: Some(result),
                         }
                     }
                     Err(error) => match error.downcast_ref::<wasmtime_wasi::I32Exit>() {
                         Some(exit) => Ending {
-                            status: Status::Failed,
                             exit_code: Some(exit.0.into()),
-                            error: Some(ErrorKind::Exit),
-                            message: Some(format!("jobicolet guest called proc_exit({})", exit.0)),
-                            result: None,
+                            ..Ending::failed(
+                                ErrorKind::Exit,
+                                format!("jobicolet guest called proc_exit({})", exit.0),
+                            )
                         },
                         None => classify(&error),
                     },

@@ -1,9 +1,16 @@
 //! Guest output: capture, line splitting, escaping, the per-event cap, and sinks.
 //!
-//! Guest output is captured in memory while the event runs (bounded by the output cap) and
-//! handed to an [`OutputSink`] line by line when the event ends, in the order the lines were
-//! completed. Control characters are escaped so a guest cannot forge log lines or drive the
-//! terminal of whoever reads the logs.
+//! Guest output is captured in memory while the event runs and handed to an [`OutputSink`] line
+//! by line when the event ends, in the order the lines were completed. Control characters are
+//! escaped so a guest cannot forge log lines or drive the terminal of whoever reads the logs.
+//!
+//! The output cap bounds what the host writes and holds, not what the guest produced: each line
+//! costs its escaped text plus the sink's framing ([`OutputSink::framing`]: event id, stream
+//! name, separators, newline). Lines are kept while their cost fits the cap; the line that does
+//! not fit is cut to what does, followed by one marker line ([`cap_marker`], the only thing
+//! written beyond the cap). So a sink writes at most `cap` bytes plus one marker line per
+//! event, however the guest's bytes are shaped (a megabyte of newlines is not a million
+//! lines), and the capture holds at most `cap` bytes of text plus 16 bytes per line.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -100,9 +107,24 @@ pub trait OutputSink {
     /// One line (without its newline) of `event_id`'s output on `stream`.
     fn line(&mut self, event_id: &str, stream: Stream, line: &str);
 
+    /// Bytes this sink writes for each line of `event_id` besides the line's text and the
+    /// stream's name (prefix, separators, newline): what the output cap charges per line. The
+    /// default is [`StdoutSink`]'s `<event id> <stream> <line>\n`.
+    fn framing(&self, event_id: &str) -> usize {
+        escape(event_id.as_bytes()).len() + STDOUT_FRAMING
+    }
+
     /// Called once per event after its last line, with its outcome.
     fn finish(&mut self, _outcome: &EventOutcome) {}
 }
+
+/// The two spaces and the newline of `<event id> <stream> <line>\n`.
+const STDOUT_FRAMING: usize = 3;
+
+/// Raw bytes looked at beyond the room left under the cap when a line must be cut: more than
+/// the longest UTF-8 character (4 bytes), so cutting the raw bytes never changes the escaped
+/// text within the room.
+const CUT_SLACK: usize = 8;
 
 /// Writes lines to the process's stdout as `<event id> <stream> <line>`, the binary's format.
 #[derive(Debug)]
@@ -207,42 +229,45 @@ pub fn cap_marker(cap: u64) -> String {
 #[derive(Debug)]
 pub(crate) struct Capture {
     cap: u64,
+    /// The sink's per-line framing, without the stream's name.
+    framing: u64,
     /// Bytes the guest produced, kept or not.
     produced: u64,
-    /// Bytes kept (counted against the cap).
-    kept: u64,
+    /// Bytes the kept lines will cost the sink (counted against the cap).
+    emitted: u64,
     truncated: bool,
     partial_stdout: Vec<u8>,
     partial_stderr: Vec<u8>,
-    lines: Vec<(Stream, String)>,
+    /// The kept lines' escaped texts, one after another.
+    text: String,
+    /// Each kept line's stream and where its text ends in `text`.
+    lines: Vec<(Stream, usize)>,
 }
 
 impl Capture {
-    pub(crate) fn new(cap: u64) -> Self {
+    pub(crate) fn new(cap: u64, framing: usize) -> Self {
         Self {
             cap,
+            framing: framing as u64,
             produced: 0,
-            kept: 0,
+            emitted: 0,
             truncated: false,
             partial_stdout: Vec::new(),
             partial_stderr: Vec::new(),
+            text: String::new(),
             lines: Vec::new(),
         }
     }
 
-    /// Counts `len` produced bytes; returns how many fit under the cap and whether this call
-    /// reached the cap.
-    fn admit(&mut self, len: usize) -> (usize, bool) {
-        self.produced += len as u64;
-        if self.truncated {
-            return (0, false);
-        }
-        let room = self.cap.saturating_sub(self.kept);
-        let take = room.min(len as u64);
-        self.kept += take;
-        let reached = take < len as u64;
-        self.truncated |= reached;
-        (take as usize, reached)
+    /// Bytes the sink may still write under the cap.
+    fn room(&self) -> u64 {
+        self.cap.saturating_sub(self.emitted)
+    }
+
+    /// The raw bytes worth escaping for a line that may be cut.
+    fn bounded(&self, raw: usize) -> usize {
+        let room = usize::try_from(self.room()).unwrap_or(usize::MAX);
+        raw.min(room.saturating_add(CUT_SLACK))
     }
 
     fn partial(&mut self, stream: Stream) -> Option<&mut Vec<u8>> {
@@ -253,66 +278,106 @@ impl Capture {
         }
     }
 
-    fn flush_partial(&mut self, stream: Stream) {
-        if let Some(partial) = self.partial(stream)
-            && !partial.is_empty()
-        {
-            let text = escape(strip_cr(partial));
-            partial.clear();
-            self.lines.push((stream, text));
+    /// Keeps one line (raw bytes, without newline), cut if it does not fit; returns whether
+    /// output may go on.
+    fn emit(&mut self, stream: Stream, raw: &[u8]) -> bool {
+        let bounded = &raw[..self.bounded(raw.len())];
+        let text = escape(if bounded.len() == raw.len() {
+            strip_cr(raw)
+        } else {
+            bounded
+        });
+        let overhead = self.framing + stream.to_string().len() as u64;
+        let cost = overhead + text.len() as u64;
+        if cost <= self.room() {
+            self.keep(stream, &text, cost);
+            return true;
         }
+        let fits = usize::try_from(self.room().saturating_sub(overhead)).unwrap_or(usize::MAX);
+        let mut end = fits.min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end > 0 {
+            self.keep(stream, &text[..end], overhead + end as u64);
+        }
+        self.truncated = true;
+        let marker = cap_marker(self.cap);
+        self.text.push_str(&marker);
+        self.lines.push((stream, self.text.len()));
+        false
     }
 
-    /// Guest bytes written to stdout or stderr: split into lines, partial lines kept.
+    fn keep(&mut self, stream: Stream, text: &str, cost: u64) {
+        self.emitted += cost;
+        self.text.push_str(text);
+        self.lines.push((stream, self.text.len()));
+    }
+
+    /// Emits the partial line of `stream` (even when empty: it ended with a newline).
+    fn emit_partial(&mut self, stream: Stream) -> bool {
+        let partial = std::mem::take(self.partial(stream).expect("a byte stream"));
+        let more = self.emit(stream, &partial);
+        // Keep the allocation for the next line.
+        let mut partial = partial;
+        partial.clear();
+        *self.partial(stream).expect("a byte stream") = partial;
+        more
+    }
+
+    /// Guest bytes written to stdout or stderr: split into lines, partial lines kept (no more
+    /// of them than could be written).
     pub(crate) fn write(&mut self, stream: Stream, bytes: &[u8]) {
-        let (take, reached) = self.admit(bytes.len());
-        let mut rest = &bytes[..take];
-        while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
-            let (line, tail) = rest.split_at(newline);
-            if let Some(partial) = self.partial(stream) {
-                partial.extend_from_slice(line);
+        self.produced += bytes.len() as u64;
+        let mut rest = bytes;
+        while !self.truncated {
+            let newline = rest.iter().position(|&b| b == b'\n');
+            let line = &rest[..newline.unwrap_or(rest.len())];
+            let held = self.partial(stream).map_or(0, |p| p.len());
+            let take = line
+                .len()
+                .min(self.bounded(usize::MAX).saturating_sub(held));
+            self.partial(stream)
+                .expect("a byte stream")
+                .extend_from_slice(&line[..take]);
+            match newline {
+                Some(at) => {
+                    self.emit_partial(stream);
+                    rest = &rest[at + 1..];
+                }
+                None => {
+                    if take < line.len() {
+                        // This line can no longer fit: cut it now rather than hold it.
+                        self.emit_partial(stream);
+                    }
+                    return;
+                }
             }
-            self.flush_line(stream);
-            rest = &tail[1..];
-        }
-        if let Some(partial) = self.partial(stream) {
-            partial.extend_from_slice(rest);
-        }
-        if reached {
-            self.flush_partial(stream);
-            self.lines.push((stream, cap_marker(self.cap)));
-        }
-    }
-
-    /// Emits the partial line of `stream` even when empty (it ended with a newline).
-    fn flush_line(&mut self, stream: Stream) {
-        if let Some(partial) = self.partial(stream) {
-            let text = escape(strip_cr(partial));
-            partial.clear();
-            self.lines.push((stream, text));
         }
     }
 
     /// A whole message (`env.log` line or result): every line of it becomes a line on `stream`.
     pub(crate) fn message(&mut self, stream: Stream, bytes: &[u8]) {
-        let (take, reached) = self.admit(bytes.len());
-        if take > 0 {
-            for line in bytes[..take].split(|&b| b == b'\n') {
-                self.lines.push((stream, escape(strip_cr(line))));
+        self.produced += bytes.len() as u64;
+        for line in bytes.split(|&b| b == b'\n') {
+            if self.truncated || !self.emit(stream, line) {
+                break;
             }
-        }
-        if reached {
-            self.lines.push((stream, cap_marker(self.cap)));
         }
     }
 
     /// Ends the event: flushes partial lines and returns everything captured.
     pub(crate) fn finish(&mut self) -> Captured {
-        self.flush_partial(Stream::Stdout);
-        self.flush_partial(Stream::Stderr);
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            if !self.truncated && self.partial(stream).is_some_and(|p| !p.is_empty()) {
+                self.emit_partial(stream);
+            }
+        }
         Captured {
+            text: std::mem::take(&mut self.text),
             lines: std::mem::take(&mut self.lines),
             produced: self.produced,
+            emitted: self.emitted,
             truncated: self.truncated,
         }
     }
@@ -324,9 +389,26 @@ fn strip_cr(line: &[u8]) -> &[u8] {
 
 /// What one event printed.
 pub(crate) struct Captured {
-    pub(crate) lines: Vec<(Stream, String)>,
+    text: String,
+    lines: Vec<(Stream, usize)>,
+    /// Bytes the guest produced.
     pub(crate) produced: u64,
+    /// Bytes the kept lines cost the sink, the marker line aside.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) emitted: u64,
     pub(crate) truncated: bool,
+}
+
+impl Captured {
+    /// The kept lines, in order.
+    pub(crate) fn lines(&self) -> impl Iterator<Item = (Stream, &str)> {
+        let mut start = 0;
+        self.lines.iter().map(move |&(stream, end)| {
+            let line = &self.text[start..end];
+            start = end;
+            (stream, line)
+        })
+    }
 }
 
 /// A capture buffer shared between the store's streams and host functions.
@@ -334,8 +416,8 @@ pub(crate) struct Captured {
 pub(crate) struct SharedCapture(Arc<Mutex<Capture>>);
 
 impl SharedCapture {
-    pub(crate) fn new(cap: u64) -> Self {
-        Self(Arc::new(Mutex::new(Capture::new(cap))))
+    pub(crate) fn new(cap: u64, framing: usize) -> Self {
+        Self(Arc::new(Mutex::new(Capture::new(cap, framing))))
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Capture> {
@@ -360,20 +442,24 @@ mod tests {
         assert_eq!(escape(b"bad\xffutf8"), "bad\u{fffd}utf8");
     }
 
+    fn lines(captured: &Captured) -> Vec<(Stream, &str)> {
+        captured.lines().collect()
+    }
+
     #[test]
     fn splits_lines_across_writes() {
-        let mut capture = Capture::new(1 << 20);
+        let mut capture = Capture::new(1 << 20, 0);
         capture.write(Stream::Stdout, b"hel");
         capture.write(Stream::Stderr, b"err\r\n");
         capture.write(Stream::Stdout, b"lo\nwor");
         capture.write(Stream::Stdout, b"ld");
         let captured = capture.finish();
         assert_eq!(
-            captured.lines,
-            vec![
-                (Stream::Stderr, "err".to_owned()),
-                (Stream::Stdout, "hello".to_owned()),
-                (Stream::Stdout, "world".to_owned()),
+            lines(&captured),
+            [
+                (Stream::Stderr, "err"),
+                (Stream::Stdout, "hello"),
+                (Stream::Stdout, "world"),
             ]
         );
         assert_eq!(captured.produced, 16);
@@ -381,39 +467,83 @@ mod tests {
     }
 
     #[test]
-    fn cap_keeps_prefix_adds_one_marker_and_counts_everything() {
-        let mut capture = Capture::new(10);
+    fn the_cap_charges_framing_and_keeps_a_prefix_then_one_marker() {
+        // Framing 4 + "stdout" (6) = 10 bytes per line besides its text; cap 30.
+        let mut capture = Capture::new(30, 4);
         capture.write(Stream::Stdout, b"12345\n");
         capture.write(Stream::Stdout, b"67890abc\n");
         capture.write(Stream::Stderr, b"more\n");
         capture.message(Stream::Log(LogLevel::Info), b"dropped");
         let captured = capture.finish();
         assert_eq!(
-            captured.lines,
-            vec![
-                (Stream::Stdout, "12345".to_owned()),
-                (Stream::Stdout, "6789".to_owned()),
-                (Stream::Stdout, cap_marker(10)),
+            lines(&captured),
+            [
+                (Stream::Stdout, "12345"),
+                (Stream::Stdout, "67890"),
+                (Stream::Stdout, cap_marker(30).as_str()),
             ]
         );
+        assert_eq!(captured.emitted, 30);
         assert_eq!(captured.produced, 6 + 9 + 5 + 7);
         assert!(captured.truncated);
     }
 
     #[test]
+    fn newlines_cost_their_framing_so_they_cannot_multiply_the_output() {
+        let cap = 1 << 20;
+        let framing = 40;
+        let mut capture = Capture::new(cap, framing);
+        for _ in 0..16 {
+            capture.write(Stream::Stdout, &[b'\n'; 64 << 10]);
+        }
+        let captured = capture.finish();
+        assert!(captured.truncated);
+        assert_eq!(captured.produced, 1 << 20);
+        let written: u64 = captured
+            .lines()
+            .map(|(stream, text)| (framing + stream.to_string().len() + text.len()) as u64)
+            .sum();
+        let marker = (framing + "stdout".len() + cap_marker(cap).len()) as u64;
+        assert!(written <= cap + marker, "{written}");
+        // 46 bytes per empty line: about 22,800 lines, not a million.
+        assert_eq!(captured.lines().count() as u64, cap / 46 + 1);
+    }
+
+    #[test]
+    fn escaping_is_charged_and_long_lines_are_not_held() {
+        // Control characters escape to four bytes each; the cap counts the escaped text.
+        let mut capture = Capture::new(100, 0);
+        capture.write(Stream::Stdout, &[0x01; 1000]);
+        assert!(capture.truncated, "cut as soon as it cannot fit");
+        assert!(capture.partial_stdout.is_empty());
+        capture.write(Stream::Stdout, &[b'a'; 1 << 20]);
+        assert!(
+            capture.partial_stdout.capacity() < 1000,
+            "nothing held once truncated"
+        );
+        let captured = capture.finish();
+        let kept: Vec<_> = captured.lines().collect();
+        // 94 bytes fit after the stream name: 23 escapes and the start of one more.
+        assert_eq!(kept[0].1, format!("{}\\x", "\\x01".repeat(23)));
+        assert_eq!(kept.len(), 2);
+        assert_eq!(captured.emitted, 100);
+    }
+
+    #[test]
     fn messages_split_into_lines_and_respect_the_cap() {
-        let mut capture = Capture::new(8);
+        // "log.warn" is 8 bytes, "result" 6.
+        let mut capture = Capture::new(30, 0);
         capture.message(Stream::Log(LogLevel::Warn), b"a\nb");
         capture.message(Stream::Result, b"result!!");
         let captured = capture.finish();
         let warn = Stream::Log(LogLevel::Warn);
         assert_eq!(
-            captured.lines,
-            vec![
-                (warn, "a".to_owned()),
-                (warn, "b".to_owned()),
-                (Stream::Result, "resul".to_owned()),
-                (Stream::Result, cap_marker(8)),
+            lines(&captured),
+            [
+                (warn, "a"),
+                (warn, "b"),
+                (Stream::Result, "result"),
+                (Stream::Result, cap_marker(30).as_str()),
             ]
         );
     }

@@ -3,10 +3,12 @@
 mod common;
 
 use common::{event, load};
+use jobico_common::EventState;
+use jobico_common::summary::final_states;
 use serde_json::json;
 use wasm_exec::{
     Capabilities, EXIT_GUEST_FAILED, ErrorKind, Limits, RunSummary, Status,
-    TERMINATION_MESSAGE_LIMIT, VecSink,
+    TERMINATION_MESSAGE_LIMIT, TerminationMessage, VecSink,
 };
 
 #[test]
@@ -52,15 +54,23 @@ fn one_failure_in_a_hundred_is_isolated_and_summarised() {
         (summary.events, summary.succeeded, summary.failed),
         (100, 99, 1)
     );
-    assert_eq!(summary.exit_code(), EXIT_GUEST_FAILED);
-    let message = summary.to_json_limited(TERMINATION_MESSAGE_LIMIT);
+    assert_eq!(wasm_exec::run_exit_code(&summary), EXIT_GUEST_FAILED);
+    let message = summary.termination_message().to_json();
     assert!(message.len() <= TERMINATION_MESSAGE_LIMIT);
-    let cut: RunSummary = serde_json::from_str(&message).unwrap();
+    let cut: TerminationMessage = serde_json::from_str(&message).unwrap();
     assert_eq!((cut.events, cut.succeeded, cut.failed), (100, 99, 1));
     assert_eq!(cut.omitted + cut.outcomes.len(), 100);
-    assert!(
-        cut.outcomes
-            .iter()
-            .any(|o| o.id == "event-050" && o.error == Some(ErrorKind::Trap))
-    );
+    assert!(cut.outcomes.iter().any(|o| o.index == 49
+        && o.outcome.id == "event-050"
+        && o.outcome.error == Some(ErrorKind::Trap)));
+    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    let finals = final_states(&ids, Some(EXIT_GUEST_FAILED.into()), Some(&message));
+    for (i, decided) in finals.iter().enumerate() {
+        let want = if i == 49 {
+            EventState::Failed
+        } else {
+            EventState::Succeeded
+        };
+        assert_eq!(decided.as_ref().map(|d| d.state()), Some(want), "{i}");
+    }
 }

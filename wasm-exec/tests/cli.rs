@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use common::fixture;
+use jobico_common::EventState;
+use jobico_common::summary::{TerminationMessage, final_states};
 use wasm_exec::{EXIT_GUEST_FAILED, EXIT_HOST_ERROR, EXIT_OK, ErrorKind, RunSummary};
 
 fn wasm_exec(args: &[&str], env: &[(&str, &str)], termination_log: &Path) -> Output {
@@ -54,8 +56,13 @@ fn all_succeeded_exits_zero_and_prints_tagged_lines() {
         (summary.events, summary.succeeded, summary.failed),
         (2, 2, 0)
     );
+    // Small runs fit whole: the message is the summary, plus each event's index and state.
     let written: RunSummary = serde_json::from_slice(&std::fs::read(&log).unwrap()).unwrap();
     assert_eq!(written, summary);
+    let message: TerminationMessage =
+        serde_json::from_slice(&std::fs::read(&log).unwrap()).unwrap();
+    assert_eq!(message.outcomes[1].index, 1);
+    assert_eq!(serde_json::to_value(&message.states).unwrap(), "ss");
 }
 
 #[test]
@@ -110,14 +117,111 @@ fn large_batches_write_a_bounded_termination_message() {
         "{}",
         written.len()
     );
-    let cut: RunSummary = serde_json::from_slice(&written).unwrap();
+    let cut: TerminationMessage = serde_json::from_slice(&written).unwrap();
     assert_eq!((cut.events, cut.succeeded, cut.failed), (200, 199, 1));
     assert!(cut.omitted > 0);
     assert!(
         cut.outcomes
             .iter()
-            .any(|o| o.id == "event-7" && o.exit_code == Some(42))
+            .any(|o| o.index == 7 && o.outcome.id == "event-7" && o.outcome.exit_code == Some(42))
     );
+}
+
+/// The largest batch the dispatcher makes, with the longest ids, one event failing: through
+/// the real binary, its termination message still decides all 100 events.
+#[test]
+fn a_hundred_events_with_one_failure_end_ninety_nine_succeeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("termination-log");
+    let events_file = dir.path().join("events.json");
+    let ids: Vec<String> = (0..100)
+        .map(|i| format!("{i:03}-{}", "x".repeat(59)))
+        .collect();
+    let events: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let data = if i == 61 {
+                serde_json::json!("nonzero")
+            } else {
+                serde_json::json!({"payload": "p".repeat(100)})
+            };
+            serde_json::json!({"id": id, "data": data})
+        })
+        .collect();
+    std::fs::write(&events_file, serde_json::to_vec(&events).unwrap()).unwrap();
+    let output = wasm_exec(
+        &[
+            fixture("wasi_modes.wat").to_str().unwrap(),
+            "--events",
+            events_file.to_str().unwrap(),
+        ],
+        &[],
+        &log,
+    );
+    assert_eq!(output.status.code(), Some(EXIT_GUEST_FAILED.into()));
+    assert!(last_line_summary(&output).to_json().len() > wasm_exec::TERMINATION_MESSAGE_LIMIT);
+    let message = std::fs::read_to_string(&log).unwrap();
+    assert!(message.len() <= wasm_exec::TERMINATION_MESSAGE_LIMIT);
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let finals = final_states(&ids, output.status.code(), Some(&message));
+    let states: Vec<_> = finals
+        .iter()
+        .map(|f| f.as_ref().map(|f| f.state()))
+        .collect();
+    assert_eq!(
+        states
+            .iter()
+            .filter(|s| **s == Some(EventState::Succeeded))
+            .count(),
+        99,
+        "{message}"
+    );
+    assert_eq!(states[61], Some(EventState::Failed));
+    assert_eq!(
+        finals[61].as_ref().unwrap().reason().as_deref(),
+        Some("guest exited with code 1")
+    );
+}
+
+/// A megabyte of newlines is not a million log lines: the cap bounds what the host writes.
+#[test]
+fn the_output_cap_bounds_the_bytes_written_not_the_guest_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("termination-log");
+    let id = "0190a6b2-7c1d-7e3f-8a4b-5c6d7e8f9a0b";
+    let cap: usize = 64 << 10;
+    let output = wasm_exec(
+        &[
+            fixture("wasi_modes.wat").to_str().unwrap(),
+            "--output-cap",
+            &cap.to_string(),
+            "--events-json",
+            &format!(r#"{{"id":"{id}","data":"Newlines"}}"#),
+        ],
+        &[],
+        &log,
+    );
+    assert_eq!(output.status.code(), Some(EXIT_OK.into()), "{output:?}");
+    let stdout = String::from_utf8(output.stdout.clone()).unwrap();
+    let summary_line = stdout.lines().last().unwrap().len() + 1;
+    let written = stdout.len() - summary_line;
+    // Beyond the cap only the marker line: `<id> stdout <marker>\n`.
+    let marker_line = format!(
+        "{id} stdout {}\n",
+        wasm_exec::output::cap_marker(cap as u64)
+    );
+    assert!(
+        written <= cap + marker_line.len(),
+        "{written} bytes written for a cap of {cap}"
+    );
+    assert!(stdout.contains(&marker_line));
+    // Each empty line costs its prefix (44 bytes): about 1,500 lines, not a million.
+    let lines = stdout.lines().count();
+    assert!(lines < cap / (id.len() + 8) + 3, "{lines}");
+    let summary = last_line_summary(&output);
+    assert_eq!(summary.outcomes[0].output_bytes, 1 << 20);
+    assert!(summary.outcomes[0].output_truncated);
 }
 
 #[test]
@@ -167,8 +271,9 @@ fn configuration_errors_exit_two_with_a_summary() {
     assert_eq!(output.status.code(), Some(EXIT_HOST_ERROR.into()));
 }
 
+/// A `.cwasm` is native code: never loaded from a path unless the operator says so.
 #[test]
-fn compile_then_run_the_cwasm() {
+fn precompiled_modules_are_refused_unless_trusted() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("termination-log");
     let cwasm = dir.path().join("echo.cwasm");
@@ -182,11 +287,36 @@ fn compile_then_run_the_cwasm() {
         .status()
         .unwrap();
     assert!(status.success());
+    // Crafted: ELF bytes under a harmless name.
+    let crafted = dir.path().join("innocent.wasm");
+    std::fs::write(&crafted, b"\x7fELF\x02\x01\x01\0not really code").unwrap();
+    let event = r#"{"id":"j1","data":{"k":"v"}}"#;
+    for module in [&cwasm, &crafted] {
+        for env in [&[][..], &[("JOBICO_TRUST_PRECOMPILED", "true")][..]] {
+            let output = wasm_exec(
+                &[module.to_str().unwrap(), "--events-json", event],
+                env,
+                &log,
+            );
+            assert_eq!(
+                output.status.code(),
+                Some(EXIT_HOST_ERROR.into()),
+                "{output:?}"
+            );
+            let stdout = String::from_utf8(output.stdout.clone()).unwrap();
+            assert_eq!(stdout.lines().count(), 1, "nothing ran: {stdout}");
+            let error = last_line_summary(&output).error.unwrap();
+            assert!(error.contains("precompiled native code"), "{error}");
+            assert!(error.contains("--trust-precompiled"), "{error}");
+        }
+    }
+    // The operator's explicit flag loads the real one.
     let output = wasm_exec(
         &[
             cwasm.to_str().unwrap(),
+            "--trust-precompiled",
             "--events-json",
-            r#"{"id":"j1","data":{"k":"v"}}"#,
+            event,
         ],
         &[],
         &log,
@@ -194,7 +324,6 @@ fn compile_then_run_the_cwasm() {
     assert_eq!(output.status.code(), Some(EXIT_OK.into()), "{output:?}");
     let stdout = String::from_utf8(output.stdout.clone()).unwrap();
     assert!(stdout.contains("j1 log.debug init called\n"), "{stdout}");
-    assert!(stdout.contains("j1 log.info {\"k\":\"v\"}\n"), "{stdout}");
     assert!(stdout.contains("j1 result {\"k\":\"v\"}\n"), "{stdout}");
     let summary = last_line_summary(&output);
     assert_eq!(summary.outcomes[0].result.as_deref(), Some(r#"{"k":"v"}"#));

@@ -65,6 +65,53 @@ fn version_one_frees_with_size_and_never_calls_start() {
     let (outcome, _) = run(&module, json!("hi!"));
     assert_eq!(outcome.status, Status::Succeeded, "{outcome:?}");
     assert_eq!(outcome.result.as_deref(), Some("ok"));
+    // Its `free` traps on a wrong size, which would show as a warning.
+    assert_eq!(outcome.warning, None);
+}
+
+#[test]
+fn a_trap_in_the_trailing_free_keeps_the_result_and_warns() {
+    let module = load("jobicolet_free_traps.wat");
+    let (outcome, sink) = run(&module, json!("x"));
+    assert_eq!(outcome.status, Status::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.exit_code, Some(0));
+    assert_eq!(outcome.result.as_deref(), Some("kept"));
+    assert_eq!(sink.texts(Stream::Result), ["kept"]);
+    let warning = outcome.warning.expect("a warning");
+    assert!(warning.contains("`free` failed"), "{warning}");
+    assert!(warning.contains("unreachable"), "{warning}");
+
+    // The guest's own error code still decides, with the result kept.
+    let (outcome, _) = run(&module, json!("fail"));
+    assert_eq!(
+        (outcome.status, outcome.error, outcome.exit_code),
+        (Status::Failed, Some(ErrorKind::GuestError), Some(7))
+    );
+    assert_eq!(outcome.result.as_deref(), Some("kept"));
+    assert!(outcome.warning.is_some());
+
+    // A `free` that hangs is cut by the deadline, and ignored the same way.
+    let limits = Limits {
+        deadline: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let (outcome, _) = run_with(&module, json!("loop"), &limits);
+    assert_eq!(outcome.status, Status::Succeeded, "{outcome:?}");
+    assert!(outcome.warning.unwrap().contains("interrupt"));
+}
+
+#[test]
+fn a_trap_before_the_result_still_fails_the_event() {
+    let module = load("jobicolet_free_traps.wat");
+    for data in ["malloc", "event"] {
+        let (outcome, _) = run(&module, json!(data));
+        assert_eq!(
+            (outcome.status, outcome.error),
+            (Status::Failed, Some(ErrorKind::Trap)),
+            "{data}: {outcome:?}"
+        );
+        assert_eq!((outcome.result, outcome.warning), (None, None), "{data}");
+    }
 }
 
 #[test]
