@@ -209,10 +209,13 @@ impl StateStore {
                 let new_reason = current.state == EventState::Held
                     && next.state == EventState::Held
                     && current.reason != next.reason;
+                // An accepted record may become held (same rank, news for the reader).
+                let held_now =
+                    current.state == EventState::Accepted && next.state == EventState::Held;
                 if rank(current.state) >= rank(next.state)
                     && !adds_summary
                     && !new_reason
-                    && !(current.state == EventState::Accepted && next.state == EventState::Held)
+                    && !held_now
                 {
                     return Ok(Advanced::Skipped);
                 }
