@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Backend;
 use crate::consumers::{Conflict, ConsumerSet};
 use crate::kubernetes::{FIELD_MANAGER, TemplateSourceError, read_template};
-use crate::render::{Renderer, check_template};
+use crate::render::TemplateChecker;
 use crate::state::{Counters, Deltas};
 
 /// The finalizer the dispatcher puts on each resource it consumes for.
@@ -65,7 +65,7 @@ pub struct Context<B> {
     /// Kubernetes Events.
     pub recorder: Recorder,
     /// Checks each resource's template before its events are consumed, when set.
-    pub renderer: Option<Arc<Renderer>>,
+    pub templates: Option<Arc<TemplateChecker>>,
 }
 
 impl<B> std::fmt::Debug for Context<B> {
@@ -89,24 +89,24 @@ impl<B: Backend> Context<B> {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             consumers,
-            renderer: None,
+            templates: None,
         }
     }
 
-    /// Checks every resource's template with `renderer` (the one creating the Jobs) before
+    /// Checks every resource's template with `templates` (rendering as the Jobs are) before
     /// consuming its events.
-    pub fn with_renderer(mut self, renderer: Arc<Renderer>) -> Self {
-        self.renderer = Some(renderer);
+    pub fn with_templates(mut self, templates: Arc<TemplateChecker>) -> Self {
+        self.templates = Some(templates);
         self
     }
 }
 
 /// What is wrong with a valid resource's template, if anything: its ConfigMap is read and
-/// the template checked by [`check_template`] (off the async threads: it renders the largest
-/// batches the resource can get).
+/// the template checked (off the async threads: it renders the largest batches the resource
+/// can get; see [`crate::render::check_template`]).
 async fn template_problem(
     client: &kube::Client,
-    renderer: &Arc<Renderer>,
+    templates: &Arc<TemplateChecker>,
     cr: &Arc<JobicoJob>,
 ) -> Result<Option<String>, Error> {
     let source = match read_template(client, cr).await {
@@ -114,10 +114,9 @@ async fn template_problem(
         Err(TemplateSourceError::Missing(problem)) => return Ok(Some(problem)),
         Err(TemplateSourceError::Api(error)) => return Err(Error::Kube(error)),
     };
-    let (renderer, cr) = (renderer.clone(), cr.clone());
+    let (templates, cr) = (templates.clone(), cr.clone());
     let checked =
-        tokio::task::spawn_blocking(move || check_template(&renderer, &cr, source.as_deref()))
-            .await;
+        tokio::task::spawn_blocking(move || templates.check(&cr, source.as_deref())).await;
     Ok(match checked {
         Ok(result) => result.err(),
         Err(error) => Some(format!("checking the template failed: {error}")),
@@ -263,8 +262,8 @@ async fn apply<B: Backend>(
     let namespace = cr.namespace().unwrap_or_default();
     let (mut ready, mut reason, mut message) = readiness(&cr);
     if ready
-        && let Some(renderer) = &ctx.renderer
-        && let Some(problem) = template_problem(&ctx.client, renderer, &cr).await?
+        && let Some(templates) = &ctx.templates
+        && let Some(problem) = template_problem(&ctx.client, templates, &cr).await?
     {
         (ready, reason, message) = (false, REASON_INVALID_TEMPLATE, problem);
     }
