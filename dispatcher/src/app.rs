@@ -14,7 +14,7 @@ use crate::controller::{self, Context};
 use crate::kubernetes::KubeBackend;
 use crate::leader::{Elector, LeaseConfig};
 use crate::metrics::Metrics;
-use crate::render::Renderer;
+use crate::render::{Renderer, TemplateChecker};
 use crate::tracker;
 use crate::trust::Signer;
 
@@ -105,7 +105,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             consumers.clone(),
             Some(args.identity.clone()),
         )
-        .with_renderer(Arc::new(Renderer::new(&args.exec_image))),
+        .with_templates(Arc::new(TemplateChecker::new(Renderer::new(
+            &args.exec_image,
+        )))),
     );
     let mut tracker = tokio::spawn(tracker::run(
         client.clone(),

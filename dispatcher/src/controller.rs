@@ -22,7 +22,7 @@ use crate::backend::Backend;
 use crate::consumers::{Conflict, ConsumerSet};
 use crate::inputs;
 use crate::kubernetes::{FIELD_MANAGER, TemplateSourceError, read_template};
-use crate::render::{Renderer, check_template};
+use crate::render::TemplateChecker;
 use crate::state::{Counters, Deltas};
 
 /// The finalizer the dispatcher puts on each resource it consumes for.
@@ -73,7 +73,7 @@ pub struct Context<B> {
     /// Kubernetes Events.
     pub recorder: Recorder,
     /// Checks each resource's template before its events are consumed, when set.
-    pub renderer: Option<Arc<Renderer>>,
+    pub templates: Option<Arc<TemplateChecker>>,
 }
 
 impl<B> std::fmt::Debug for Context<B> {
@@ -97,24 +97,24 @@ impl<B: Backend> Context<B> {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             consumers,
-            renderer: None,
+            templates: None,
         }
     }
 
-    /// Checks every resource's template with `renderer` (the one creating the Jobs) before
+    /// Checks every resource's template with `templates` (rendering as the Jobs are) before
     /// consuming its events.
-    pub fn with_renderer(mut self, renderer: Arc<Renderer>) -> Self {
-        self.renderer = Some(renderer);
+    pub fn with_templates(mut self, templates: Arc<TemplateChecker>) -> Self {
+        self.templates = Some(templates);
         self
     }
 }
 
 /// What is wrong with a valid resource's template, if anything: its ConfigMap is read and
-/// the template checked by [`check_template`] (off the async threads: it renders the largest
-/// batches the resource can get).
+/// the template checked (off the async threads: it renders the largest batches the resource
+/// can get; see [`crate::render::check_template`]).
 async fn template_problem(
     client: &kube::Client,
-    renderer: &Arc<Renderer>,
+    templates: &Arc<TemplateChecker>,
     cr: &Arc<JobicoJob>,
 ) -> Result<Option<String>, Error> {
     let source = match read_template(client, cr).await {
@@ -122,10 +122,9 @@ async fn template_problem(
         Err(TemplateSourceError::Missing(problem)) => return Ok(Some(problem)),
         Err(TemplateSourceError::Api(error)) => return Err(Error::Kube(error)),
     };
-    let (renderer, cr) = (renderer.clone(), cr.clone());
+    let (templates, cr) = (templates.clone(), cr.clone());
     let checked =
-        tokio::task::spawn_blocking(move || check_template(&renderer, &cr, source.as_deref()))
-            .await;
+        tokio::task::spawn_blocking(move || templates.check(&cr, source.as_deref())).await;
     Ok(match checked {
         Ok(result) => result.err(),
         Err(error) => Some(format!("checking the template failed: {error}")),
@@ -264,8 +263,8 @@ async fn apply<B: Backend>(
         // Consumers run even while the template is invalid or an input is missing: they hold
         // the events in the stream, never dispatched, and run them once it is fixed.
         let conflicts = ctx.consumers.ensure(cr.clone());
-        let template = match &ctx.renderer {
-            Some(renderer) => template_problem(&ctx.client, renderer, &cr).await?,
+        let template = match &ctx.templates {
+            Some(templates) => template_problem(&ctx.client, templates, &cr).await?,
             None => None,
         };
         if !conflicts.is_empty() {

@@ -17,8 +17,11 @@
 //!   `RuntimeDefault` or `Localhost`, no unconfined AppArmor, no custom SELinux type, default
 //!   `procMount`, no Windows host process, no sysctls;
 //! - no host namespaces, host ports, node name (it skips the scheduler and its taints),
-//!   device claims or `hostPath`: volumes are `configMap`, `secret`, `emptyDir`,
-//!   `downwardAPI` or `projected` of the first three;
+//!   device claims or `hostPath`: volumes are `configMap`, `emptyDir`, `downwardAPI` or
+//!   `projected` of `configMap` and `downwardAPI`. Not `secret`: a template would let the
+//!   tenant's module read, and print, Secrets of the namespace that the tenant itself may not
+//!   read (the module gets granted directories through the arguments the template writes);
+//! - no legacy AppArmor annotation asking for `unconfined`;
 //! - environment values written out (no `valueFrom`, `envFrom`), so the size of the process's
 //!   environment is known here: every string within `MAX_ARG_STRLEN` and all together within
 //!   [`MAX_EXEC_ENV_BYTES`];
@@ -53,14 +56,11 @@ const SELINUX_TYPES: [&str; 4] = [
     "container_kvm_t",
     "container_engine_t",
 ];
-/// Volume sources a Job may use: none reaches the node's files or another namespace.
-const VOLUME_TYPES: [&str; 5] = [
-    "configMap",
-    "secret",
-    "emptyDir",
-    "downwardAPI",
-    "projected",
-];
+/// Volume sources a Job may use: none reaches the node's files, another namespace or a Secret.
+const VOLUME_TYPES: [&str; 4] = ["configMap", "emptyDir", "downwardAPI", "projected"];
+/// The pod annotation prefix of the AppArmor profile before the `appArmorProfile` field
+/// (still honoured by the kubelet).
+const APPARMOR_ANNOTATION: &str = "container.apparmor.security.beta.kubernetes.io/";
 /// Most bytes of a Job as etcd stores it (protobuf, strings unescaped), estimated by
 /// [`stored_size`]: etcd's default request limit of 1.5 MiB, less 128 KiB for what the API
 /// server adds (managed fields, status) and the Pod made from the Job carries besides.
@@ -184,6 +184,18 @@ pub fn check(job: &BatchJob, image: &str, owner: &OwnerReference) -> Result<(), 
                 "spec.managedBy",
                 "must be unset: the Job controller runs the Job",
             );
+            let annotations = spec
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref());
+            for (key, value) in annotations.into_iter().flatten() {
+                v.require(
+                    !(key.starts_with(APPARMOR_ANNOTATION) && value == "unconfined"),
+                    format!("spec.template.metadata.annotations[{key:?}]"),
+                    "must not be unconfined",
+                );
+            }
             match &spec.template.spec {
                 None => v.push("spec.template.spec", "is missing"),
                 Some(pod) => check_pod(&mut v, pod, image),
@@ -295,9 +307,9 @@ fn check_pod(v: &mut Violations, pod: &PodSpec, image: &str) {
                 "must be unset: the pod gets no service-account token",
             );
             v.require(
-                source.cluster_trust_bundle.is_none(),
-                format!("{projected_path}.clusterTrustBundle"),
-                "must be unset: only configMap, secret and downwardAPI are projected",
+                source.cluster_trust_bundle.is_none() && source.secret.is_none(),
+                projected_path,
+                "must project a configMap or the downwardAPI",
             );
         }
     }

@@ -7,7 +7,8 @@
 //! double-quoted scalars) and `{{json x}}` writes any value as JSON (YAML flow style).
 //! The variables are listed in [`TemplateContext`] and documented in the crate README.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 use handlebars::{Context, Handlebars, Helper, HelperResult, Output, RenderContext};
 use jobico_common::envelope::{EnvEntry, EventsTooLarge, MAX_EVENTS_BYTES, split_events};
@@ -18,6 +19,7 @@ use k8s_openapi::api::batch::v1::Job as BatchJob;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::Serialize;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::backend::{Batch, keys};
 use crate::policy::{self, Violation};
@@ -416,6 +418,51 @@ pub fn check_template(
         }
     }
     Ok(())
+}
+
+/// [`check_template`] with the renderer that creates the Jobs, remembering each resource's
+/// last result: a resource whose generation and template source did not change is not
+/// rendered again (a check renders up to 1 MiB per event).
+#[derive(Debug)]
+pub struct TemplateChecker {
+    renderer: Renderer,
+    /// Per resource uid: what was checked and the result.
+    last: Mutex<HashMap<String, Checked>>,
+}
+
+/// A resource's generation and template digest, and the result of checking them.
+type Checked = (String, Result<(), String>);
+
+impl TemplateChecker {
+    /// A checker rendering with `renderer`.
+    pub fn new(renderer: Renderer) -> Self {
+        Self {
+            renderer,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// [`check_template`], or its remembered result.
+    pub fn check(
+        &self,
+        owner: &std::sync::Arc<JobicoJob>,
+        template: Option<&str>,
+    ) -> Result<(), String> {
+        let uid = owner.metadata.uid.clone().unwrap_or_default();
+        let digest = template.map(|t| hex::encode(Sha256::digest(t.as_bytes())));
+        let seen = format!("{:?}/{digest:?}", owner.metadata.generation);
+        if let Some((at, result)) = self.last.lock().expect("template checks").get(&uid)
+            && *at == seen
+        {
+            return result.clone();
+        }
+        let result = check_template(&self.renderer, owner, template);
+        self.last
+            .lock()
+            .expect("template checks")
+            .insert(uid, (seen, result.clone()));
+        result
+    }
 }
 
 /// A batch of `size` events of `event` with the longest ids and, together, the most events

@@ -147,13 +147,17 @@ pub fn fanout(value: &Value) -> usize {
     }
 }
 
-/// Refuses deep nesting on the text, before the parser (which recurses on subexpressions)
-/// sees it. Counts `{{#`/`{{^` openings against `{{/` closings, and parentheses inside
-/// mustaches; comments are skipped. It can only over-count (a `(` inside a string literal),
-/// never miss a level the parser would see.
+/// Refuses deep nesting on the text, before the parser sees it (its output nests as deep,
+/// and is rendered and dropped recursively). Counts `{{#`/`{{^` openings, each `{{else X}}`
+/// chained to them, against `{{/` closings, and parentheses inside mustaches; comments are
+/// skipped. It can only over-count (a `(` inside a string literal, an escaped `\{{#`), never
+/// miss a level the parser would see.
 fn check_nesting(source: &str) -> Result<(), TemplateError> {
+    let too_deep = |what, limit| Err(TemplateError::TooDeep { what, limit });
     let bytes = source.as_bytes();
-    let (mut blocks, mut parens, mut i) = (0usize, 0usize, 0usize);
+    // Per open block: the levels it takes (1, plus one per chained `else if`).
+    let mut open: Vec<usize> = Vec::new();
+    let mut i = 0;
     while i < bytes.len() {
         if bytes[i..].starts_with(b"{{!--") {
             i = source[i..]
@@ -161,44 +165,43 @@ fn check_nesting(source: &str) -> Result<(), TemplateError> {
                 .map_or(bytes.len(), |end| i + end + 4);
             continue;
         }
-        if bytes[i..].starts_with(b"{{!") {
-            i = source[i..]
-                .find("}}")
-                .map_or(bytes.len(), |end| i + end + 2);
+        if !bytes[i..].starts_with(b"{{") {
+            i += 1;
             continue;
         }
-        if bytes[i..].starts_with(b"{{") {
-            let end = source[i..].find("}}").map_or(bytes.len(), |end| i + end);
-            let inner = source[i + 2..end].trim_start_matches(['{', '~', ' ']);
-            if inner.starts_with('#') || inner.starts_with('^') {
-                blocks += 1;
-                if blocks > MAX_BLOCK_DEPTH {
-                    return Err(TemplateError::TooDeep {
-                        what: "blocks",
-                        limit: MAX_BLOCK_DEPTH,
-                    });
-                }
-            } else if inner.starts_with('/') {
-                blocks = blocks.saturating_sub(1);
-            }
-            for b in inner.bytes() {
-                match b {
-                    b'(' => parens += 1,
-                    b')' => parens = parens.saturating_sub(1),
-                    _ => {}
-                }
-                if parens > MAX_EXPRESSION_DEPTH {
-                    return Err(TemplateError::TooDeep {
-                        what: "subexpressions",
-                        limit: MAX_EXPRESSION_DEPTH,
-                    });
-                }
-            }
-            parens = 0;
+        let end = source[i..].find("}}").map_or(bytes.len(), |end| i + end);
+        let inner = source[i + 2..end].trim_start_matches(['{', '~', ' ']);
+        let bare = inner.trim_end_matches(['~', ' ', '}']);
+        if inner.starts_with('!') {
+            // A short comment: nothing inside counts.
             i = end + 2;
             continue;
+        } else if bare == "^" || bare == "else" {
+            // An inverse section of the open block, not a new level.
+        } else if inner.starts_with('#') || inner.starts_with('^') {
+            open.push(1);
+        } else if let Some(top) = open.last_mut()
+            && (inner.starts_with("else ") || inner.starts_with("^ "))
+        {
+            *top += 1;
+        } else if inner.starts_with('/') {
+            open.pop();
         }
-        i += 1;
+        if open.iter().sum::<usize>() > MAX_BLOCK_DEPTH {
+            return too_deep("blocks", MAX_BLOCK_DEPTH);
+        }
+        let mut parens = 0usize;
+        for b in inner.bytes() {
+            match b {
+                b'(' => parens += 1,
+                b')' => parens = parens.saturating_sub(1),
+                _ => {}
+            }
+            if parens > MAX_EXPRESSION_DEPTH {
+                return too_deep("subexpressions", MAX_EXPRESSION_DEPTH);
+            }
+        }
+        i = end + 2;
     }
     Ok(())
 }

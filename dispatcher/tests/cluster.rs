@@ -13,6 +13,7 @@ use jobico_dispatcher::controller::{self, Context};
 use jobico_dispatcher::kubernetes::ActiveJobs;
 use jobico_dispatcher::leader::{Elector, LeaseConfig};
 use jobico_dispatcher::metrics::Metrics;
+use jobico_dispatcher::render::{Renderer, TemplateChecker};
 use jobico_dispatcher::state::Deltas;
 use jobico_dispatcher::trust::Signer;
 use jobico_dispatcher::{Dispatcher, RetryPolicy, tracker};
@@ -1067,9 +1068,8 @@ async fn a_template_the_policy_refuses_makes_the_resource_not_ready_before_any_e
     let consumers = Arc::new(ConsumerSet::new(dispatcher, shutdown.clone()));
     let (client, mut api) = verifier();
     let ctx = Arc::new(
-        Context::new(client, consumers.clone(), Some("pod-a".into())).with_renderer(Arc::new(
-            jobico_dispatcher::render::Renderer::new("wasm-exec:1"),
-        )),
+        Context::new(client, consumers.clone(), Some("pod-a".into()))
+            .with_templates(Arc::new(TemplateChecker::new(Renderer::new("wasm-exec:1")))),
     );
     let mut cr = (*sample("ev1.yaml")).clone();
     cr.spec.template = Some(jobico_model::TemplateRef {

@@ -112,6 +112,24 @@ fn every_hostile_template_is_refused() {
             format!("{POD}.volumes[0]"),
         ),
         (
+            "a Secret the tenant may not read",
+            add_volume("{name: s, secret: {secretName: db-password}}"),
+            format!("{POD}.volumes[0]"),
+        ),
+        (
+            "a projected Secret",
+            add_volume("{name: s, projected: {sources: [{secret: {name: db-password}}]}}"),
+            format!("{POD}.volumes[0].projected.sources[0]"),
+        ),
+        (
+            "AppArmor unconfined by annotation",
+            edited(
+                "      annotations: {{json annotations}}\n",
+                "      annotations: {\"container.apparmor.security.beta.kubernetes.io/wasm-exec\": unconfined}\n",
+            ),
+            "spec.template.metadata.annotations[\"container.apparmor.security.beta.kubernetes.io/wasm-exec\"]".into(),
+        ),
+        (
             "a persistent volume claim",
             add_volume("{name: data, persistentVolumeClaim: {claimName: other}}"),
             format!("{POD}.volumes[0]"),
@@ -314,6 +332,18 @@ fn every_hostile_template_is_refused() {
             policy::describe(&found)
         );
     }
+}
+
+#[test]
+fn allowed_volumes_pass() {
+    let owner = sample("ev1.yaml");
+    let template = edited(
+        "      volumes:\n",
+        "      volumes:\n        - {name: scratch, emptyDir: {sizeLimit: 1Mi}}\n        - {name: info, downwardAPI: {items: [{path: labels, fieldRef: {fieldPath: metadata.labels}}]}}\n        - {name: both, projected: {sources: [{configMap: {name: extra}}, {downwardAPI: {items: [{path: name, fieldRef: {fieldPath: metadata.name}}]}}]}}\n",
+    );
+    Renderer::new(IMAGE)
+        .render(&batch(&owner, &["e1"]), Some(&template))
+        .unwrap();
 }
 
 #[test]

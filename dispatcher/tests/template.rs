@@ -87,8 +87,9 @@ fn constructs_outside_the_allowed_set_are_refused() {
         "(lookup ".repeat(6),
         " \"x\")".repeat(6)
     );
-    // Enough nesting to overflow a parser that recursed on it.
+    // Enough nesting to overflow a parser, renderer or drop that recursed on it.
     let abusive = "{{#if a}}".repeat(20_000);
+    let chained = format!("{{{{#if a}}}}{}{{{{/if}}}}", "{{else if a}}x".repeat(4_000));
     for (what, source) in [
         ("raw output", "name: {{{name}}}".to_owned()),
         ("a partial", "{{> other}}".to_owned()),
@@ -116,6 +117,7 @@ fn constructs_outside_the_allowed_set_are_refused() {
         ("deep blocks", deep_blocks),
         ("deep subexpressions", deep_parens),
         ("abusive nesting", abusive),
+        ("a long else-if chain", chained),
         ("a huge template", "x".repeat(MAX_TEMPLATE_BYTES + 1)),
     ] {
         let error = BoundedTemplate::compile(&source);
@@ -127,6 +129,11 @@ fn constructs_outside_the_allowed_set_are_refused() {
 fn the_default_template_is_well_inside_the_bounds() {
     let template = BoundedTemplate::compile(DEFAULT_TEMPLATE).unwrap();
     assert!(template.steps(100) < 200, "{}", template.steps(100));
+    // A short else-if chain, `{{^}}` and comments do not count as nesting.
+    BoundedTemplate::compile(
+        "{{!-- {{#if}} ( ( ( ( ( --}}{{! {{#x}} }}{{#if a}}1{{else if b}}2{{else if c}}3{{^}}4{{/if}}",
+    )
+    .unwrap();
     // Allowed helpers still work in custom templates.
     let owner = sample("ev1.yaml");
     let helpers = DEFAULT_TEMPLATE.replacen(

@@ -5,6 +5,8 @@
 
 use std::collections::HashSet;
 
+use jobico_common::envelope::MAX_EVENTS_BYTES;
+
 use crate::crd::{Job, MAX_BATCH_EVENTS, MAX_EVENTS_PER_JOB};
 
 /// Everything wrong with one `Job` resource.
@@ -90,6 +92,15 @@ pub fn validate_job(job: &Job) -> Result<(), InvalidJob> {
                 batch.max_events
             ));
         }
+        // A batch travels in one Kubernetes Job, which carries at most MAX_EVENTS_BYTES of
+        // events (the CRD schema says the same): a larger one could not start.
+        if let Some(bytes) = event.batch.as_ref().and_then(|b| b.max_bytes)
+            && !(1..=MAX_EVENTS_BYTES).contains(&(bytes as usize))
+        {
+            problems.push(format!(
+                "{at}.batch.maxBytes: must be between 1 and {MAX_EVENTS_BYTES}, found {bytes}"
+            ));
+        }
         if event.concurrency == Some(0) {
             problems.push(format!("{at}.concurrency: must be at least 1"));
         }
@@ -160,7 +171,7 @@ mod tests {
         bad_batch.batch = Some(BatchSpec {
             max_events: 0,
             max_wait_millis: None,
-            max_bytes: None,
+            max_bytes: Some(2 << 20),
         });
         bad_batch.env = vec![EnvVar {
             name: "1X".into(),
@@ -181,6 +192,7 @@ mod tests {
             "spec.events[3].name: \"bad-name\" must be",
             "spec.events[4].wasm: \"../etc/passwd\"",
             "spec.events[5].batch.maxEvents",
+            "spec.events[5].batch.maxBytes: must be between 1 and 1048576, found 2097152",
             "spec.events[5].env[0].name",
         ];
         assert_eq!(err.problems.len(), expected.len(), "{:?}", err.problems);
