@@ -405,3 +405,56 @@ async fn a_422_lists_a_bounded_number_of_violations_and_counts_them_all() {
     );
     assert!(receiver.try_recv().is_err());
 }
+
+#[actix_web::test]
+async fn data_nested_deeper_than_every_reader_can_re_wrap_is_400_in_every_mode() {
+    use jobico_common::envelope::MAX_DATA_DEPTH;
+    let (state, mut queue) = state(8);
+    let nested = |levels: usize| "[".repeat(levels) + &"]".repeat(levels);
+    let event = |levels: usize| {
+        format!(
+            r#"{{"firstName":"Ada","lastName":"Lovelace","x":{}}}"#,
+            nested(levels)
+        )
+    };
+    // At the limit (the object itself is one level): accepted, and it parses downstream.
+    let (status, _, body) = send(
+        &state,
+        put("/execute/default/ev1", &event(MAX_DATA_DEPTH - 1)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert!(queue.try_recv().is_ok());
+    // One level deeper: refused with the item and the limit named, whatever the body mode.
+    let too_deep = event(MAX_DATA_DEPTH);
+    let bodies = [
+        (too_deep.clone(), "application/json"),
+        (
+            format!(r#"{{"data":[{{"firstName":"A","lastName":"B"}},{too_deep}]}}"#),
+            "application/json",
+        ),
+        (
+            format!(
+                r#"{{"specversion":"1.0","id":"1","source":"/s","type":"t","data":{too_deep}}}"#
+            ),
+            "application/cloudevents+json",
+        ),
+    ];
+    for (body, content_type) in bodies {
+        let req =
+            put("/execute/default/ev1", &body).insert_header((header::CONTENT_TYPE, content_type));
+        let (status, _, answer) = send(&state, req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{content_type}: {answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("deeper than {MAX_DATA_DEPTH} levels")),
+            "{answer}"
+        );
+    }
+    assert!(
+        queue.try_recv().is_err(),
+        "nothing of a refused request is kept"
+    );
+}

@@ -29,6 +29,9 @@ use crate::local_exec::Modules;
 /// recorded: NATS is reconnecting, which takes about a second.
 const STATE_RETRY: Duration = Duration::from_secs(1);
 
+/// An event run here: (namespace, run name, event id).
+type RunKey = (String, String, String);
+
 /// Runs batches locally; see the module documentation.
 pub struct LocalBackend {
     modules: Arc<Modules>,
@@ -36,7 +39,7 @@ pub struct LocalBackend {
     /// Events run at once across all event types.
     permits: Arc<Semaphore>,
     /// `(namespace, run, id)` of the events dispatched to this process and not yet finished.
-    in_flight: Arc<Mutex<HashSet<(String, String, String)>>>,
+    in_flight: Arc<Mutex<HashSet<RunKey>>>,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -49,12 +52,12 @@ impl std::fmt::Debug for LocalBackend {
 
 /// Marks a batch's events as in flight for as long as it lives.
 struct InFlight {
-    set: Arc<Mutex<HashSet<(String, String, String)>>>,
-    keys: Vec<(String, String, String)>,
+    set: Arc<Mutex<HashSet<RunKey>>>,
+    keys: Vec<RunKey>,
 }
 
 impl InFlight {
-    fn enter(set: &Arc<Mutex<HashSet<(String, String, String)>>>, batch: &Batch) -> Self {
+    fn enter(set: &Arc<Mutex<HashSet<RunKey>>>, batch: &Batch) -> Self {
         let job = batch.job_name();
         let keys: Vec<_> = batch
             .ids()

@@ -87,7 +87,7 @@ pub fn pod_updates(pod: &Pod, origin: &Origin) -> Vec<EventStatus> {
         .as_ref()
         .and_then(|s| s.phase.as_deref())
         .unwrap_or_default();
-    let updates = match phase {
+    match phase {
         "Running" => origin
             .ids
             .iter()
@@ -121,8 +121,7 @@ pub fn pod_updates(pod: &Pod, origin: &Origin) -> Vec<EventStatus> {
                 .collect()
         }
         _ => vec![],
-    };
-    updates
+    }
 }
 
 /// Whether a Job has finished, and the state updates that implies.

@@ -631,3 +631,73 @@ async fn unreadable_messages_are_dead_lettered() {
     token.cancel();
     handle.await.unwrap();
 }
+
+#[tokio::test]
+async fn the_backlog_of_an_event_no_resource_declares_is_dead_lettered_after_the_grace() {
+    let (_server, js) = nats().await;
+    // A durable consumer left by a resource since deleted, with its events still waiting.
+    let stream = js.get_stream(STREAM).await.unwrap();
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(consumer_name("default", "gone")),
+            filter_subject: "jobico.default.gone.>".into(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ids = publish(&js, "default", "gone", "g", 3).await;
+    let ctx = Dispatcher::connect(
+        js.clone(),
+        Arc::new(Recording::default()),
+        Arc::new(Metrics::new()),
+        FAST,
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumers = Arc::new(jobico_dispatcher::ConsumerSet::new(
+        ctx.clone(),
+        shutdown.clone(),
+    ));
+    let sweeper = tokio::spawn({
+        let (consumers, shutdown) = (consumers.clone(), shutdown.clone());
+        async move {
+            consumers
+                .sweep_orphans(Duration::from_secs(1), shutdown)
+                .await
+        }
+    });
+    eventually(20, "the backlog dead-lettered", || async {
+        ctx.metrics.events_dead_lettered.get() == 3
+    })
+    .await;
+    for id in &ids {
+        let status = ctx
+            .states
+            .get("default", "gone", id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.state, EventState::DeadLettered);
+        assert!(
+            status
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("not been declared by any valid resource"),
+            "{status:?}"
+        );
+    }
+    let mut dlq = js.get_stream(DEAD_LETTER_STREAM).await.unwrap();
+    assert_eq!(dlq.info().await.unwrap().state.messages, 3);
+    eventually(10, "the orphaned consumer removed", || async {
+        stream
+            .get_consumer::<jetstream::consumer::pull::Config>(&consumer_name("default", "gone"))
+            .await
+            .is_err()
+    })
+    .await;
+    shutdown.cancel();
+    sweeper.await.unwrap();
+}
