@@ -644,6 +644,17 @@ async fn the_tracker_relists_after_a_410_and_records_states() {
                         ""
                     },
             );
+            // The pod watch may show the pod before the Job watch shows its Job: the tracker
+            // then reads the Job itself.
+            if path.starts_with("/apis/batch/v1/namespaces/default/jobs/jobico-ev1-x") {
+                send.send_response(
+                    http::Response::builder()
+                        .status(200)
+                        .body(kube::client::Body::from(serde_json::to_vec(&job).unwrap()))
+                        .unwrap(),
+                );
+                continue;
+            }
             assert!(path.contains(selector), "{path}");
             let body = match (
                 path.starts_with("/api/v1/pods"),
