@@ -8,7 +8,8 @@
 //! [`NatsServer::start_with_config`] adds a configuration file (users, permissions, TLS) and
 //! environment variables the file may refer to (`$NAME`); the address, port and storage stay
 //! the test's, whatever the file says. The server's log is kept ([`NatsServer::log`]), so a
-//! test can show that nothing was refused (`Permissions Violation`).
+//! test can show what was refused (`Publish Violation`, `Subscription Violation`) or that
+//! nothing was.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
