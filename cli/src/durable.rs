@@ -27,18 +27,31 @@ pub struct Durable {
     pub drained: tokio::task::JoinHandle<()>,
 }
 
-/// Connects to NATS at `url` with `auth` (stream and state bucket as the cluster's ingress sets them up)
+/// Where and how durable mode reaches NATS.
+pub struct Nats<'a> {
+    /// The server URL.
+    pub url: &'a str,
+    /// Its credentials.
+    pub auth: &'a NatsAuth,
+    /// How long an event may stay unacknowledged before NATS hands it out again.
+    pub ack_wait: Duration,
+}
+
+/// Connects to NATS as `nats` says (stream and state bucket as the cluster's ingress sets them up)
 /// and starts one consumer per event declared in `manifest` and present in `events`.
 pub async fn start(
-    url: &str,
-    auth: &NatsAuth,
-    ack_wait: Duration,
+    nats: Nats<'_>,
     manifest: &Manifest,
     events: &EventMap,
     modules: Arc<Modules>,
     parallelism: usize,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Durable> {
+    let Nats {
+        url,
+        auth,
+        ack_wait,
+    } = nats;
     let publisher =
         JetStreamPublisher::connect(url, auth, StreamSettings::default(), Metrics::new())
             .await

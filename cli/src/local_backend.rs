@@ -35,7 +35,7 @@ pub struct LocalBackend {
     /// Events run at once across all event types.
     permits: Arc<Semaphore>,
     /// `(namespace, run, id)` of the events dispatched to this process and not yet finished.
-    in_flight: Arc<Mutex<HashSet<(String, String, String)>>>,
+    in_flight: InFlightSet,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -46,14 +46,17 @@ impl std::fmt::Debug for LocalBackend {
     }
 }
 
+/// The (namespace, Job, event id) of the events being run.
+type InFlightSet = Arc<Mutex<HashSet<(String, String, String)>>>;
+
 /// Marks a batch's events as in flight for as long as it lives.
 struct InFlight {
-    set: Arc<Mutex<HashSet<(String, String, String)>>>,
+    set: InFlightSet,
     keys: Vec<(String, String, String)>,
 }
 
 impl InFlight {
-    fn enter(set: &Arc<Mutex<HashSet<(String, String, String)>>>, batch: &Batch) -> Self {
+    fn enter(set: &InFlightSet, batch: &Batch) -> Self {
         let job = batch.job_name();
         let keys: Vec<_> = batch
             .ids()

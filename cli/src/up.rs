@@ -160,10 +160,13 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
         }
         Some(url) => {
             let ack_wait = Duration::from_secs(args.ack_wait_secs);
-            let durable = durable::start(
+            let nats = durable::Nats {
                 url,
-                &nats_auth,
+                auth: &nats_auth,
                 ack_wait,
+            };
+            let durable = durable::start(
+                nats,
                 &manifest,
                 &events,
                 modules,

@@ -166,6 +166,21 @@ mod tests {
             Args::try_parse_from(["jobico-dispatcher", "--exec-image", "wasm-exec:1"]).unwrap();
         assert_eq!(args.exec_image, "wasm-exec:1");
         assert_eq!(args.admin_listen.port(), 9090);
+        assert!(!args.nats_auth.is_set());
+        let args = Args::try_parse_from([
+            "jobico-dispatcher",
+            "--exec-image",
+            "x",
+            "--nats-user",
+            "jobico-dispatcher",
+            "--nats-password-file",
+            "/var/run/secrets/jobico/nats/password",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.nats_auth.nats_user.as_deref(),
+            Some("jobico-dispatcher")
+        );
         assert!(
             Args::try_parse_from([
                 "jobico-dispatcher",

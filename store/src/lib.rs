@@ -215,11 +215,10 @@ impl StateStore {
                 let new_reason = current.state == EventState::Held
                     && next.state == EventState::Held
                     && current.reason != next.reason;
-                if rank(current.state) >= rank(next.state)
-                    && !adds_summary
-                    && !new_reason
-                    && !(current.state == EventState::Accepted && next.state == EventState::Held)
-                {
+                // An accepted event may become held (same rank).
+                let held = current.state == EventState::Accepted && next.state == EventState::Held;
+                let forward = rank(current.state) < rank(next.state);
+                if !(forward || adds_summary || new_reason || held) {
                     return Ok(Advanced::Skipped);
                 }
                 next.job = next.job.or_else(|| current.job.clone());
