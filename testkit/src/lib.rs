@@ -137,7 +137,8 @@ impl NatsServer {
     }
 
     /// The client port from the ports file of process `pid`
-    /// (`<executable>_<pid>.ports`, JSON with `"nats":["nats://127.0.0.1:PORT"]`), once written.
+    /// (`<executable>_<pid>.ports`, JSON with `"nats":["nats://127.0.0.1:PORT"]`, or `tls://`),
+    /// once written.
     fn listening_port(&self, pid: u32) -> Option<u16> {
         let suffix = format!("_{pid}.ports");
         let entry = std::fs::read_dir(self.ports_dir.path())
@@ -145,7 +146,8 @@ impl NatsServer {
             .filter_map(Result::ok)
             .find(|e| e.file_name().to_string_lossy().ends_with(&suffix))?;
         let text = std::fs::read_to_string(entry.path()).ok()?;
-        let after = &text[text.find("nats://")? + "nats://".len()..];
+        // `nats://` in the clear, `tls://` with a `tls {}` block.
+        let after = &text[text.find("\"nats\":[\"")? + "\"nats\":[\"".len()..];
         let address = &after[..after.find('"')?];
         address.rsplit(':').next()?.parse().ok()
     }
