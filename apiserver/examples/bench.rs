@@ -15,6 +15,7 @@ use async_nats::HeaderMap;
 use jobico_apiserver::jetstream::{JetStreamPublisher, StreamSettings};
 use jobico_apiserver::{AppState, Catalog, Metrics, NullPublisher, Publisher, catalog, server};
 use jobico_model::Manifest;
+use jobico_store::NatsAuth;
 use jobico_testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
 
@@ -215,9 +216,14 @@ async fn main() {
     let load = load_runtime.handle().clone();
     let nats = NatsServer::start();
     let full = Arc::new(
-        JetStreamPublisher::connect(&nats.url(), StreamSettings::default(), Metrics::new())
-            .await
-            .unwrap(),
+        JetStreamPublisher::connect(
+            &nats.url(),
+            &NatsAuth::default(),
+            StreamSettings::default(),
+            Metrics::new(),
+        )
+        .await
+        .unwrap(),
     );
     let context = full.context().clone();
     let (full_url, stop_full) = serve(full, true);

@@ -13,6 +13,7 @@ use futures::future::BoxFuture;
 use jobico_common::EventRecord;
 use jobico_common::telemetry::LogArgs;
 use jobico_model::Manifest;
+use jobico_store::NatsAuthArgs;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Auth, DEFAULT_AUDIENCE, KubernetesAuth, StaticTokens};
@@ -50,6 +51,9 @@ pub struct Args {
     /// NATS server URL.
     #[arg(long, env = "JOBICO_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    /// NATS credentials and TLS.
+    #[command(flatten)]
+    pub nats_auth: NatsAuthArgs,
     /// Read Job resources and ConfigMaps from these manifest files or directories instead of
     /// watching the cluster (comma separated or repeated).
     #[arg(long, env = "JOBICO_MANIFESTS", value_delimiter = ',')]
@@ -181,6 +185,9 @@ impl Args {
 
     /// Serves until SIGTERM or Ctrl-C, or until a background task fails.
     pub async fn run(self) -> anyhow::Result<()> {
+        // First: a credentials file that cannot be read stops the process here, not at the
+        // first connection attempt in the background.
+        let nats_auth = self.nats_auth.load()?;
         let shutdown = jobico_common::shutdown::on_signals();
         let metrics = Metrics::new();
         let catalog = Arc::new(Catalog::new());
@@ -259,15 +266,23 @@ impl Args {
             tokio::spawn(async move {
                 let mut delay = Duration::from_millis(200);
                 loop {
-                    match JetStreamPublisher::connect(&url, settings.clone(), metrics.clone()).await
-                    {
+                    let connected = JetStreamPublisher::connect(
+                        &url,
+                        &nats_auth,
+                        settings.clone(),
+                        metrics.clone(),
+                    )
+                    .await;
+                    match connected {
                         Ok(publisher) => {
-                            tracing::info!(%url, "connected to NATS, stream ready");
+                            tracing::info!(%url, identity = %nats_auth, "connected to NATS, stream ready");
                             let _ = target.inner.set(publisher);
                             return;
                         }
                         Err(error) => {
-                            tracing::warn!(%url, error = %anyhow::Error::from(error), "cannot set up NATS, retrying");
+                            // The whole chain: "authorization violation" is the cause's text.
+                            let error = format!("{:#}", anyhow::Error::from(error));
+                            tracing::warn!(%url, identity = %nats_auth, %error, "cannot set up NATS, retrying");
                         }
                     }
                     tokio::select! {

@@ -22,7 +22,7 @@ use futures::TryStreamExt;
 use futures::future::{BoxFuture, join_all};
 use jobico_common::subject::{self, STATE_BUCKET, STREAM, STREAM_SUBJECTS};
 use jobico_common::{EventRecord, EventState, EventStatus};
-use jobico_store::{BucketSettings, StateStore};
+use jobico_store::{BucketSettings, NatsAuth, StateStore};
 
 use crate::message;
 use crate::metrics::Metrics;
@@ -148,12 +148,14 @@ pub struct JetStreamPublisher {
 
 impl JetStreamPublisher {
     /// Connects to `url`, creates or updates the stream and opens (or creates) the state bucket.
+    /// Every connection presents `auth` (see [`jobico_store::auth`]).
     pub async fn connect(
         url: &str,
+        auth: &NatsAuth,
         settings: StreamSettings,
         metrics: Metrics,
     ) -> Result<Self, SetupError> {
-        let (client, context) = connect_context(url, &settings, "jobico-apiserver")
+        let (client, context) = connect_context(url, auth, &settings, "jobico-apiserver")
             .await
             .map_err(|source| SetupError::Connect {
                 url: url.to_string(),
@@ -174,12 +176,17 @@ impl JetStreamPublisher {
         let states = StateStore::open(&context, &bucket)
             .await
             .map_err(SetupError::Bucket)?;
-        let (worker_url, worker_settings) = (url.to_string(), settings.clone());
+        let (worker_url, worker_auth, worker_settings) =
+            (url.to_string(), auth.clone(), settings.clone());
         let workers = WorkerConnections::new(Arc::new(move || {
-            let (url, settings) = (worker_url.clone(), worker_settings.clone());
-            Box::pin(
-                async move { connect_context(&url, &settings, "jobico-apiserver-worker").await },
-            )
+            let (url, auth, settings) = (
+                worker_url.clone(),
+                worker_auth.clone(),
+                worker_settings.clone(),
+            );
+            Box::pin(async move {
+                connect_context(&url, &auth, &settings, "jobico-apiserver-worker").await
+            })
         }));
         Ok(Self {
             client,
@@ -353,14 +360,15 @@ impl JetStreamPublisher {
     }
 }
 
-/// Connects to `url` as `name` and builds the JetStream context every publish uses.
+/// Connects to `url` as `name` with `auth` and builds the JetStream context every publish uses.
 async fn connect_context(
     url: &str,
+    auth: &NatsAuth,
     settings: &StreamSettings,
     name: &str,
 ) -> Result<(async_nats::Client, jetstream::Context), async_nats::ConnectError> {
-    let client = async_nats::ConnectOptions::new()
-        .name(name)
+    let client = auth
+        .options(name, subject::INGRESS_INBOX)
         .reconnect_delay_callback(|attempts| {
             (Duration::from_millis(50) * attempts.min(20) as u32).min(MAX_RECONNECT_DELAY)
         })

@@ -12,6 +12,7 @@ use jobico_apiserver::jetstream::{JetStreamPublisher, StreamSettings};
 use jobico_apiserver::{AppState, Metrics};
 use jobico_common::subject::STATE_BUCKET;
 use jobico_common::{EventRecord, EventState, EventStatus};
+use jobico_store::NatsAuth;
 use jobico_testkit::NatsServer;
 use serde_json::json;
 
@@ -29,9 +30,10 @@ async fn connect(
     nats: &NatsServer,
     settings: StreamSettings,
 ) -> (actix_web::web::Data<AppState>, jetstream::Context) {
-    let publisher = JetStreamPublisher::connect(&nats.url(), settings, Metrics::new())
-        .await
-        .unwrap();
+    let publisher =
+        JetStreamPublisher::connect(&nats.url(), &NatsAuth::default(), settings, Metrics::new())
+            .await
+            .unwrap();
     let context = publisher.context().clone();
     (state_with(Arc::new(publisher), LIMIT), context)
 }
@@ -232,9 +234,14 @@ async fn eventually(seconds: u64, what: &str, mut check: impl FnMut() -> bool) {
 async fn an_http_worker_publishes_through_its_own_connection_and_survives_an_outage() {
     let mut nats = NatsServer::start();
     let publisher = Arc::new(
-        JetStreamPublisher::connect(&nats.url(), settings(), Metrics::new())
-            .await
-            .unwrap(),
+        JetStreamPublisher::connect(
+            &nats.url(),
+            &NatsAuth::default(),
+            settings(),
+            Metrics::new(),
+        )
+        .await
+        .unwrap(),
     );
     let context = publisher.context().clone();
     let state = state_with(publisher.clone(), LIMIT);
@@ -272,9 +279,14 @@ async fn an_http_worker_publishes_through_its_own_connection_and_survives_an_out
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_threaded_runtime_publishes_through_the_shared_connection() {
     let nats = NatsServer::start();
-    let publisher = JetStreamPublisher::connect(&nats.url(), settings(), Metrics::new())
-        .await
-        .unwrap();
+    let publisher = JetStreamPublisher::connect(
+        &nats.url(),
+        &NatsAuth::default(),
+        settings(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
     let record = EventRecord {
         id: jobico_common::EventId::parse("mt-1").unwrap(),
         namespace: "default".into(),

@@ -13,6 +13,7 @@ use jobico_dispatcher::metrics::Metrics as DispatcherMetrics;
 use jobico_dispatcher::state::StateStore;
 use jobico_dispatcher::{ConsumerSet, Dispatcher, RetryPolicy};
 use jobico_model::{Job as JobicoJob, Manifest};
+use jobico_store::NatsAuth;
 use tokio_util::sync::CancellationToken;
 
 use crate::local_backend::LocalBackend;
@@ -26,20 +27,37 @@ pub struct Durable {
     pub drained: tokio::task::JoinHandle<()>,
 }
 
-/// Connects to NATS at `url` (stream and state bucket as the cluster's ingress sets them up)
+/// Where and how durable mode reaches NATS.
+pub struct Nats<'a> {
+    /// The server URL.
+    pub url: &'a str,
+    /// Its credentials.
+    pub auth: &'a NatsAuth,
+    /// How long an event may stay unacknowledged before NATS hands it out again.
+    pub ack_wait: Duration,
+}
+
+/// Connects to NATS as `nats` says (stream and state bucket as the cluster's ingress sets them up)
 /// and starts one consumer per event declared in `manifest` and present in `events`.
 pub async fn start(
-    url: &str,
-    ack_wait: Duration,
+    nats: Nats<'_>,
     manifest: &Manifest,
     events: &EventMap,
     modules: Arc<Modules>,
     parallelism: usize,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Durable> {
-    let publisher = JetStreamPublisher::connect(url, StreamSettings::default(), Metrics::new())
-        .await
-        .with_context(|| format!("cannot use NATS at {url} (start one with `nats-server -js`)"))?;
+    let Nats {
+        url,
+        auth,
+        ack_wait,
+    } = nats;
+    let publisher =
+        JetStreamPublisher::connect(url, auth, StreamSettings::default(), Metrics::new())
+            .await
+            .with_context(|| {
+                format!("cannot use NATS at {url} as {auth} (start one with `nats-server -js`)")
+            })?;
     let js = publisher.context().clone();
     let states = StateStore::open(&js, &jobico_store::BucketSettings::default())
         .await

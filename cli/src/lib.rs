@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Local mode: serve the HTTP API and run each accepted event's module on this machine.
-    Up(up::UpArgs),
+    Up(Box<up::UpArgs>),
     /// Print the CustomResourceDefinition of the Job resource as YAML (the source of crds/job.yaml).
     Crd,
     /// Print a module ConfigMap holding WebAssembly files (for `| kubectl apply -f -`). Only
@@ -66,7 +66,7 @@ impl Cli {
     pub fn run(self) -> ExitCode {
         telemetry::init(&self.log);
         let result = match self.command {
-            Command::Up(args) => up::run(args),
+            Command::Up(args) => up::run(*args),
             Command::Crd => {
                 print!("{}", jobico_model::crd::crd_yaml());
                 Ok(())

@@ -19,6 +19,7 @@ use jobico_apiserver::http::DEFAULT_MAX_BODY_BYTES;
 use jobico_apiserver::{AppState, Catalog, MemoryQueue, Publisher, catalog, server};
 use jobico_dispatcher::consumer::ACK_WAIT;
 use jobico_model::Manifest;
+use jobico_store::NatsAuthArgs;
 
 use crate::durable;
 use crate::embedded;
@@ -66,6 +67,9 @@ pub struct UpArgs {
     /// each at least once, surviving a crash of this process.
     #[arg(long = "nats", env = "JOBICO_NATS_URL", value_name = "URL")]
     pub nats: Option<String>,
+    /// With --nats: how to authenticate to it.
+    #[command(flatten)]
+    pub nats_auth: NatsAuthArgs,
     /// With --nats: seconds an event may stay unacknowledged before NATS hands it out again;
     /// how soon events a crashed process was running are run again after a restart. Applied
     /// to each event type's consumer in NATS at start.
@@ -83,6 +87,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: UpArgs) -> anyhow::Result<()> {
+    // Before anything else: credentials without a server, or files that cannot be read.
+    if args.nats.is_none() && args.nats_auth.is_set() {
+        anyhow::bail!("the --nats-* credential and TLS flags need --nats URL");
+    }
+    let nats_auth = args.nats_auth.load()?;
     let mut _extracted = None;
     let manifests = if !args.manifests.is_empty() {
         args.manifests.clone()
@@ -151,9 +160,13 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
         }
         Some(url) => {
             let ack_wait = Duration::from_secs(args.ack_wait_secs);
-            let durable = durable::start(
+            let nats = durable::Nats {
                 url,
+                auth: &nats_auth,
                 ack_wait,
+            };
+            let durable = durable::start(
+                nats,
                 &manifest,
                 &events,
                 modules,
@@ -161,7 +174,9 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
                 shutdown.clone(),
             )
             .await?;
-            let mode = format!("durable: events kept in NATS at {url}, each run at least once");
+            let mode = format!(
+                "durable: events kept in NATS at {url} (as {nats_auth}), each run at least once"
+            );
             (durable.publisher, durable.drained, mode)
         }
     };

@@ -331,3 +331,114 @@ fn the_same_key_for_two_event_types_or_two_sources_gives_distinct_events() {
     assert!(status.success(), "{status}");
     assert_eq!(runs(&lines).len(), 2 + 2 + 4, "{:?}", runs(&lines));
 }
+
+/// A NATS user with every permission, for `jobico up` (which is the ingress and the
+/// dispatcher in one process).
+const LOCAL_USER_CONFIG: &str =
+    "authorization { users = [ { user: local, password: $LOCAL_PASSWORD } ] }";
+
+/// Runs `jobico up ARGS` expecting it to stop by itself; its exit status and output.
+fn refused(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_jobico"))
+        .arg("up")
+        .args(["--listen", "127.0.0.1:0", "--manifests"])
+        .arg(repo().join("samples"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("jobico up {args:?} did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status, text)
+}
+
+#[test]
+fn durable_mode_connects_with_a_user_and_a_password_file_and_refuses_to_start_without() {
+    let nats = NatsServer::start_with_config(LOCAL_USER_CONFIG, &[("LOCAL_PASSWORD", "s3cret")]);
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "guess").unwrap();
+    let missing = dir.path().join("missing");
+    let (url, password, wrong, missing) = (
+        nats.url(),
+        password.to_str().unwrap().to_owned(),
+        wrong.to_str().unwrap().to_owned(),
+        missing.to_str().unwrap().to_owned(),
+    );
+
+    // Without credentials, with a wrong password, with an unreadable password file, with
+    // credentials but no server: it says why and stops.
+    let with_user =
+        |file: &str| ["--nats-user", "local", "--nats-password-file", file].map(str::to_owned);
+    let cases: [(Vec<String>, String); 4] = [
+        (
+            vec!["--nats".into(), url.clone()],
+            format!("cannot use NATS at {url} as no credentials"),
+        ),
+        (
+            [
+                vec!["--nats".into(), url.clone()],
+                with_user(&wrong).to_vec(),
+            ]
+            .concat(),
+            format!("cannot use NATS at {url} as user local"),
+        ),
+        (
+            [
+                vec!["--nats".into(), url.clone()],
+                with_user(&missing).to_vec(),
+            ]
+            .concat(),
+            format!("cannot read the NATS password file {missing}"),
+        ),
+        (with_user(&password).to_vec(), "need --nats URL".into()),
+    ];
+    for (args, expected) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, output) = refused(&args);
+        assert!(!status.success(), "{args:?} started");
+        assert!(
+            output.contains(&expected),
+            "{args:?}: {expected:?} not in {output}"
+        );
+    }
+    assert!(
+        nats.log().contains("authentication error"),
+        "the server refused nobody:\n{}",
+        nats.log()
+    );
+
+    // With its user: events are kept and run as without authorization.
+    let samples = repo().join("samples");
+    let mut up = Up::start(
+        &repo(),
+        &[
+            "--nats",
+            &url,
+            "--nats-user",
+            "local",
+            "--nats-password-file",
+            &password,
+            "--manifests",
+            samples.to_str().unwrap(),
+        ],
+    );
+    up.wait_for(|l| l.contains("local mode ready (durable") && l.contains("as user local"));
+    let id = accepted_id(&up, "/execute/default/ev1", ADA);
+    let record = wait_for_state(&up, &id, |r| r["state"] == "succeeded");
+    assert_eq!(record["exitCode"], 0, "{record}");
+    assert!(up.stop().0.success());
+}

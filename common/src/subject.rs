@@ -19,6 +19,14 @@ pub const DEAD_LETTER_PREFIX: &str = "jobico-dlq";
 /// KV bucket holding each event's state, keyed by `<namespace>.<event>.<event id>`.
 pub const STATE_BUCKET: &str = "jobico-events";
 
+/// Inbox prefix of the ingress's connections: the replies to its JetStream requests (publish
+/// acks, lookups) arrive below it, and the deployed NATS lets only the ingress's user
+/// subscribe there.
+pub const INGRESS_INBOX: &str = "_INBOX.jobico-apiserver";
+
+/// Inbox prefix of the dispatcher's connections (pulled messages, KV and API replies).
+pub const DISPATCHER_INBOX: &str = "_INBOX.jobico-dispatcher";
+
 /// Header carrying the event id (also sent as `Nats-Msg-Id` for deduplication).
 pub const HEADER_EVENT_ID: &str = "Jobico-Event-Id";
 /// Header carrying the event name.

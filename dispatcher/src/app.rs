@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
+use jobico_common::subject::DISPATCHER_INBOX;
 use jobico_common::telemetry::LogArgs;
+use jobico_store::NatsAuthArgs;
 
 use crate::admin::{self, Readiness};
 use crate::consumer::{Dispatcher, RetryPolicy, wait_for_stream};
@@ -25,6 +27,9 @@ pub struct Args {
     /// NATS server URL.
     #[arg(long, env = "JOBICO_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    /// NATS credentials and TLS.
+    #[command(flatten)]
+    pub nats_auth: NatsAuthArgs,
     /// Container image of the executor (runs `wasm-exec run`).
     #[arg(long, env = "JOBICO_EXEC_IMAGE")]
     pub exec_image: String,
@@ -51,6 +56,8 @@ pub struct Args {
 
 /// Runs the dispatcher until SIGTERM / Ctrl-C or until leadership is lost.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // First: an unreadable credentials file stops the process before anything else starts.
+    let nats_auth = args.nats_auth.load()?;
     let shutdown = jobico_common::shutdown::on_signals();
     let metrics = Arc::new(Metrics::new());
     let readiness = Readiness::default();
@@ -68,9 +75,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("loading the kubeconfig or in-cluster configuration")?;
     controller::check_crd(&client).await?;
-    let nats = async_nats::connect(&args.nats)
+    let nats = nats_auth
+        .options("jobico-dispatcher", DISPATCHER_INBOX)
+        .connect(&args.nats)
         .await
-        .with_context(|| format!("connecting to NATS at {}", args.nats))?;
+        .with_context(|| format!("connecting to NATS at {} with {nats_auth}", args.nats))?;
+    tracing::info!(url = %args.nats, identity = %nats_auth, "connected to NATS");
     let js = async_nats::jetstream::new(nats);
     if wait_for_stream(&js, &shutdown).await.is_none() {
         return Ok(());
@@ -168,6 +178,21 @@ mod tests {
             Args::try_parse_from(["jobico-dispatcher", "--exec-image", "wasm-exec:1"]).unwrap();
         assert_eq!(args.exec_image, "wasm-exec:1");
         assert_eq!(args.admin_listen.port(), 9090);
+        assert!(!args.nats_auth.is_set());
+        let args = Args::try_parse_from([
+            "jobico-dispatcher",
+            "--exec-image",
+            "x",
+            "--nats-user",
+            "jobico-dispatcher",
+            "--nats-password-file",
+            "/var/run/secrets/jobico/nats/password",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.nats_auth.nats_user.as_deref(),
+            Some("jobico-dispatcher")
+        );
         assert!(
             Args::try_parse_from([
                 "jobico-dispatcher",

@@ -7,6 +7,8 @@
 //! on the revision that was read ([`StateStore::advance`], [`StateStore::claim`]), so replays (a
 //! redelivered message, a relisted watch, two writers racing) never move a record backwards
 //! and never overwrite a claim they did not see.
+//!
+//! How every component connects to NATS (credentials, TLS) is [`auth`].
 
 use std::time::Duration;
 
@@ -14,6 +16,10 @@ use async_nats::jetstream::{self, kv};
 use futures::TryStreamExt;
 use jobico_common::subject::{STATE_BUCKET, state_key, state_key_filter};
 use jobico_common::{EventState, EventStatus};
+
+pub mod auth;
+
+pub use auth::{NatsAuth, NatsAuthArgs, NatsAuthError};
 
 /// Attempts of a compare-and-set write before giving up; more than two writers rarely race.
 const CAS_ATTEMPTS: usize = 4;

