@@ -34,9 +34,9 @@ pub enum InvalidMessage {
     Traceparent(String),
 }
 
-/// `Nats-Msg-Id` of an event: `<namespace>.<event>.<id>`, what JetStream deduplicates on.
+/// `Nats-Msg-Id` of an event (see [`jobico_common::subject::message_id`]).
 pub fn message_id(record: &EventRecord) -> String {
-    format!("{}.{}.{}", record.namespace, record.event, record.id)
+    jobico_common::subject::message_id(&record.namespace, &record.event, record.id.as_str())
 }
 
 fn header_value(what: &str, value: &str) -> Result<HeaderValue, InvalidMessage> {

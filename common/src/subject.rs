@@ -41,6 +41,12 @@ pub fn event_subject(namespace: &str, event: &str, id: &str) -> String {
     format!("jobico.{namespace}.{event}.{id}")
 }
 
+/// The `Nats-Msg-Id` of an event, what JetStream deduplicates on: `<namespace>.<event>.<id>`,
+/// so the same id in two event types is two events.
+pub fn message_id(namespace: &str, event: &str, id: &str) -> String {
+    format!("{namespace}.{event}.{id}")
+}
+
 /// The (namespace, event, id) of an event subject made by [`event_subject`].
 pub fn parse_event_subject(subject: &str) -> Option<(&str, &str, &str)> {
     let rest = subject.strip_prefix("jobico.")?;
@@ -91,6 +97,7 @@ mod tests {
             Some(("default", "ev1", "x.1"))
         );
         assert_eq!(parse_event_subject("jobico.default.ev1"), None);
+        assert_eq!(message_id("ns", "ev1", "a.b"), "ns.ev1.a.b");
         assert_eq!(parse_event_subject("jobico-dlq.a.b.c"), None);
         assert_eq!(id_filter("default", "x.1"), "jobico.default.*.x.1");
         assert_eq!(dead_letter_subject("ns", "e"), "jobico-dlq.ns.e");
