@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Auth, DEFAULT_AUDIENCE, KubernetesAuth, StaticTokens};
 use crate::catalog::{self, Catalog};
 use crate::http::{AppState, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES};
-use crate::jetstream::{JetStreamPublisher, Retention, StreamSettings};
+use crate::jetstream::{JetStreamPublisher, PublishSettings};
 use crate::metrics::Metrics;
 use crate::publish::{
     NullPublisher, PublishError, PublishFailure, Published, Publisher, StatusLookup,
@@ -87,26 +87,13 @@ pub struct Args {
     /// HTTP worker threads (0: one per CPU core).
     #[arg(long, env = "JOBICO_HTTP_WORKERS", default_value_t = 0)]
     pub http_workers: usize,
-    /// Most bytes the stream holds before publishes are refused (503).
-    #[arg(long, env = "JOBICO_STREAM_MAX_BYTES", default_value_t = StreamSettings::default().max_bytes)]
-    pub stream_max_bytes: i64,
-    /// Largest message (one event) in bytes.
-    #[arg(long, env = "JOBICO_STREAM_MAX_MESSAGE_BYTES", default_value_t = StreamSettings::default().max_message_size)]
-    pub stream_max_message_bytes: i32,
-    /// Seconds a message id is remembered for deduplication.
-    #[arg(long, env = "JOBICO_DUPLICATE_WINDOW_SECS", default_value_t = 120)]
-    pub duplicate_window_secs: u64,
-    /// Oldest message kept, in seconds (0: no limit).
-    #[arg(long, env = "JOBICO_STREAM_MAX_AGE_SECS", default_value_t = 0)]
-    pub stream_max_age_secs: u64,
-    /// Stream and bucket replicas (3 for an R3 cluster).
-    #[arg(long, env = "JOBICO_STREAM_REPLICAS", default_value_t = 1)]
-    pub stream_replicas: usize,
-    /// Stream retention.
-    #[arg(long, env = "JOBICO_STREAM_RETENTION", value_enum, default_value_t = Retention::Workqueue)]
-    pub stream_retention: Retention,
+    /// Replicas of the state bucket when the ingress creates it (3 for an R3 cluster). The
+    /// event streams, their limits and replicas are the dispatcher's `--namespace-*` and
+    /// `--stream-*` flags.
+    #[arg(long, env = "JOBICO_STATE_REPLICAS", default_value_t = 1)]
+    pub state_replicas: usize,
     /// Seconds event states are kept in the KV bucket (0: forever).
-    #[arg(long, env = "JOBICO_STATE_TTL_SECS", default_value_t = StreamSettings::default().state_ttl.as_secs())]
+    #[arg(long, env = "JOBICO_STATE_TTL_SECS", default_value_t = PublishSettings::default().state_ttl.as_secs())]
     pub state_ttl_secs: u64,
     /// Longest a request's publish may take before the client gets 503, in milliseconds.
     #[arg(long, env = "JOBICO_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
@@ -170,14 +157,9 @@ impl Publisher for LazyPublisher {
 }
 
 impl Args {
-    fn stream_settings(&self) -> StreamSettings {
-        StreamSettings {
-            max_bytes: self.stream_max_bytes,
-            max_message_size: self.stream_max_message_bytes,
-            duplicate_window: Duration::from_secs(self.duplicate_window_secs),
-            max_age: Duration::from_secs(self.stream_max_age_secs),
-            replicas: self.stream_replicas,
-            retention: self.stream_retention,
+    fn publish_settings(&self) -> PublishSettings {
+        PublishSettings {
+            replicas: self.state_replicas,
             state_ttl: Duration::from_secs(self.state_ttl_secs),
             publish_timeout: Duration::from_millis(self.publish_timeout_ms),
         }
@@ -258,7 +240,7 @@ impl Args {
             let lazy = Arc::new(LazyPublisher::default());
             let (url, settings, metrics, target, stop) = (
                 self.nats.clone(),
-                self.stream_settings(),
+                self.publish_settings(),
                 metrics.clone(),
                 lazy.clone(),
                 shutdown.clone(),

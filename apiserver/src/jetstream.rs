@@ -1,6 +1,7 @@
 //! Publishing accepted events to NATS JetStream, and reading their states.
 //!
-//! One message per event on `jobico.<namespace>.<event>.<id>` in the stream `JOBICO`, with
+//! One message per event on `jobico.<namespace>.<event>.<id>` in the namespace's stream
+//! `JOBICO-<namespace>` (created by the dispatcher, with the namespace's limits), with
 //! `Nats-Msg-Id: <namespace>.<event>.<id>` so a retried request is deduplicated by the server
 //! within the stream's duplicate window. All events of a request are published at once and
 //! their acks awaited together; the answer is positive only when every ack arrived.
@@ -20,9 +21,9 @@ use async_nats::connection::State;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use futures::TryStreamExt;
 use futures::future::{BoxFuture, join_all};
-use jobico_common::subject::{self, STATE_BUCKET, STREAM, STREAM_SUBJECTS};
+use jobico_common::subject::{self, STATE_BUCKET};
 use jobico_common::{EventRecord, EventState, EventStatus};
-use jobico_store::{BucketSettings, NatsAuth, StateStore};
+use jobico_store::{BucketSettings, NatsAuth, StateStore, streams};
 
 use crate::message;
 use crate::metrics::Metrics;
@@ -41,76 +42,26 @@ const NATS_RETRY_AFTER: Duration = Duration::from_secs(2);
 /// Longest pause between reconnection attempts: NATS coming back is noticed within this.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
-/// Retention of the event stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Retention {
-    /// Work queue: a message is removed once the dispatcher acks it, so "full" means "too much
-    /// not yet dispatched" (the default).
-    Workqueue,
-    /// Limits: messages stay until `max_age` or the size limits remove them.
-    Limits,
-}
-
-/// Settings of the stream and bucket, applied (create or update) at start.
+/// How the ingress uses NATS: the state bucket it creates when missing, and how long a publish
+/// may take. The event streams themselves are the dispatcher's ([`jobico_store::streams`]).
 #[derive(Debug, Clone)]
-pub struct StreamSettings {
-    /// Most bytes the stream holds; beyond, publishes are refused (discard-new) and clients get 503.
-    pub max_bytes: i64,
-    /// Largest message (one event record) in bytes.
-    pub max_message_size: i32,
-    /// How long a `Nats-Msg-Id` is remembered for deduplication.
-    pub duplicate_window: Duration,
-    /// Oldest message kept (zero: no age limit).
-    pub max_age: Duration,
-    /// Replicas (1 for a single server, 3 for an R3 cluster).
+pub struct PublishSettings {
+    /// Replicas of the state bucket when the ingress creates it (3 for an R3 cluster).
     pub replicas: usize,
-    /// Retention policy.
-    pub retention: Retention,
     /// How long event states are kept in the KV bucket (zero: forever).
     pub state_ttl: Duration,
     /// Upper bound on one request's publish (all events and their acks).
     pub publish_timeout: Duration,
 }
 
-impl Default for StreamSettings {
+impl Default for PublishSettings {
     fn default() -> Self {
         Self {
-            // 1 GiB of backlog: hours of traffic at typical rates, a bounded disk footprint.
-            max_bytes: 1 << 30,
-            // Bodies are capped at 256 KiB by default; the record adds a few hundred bytes.
-            max_message_size: 1 << 20,
-            // JetStream's own default.
-            duplicate_window: Duration::from_secs(120),
-            max_age: Duration::ZERO,
             replicas: 1,
-            retention: Retention::Workqueue,
             // A week: long after the Kubernetes Job and its logs are gone.
             state_ttl: Duration::from_secs(7 * 24 * 3600),
             // Acks take milliseconds; five seconds means NATS is not answering.
             publish_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-impl StreamSettings {
-    /// The stream configuration these settings describe.
-    pub fn stream_config(&self) -> stream::Config {
-        stream::Config {
-            name: STREAM.to_string(),
-            subjects: vec![STREAM_SUBJECTS.to_string()],
-            description: Some("Jobico events accepted by the ingress".into()),
-            retention: match self.retention {
-                Retention::Workqueue => stream::RetentionPolicy::WorkQueue,
-                Retention::Limits => stream::RetentionPolicy::Limits,
-            },
-            discard: stream::DiscardPolicy::New,
-            max_bytes: self.max_bytes,
-            max_message_size: self.max_message_size,
-            duplicate_window: self.duplicate_window,
-            max_age: self.max_age,
-            num_replicas: self.replicas,
-            storage: stream::StorageType::File,
-            ..Default::default()
         }
     }
 }
@@ -127,9 +78,6 @@ pub enum SetupError {
         #[source]
         source: async_nats::ConnectError,
     },
-    /// The stream could not be created or updated.
-    #[error("cannot create or update stream {STREAM}")]
-    Stream(#[source] async_nats::jetstream::context::CreateStreamError),
     /// The KV bucket could not be opened or created.
     #[error("cannot open or create KV bucket {STATE_BUCKET}")]
     Bucket(#[source] jobico_store::StateError),
@@ -140,19 +88,18 @@ pub struct JetStreamPublisher {
     client: async_nats::Client,
     context: jetstream::Context,
     workers: WorkerConnections,
-    stream: stream::Stream<()>,
     states: StateStore,
-    settings: StreamSettings,
+    settings: PublishSettings,
     metrics: Metrics,
 }
 
 impl JetStreamPublisher {
-    /// Connects to `url`, creates or updates the stream and opens (or creates) the state bucket.
-    /// Every connection presents `auth` (see [`jobico_store::auth`]).
+    /// Connects to `url` and opens (or creates) the state bucket. Every connection presents
+    /// `auth` (see [`jobico_store::auth`]).
     pub async fn connect(
         url: &str,
         auth: &NatsAuth,
-        settings: StreamSettings,
+        settings: PublishSettings,
         metrics: Metrics,
     ) -> Result<Self, SetupError> {
         let (client, context) = connect_context(url, auth, &settings, "jobico-apiserver")
@@ -161,14 +108,6 @@ impl JetStreamPublisher {
                 url: url.to_string(),
                 source,
             })?;
-        context
-            .create_or_update_stream(settings.stream_config())
-            .await
-            .map_err(SetupError::Stream)?;
-        let stream = context
-            .get_stream_no_info(STREAM)
-            .await
-            .expect("the stream name is valid");
         let bucket = BucketSettings {
             max_age: settings.state_ttl,
             replicas: settings.replicas,
@@ -192,7 +131,6 @@ impl JetStreamPublisher {
             client,
             context,
             workers,
-            stream,
             states,
             settings,
             metrics,
@@ -236,10 +174,16 @@ impl JetStreamPublisher {
             .await
             .map_err(|e| match e.kind() {
                 PublishErrorKind::TimedOut => Self::unavailable("NATS did not acknowledge in time"),
-                PublishErrorKind::StreamNotFound => {
-                    Self::unavailable(format!("stream {STREAM} does not exist"))
-                }
-                // Discard-new refusals (stream full) and other store errors arrive here.
+                PublishErrorKind::StreamNotFound => Self::unavailable(format!(
+                    "namespace {} has no event stream yet (the dispatcher creates it when it \
+                     starts serving the namespace's events)",
+                    record.namespace
+                )),
+                // Discard-new: this namespace's stream is at its byte or message limit.
+                _ if streams::is_full(&e) => Self::unavailable(format!(
+                    "namespace {} holds as many undispatched events as its limit allows",
+                    record.namespace
+                )),
                 _ => Self::unavailable(format!("NATS refused the event: {e}")),
             })?;
         Ok(Published {
@@ -283,7 +227,8 @@ impl JetStreamPublisher {
         id: &str,
     ) -> Result<Option<EventStatus>, PublishError> {
         let subject = subject::event_subject(namespace, event, id);
-        let lookup = self.stream.get_last_raw_message_by_subject(&subject);
+        let stream = self.namespace_stream(namespace).await?;
+        let lookup = stream.get_last_raw_message_by_subject(&subject);
         let message = match tokio::time::timeout(self.settings.publish_timeout, lookup)
             .await
             .map_err(|_| Self::unavailable("NATS did not answer in time"))?
@@ -292,6 +237,8 @@ impl JetStreamPublisher {
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
                 return Ok(None);
             }
+            // No stream for the namespace yet: nothing of it was ever accepted.
+            Err(e) if streams::is_not_found(&e) => return Ok(None),
             Err(e) => return Err(Self::unavailable(format!("cannot look up the event: {e}"))),
         };
         let record: EventRecord = match serde_json::from_slice(&message.payload) {
@@ -322,15 +269,15 @@ impl JetStreamPublisher {
             )
             .await?;
         let filter = subject::id_filter(namespace, id);
+        let stream = self.namespace_stream(namespace).await?;
         let subjects: Vec<(String, usize)> = self
             .bounded("cannot look up the event", async {
-                self.stream
-                    .info_with_subjects(&filter)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .try_collect()
-                    .await
-                    .map_err(|e| e.to_string())
+                match stream.info_with_subjects(&filter).await {
+                    Ok(info) => info.try_collect().await.map_err(|e| e.to_string()),
+                    // No stream for the namespace yet: nothing of it was ever accepted.
+                    Err(e) if streams::is_not_found(&e) => Ok(Vec::new()),
+                    Err(e) => Err(e.to_string()),
+                }
             })
             .await?;
         events.extend(subjects.iter().filter_map(|(subject, _)| {
@@ -339,6 +286,14 @@ impl JetStreamPublisher {
         events.sort();
         events.dedup();
         Ok(events)
+    }
+
+    /// The event stream of `namespace` (a handle only: no request is made).
+    async fn namespace_stream(&self, namespace: &str) -> Result<stream::Stream<()>, PublishError> {
+        self.context
+            .get_stream_no_info(subject::stream_name(namespace))
+            .await
+            .map_err(|e| Self::unavailable(format!("cannot look up the event: {e}")))
     }
 
     /// The state of one event: the bucket first (every state after `accepted`), then the
@@ -364,7 +319,7 @@ impl JetStreamPublisher {
 async fn connect_context(
     url: &str,
     auth: &NatsAuth,
-    settings: &StreamSettings,
+    settings: &PublishSettings,
     name: &str,
 ) -> Result<(async_nats::Client, jetstream::Context), async_nats::ConnectError> {
     let client = auth
@@ -453,28 +408,5 @@ impl Publisher for JetStreamPublisher {
             };
             Ok(found.map_or(StatusLookup::NotFound, StatusLookup::Found))
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stream_config_follows_the_settings() {
-        let settings = StreamSettings {
-            replicas: 3,
-            retention: Retention::Limits,
-            ..Default::default()
-        };
-        let config = settings.stream_config();
-        assert_eq!(config.name, "JOBICO");
-        assert_eq!(config.subjects, ["jobico.>"]);
-        assert_eq!(config.discard, stream::DiscardPolicy::New);
-        assert_eq!(config.retention, stream::RetentionPolicy::Limits);
-        assert_eq!(config.num_replicas, 3);
-        assert_eq!(config.duplicate_window, Duration::from_secs(120));
-        let default = StreamSettings::default().stream_config();
-        assert_eq!(default.retention, stream::RetentionPolicy::WorkQueue);
     }
 }

@@ -8,12 +8,12 @@ use std::time::Duration;
 use anyhow::Context;
 use jobico_apiserver::Metrics;
 use jobico_apiserver::catalog::EventMap;
-use jobico_apiserver::jetstream::{JetStreamPublisher, StreamSettings};
+use jobico_apiserver::jetstream::{JetStreamPublisher, PublishSettings};
 use jobico_dispatcher::metrics::Metrics as DispatcherMetrics;
 use jobico_dispatcher::state::StateStore;
 use jobico_dispatcher::{ConsumerSet, Dispatcher, RetryPolicy};
 use jobico_model::{Job as JobicoJob, Manifest};
-use jobico_store::NatsAuth;
+use jobico_store::{NatsAuth, StreamSettings};
 use tokio_util::sync::CancellationToken;
 
 use crate::local_backend::LocalBackend;
@@ -21,7 +21,7 @@ use crate::local_exec::Modules;
 
 /// The running durable mode.
 pub struct Durable {
-    /// The ingress's publisher: stream `JOBICO`, state bucket, deduplication.
+    /// The ingress's publisher: the namespaces' streams, state bucket, deduplication.
     pub publisher: Arc<JetStreamPublisher>,
     /// Ends once shutdown was requested and the consumers have drained (what ran is acked).
     pub drained: tokio::task::JoinHandle<()>,
@@ -53,7 +53,7 @@ pub async fn start(
         ack_wait,
     } = nats;
     let publisher =
-        JetStreamPublisher::connect(url, auth, StreamSettings::default(), Metrics::new())
+        JetStreamPublisher::connect(url, auth, PublishSettings::default(), Metrics::new())
             .await
             .with_context(|| {
                 format!("cannot use NATS at {url} as {auth} (start one with `nats-server -js`)")
@@ -63,17 +63,34 @@ pub async fn start(
         .await
         .context("cannot open the event state bucket")?;
     let backend = LocalBackend::new(modules, states, parallelism);
+    jobico_store::streams::retire_legacy(&js)
+        .await
+        .context("cannot check for the event stream of an earlier release")?;
+    let streams = StreamSettings::default();
+    let owners = owners(manifest, events, parallelism);
+    // Every namespace's stream exists before the ingress answers: no 503 while the consumers
+    // start.
+    for namespace in owners
+        .iter()
+        .filter_map(|owner| owner.metadata.namespace.as_deref())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        jobico_store::streams::ensure(&js, namespace, &streams)
+            .await
+            .with_context(|| format!("cannot set up the event stream of namespace {namespace}"))?;
+    }
     let dispatcher = Dispatcher::connect_with(
         js,
         backend,
         Arc::new(DispatcherMetrics::new()),
         RetryPolicy::default(),
         ack_wait,
+        streams,
     )
     .await
     .context("cannot set up the event consumers")?;
     let consumers = Arc::new(ConsumerSet::new(dispatcher, shutdown.clone()));
-    for owner in owners(manifest, events, parallelism) {
+    for owner in owners {
         consumers.ensure(Arc::new(owner));
     }
     // Events of types these manifests no longer declare (left by an earlier run on the same

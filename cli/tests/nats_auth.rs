@@ -13,14 +13,15 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use common::repo;
 use futures::TryStreamExt;
-use jobico_apiserver::jetstream::{JetStreamPublisher, StreamSettings};
+use jobico_apiserver::jetstream::{JetStreamPublisher, PublishSettings};
 use jobico_apiserver::{Metrics, Publisher, StatusLookup};
 use jobico_common::subject::{
-    DISPATCHER_INBOX, INGRESS_INBOX, STATE_BUCKET, STREAM, event_subject,
+    DISPATCHER_INBOX, INGRESS_INBOX, STATE_BUCKET, event_subject, stream_name,
 };
 use jobico_common::{EventId, EventRecord, EventState};
 use jobico_dispatcher::consumer::{self, DEAD_LETTER_STREAM, consumer_name};
 use jobico_dispatcher::metrics::Metrics as DispatcherMetrics;
+use jobico_dispatcher::trust::Signer;
 use jobico_dispatcher::{Backend, Batch, DispatchError, Dispatched, Dispatcher, RetryPolicy};
 use jobico_model::Manifest;
 use jobico_store::{NatsAuth, NatsAuthArgs};
@@ -214,32 +215,45 @@ async fn only_jobico_users_connect_and_each_does_its_work_and_nothing_more() {
         assert!(refused.is_err(), "{user} connected");
     }
 
-    // The ingress sets up the stream and the bucket, publishes and reads states.
+    // The ingress opens the bucket; until the dispatcher has created the namespace's stream
+    // its events are refused (503), not stored anywhere else.
     let ingress = JetStreamPublisher::connect(
         &url,
         &ingress_auth,
-        StreamSettings::default(),
+        PublishSettings::default(),
         Metrics::new(),
     )
     .await
     .expect("the ingress connects with its credentials");
-    let published = ingress
-        .publish(vec![record("ok-1"), record("bad-1")])
-        .await
-        .unwrap_or_else(|e| panic!("{:?}", e.error));
-    assert_eq!(published.len(), 2);
-    assert_eq!(state(&ingress, "ok-1").await, Some(EventState::Accepted));
+    let early = ingress.publish(vec![record("early-1")]).await.unwrap_err();
+    assert!(
+        early.error.to_string().contains("no event stream yet"),
+        "{:?}",
+        early.error
+    );
 
-    // The dispatcher: waits for the stream, opens the bucket and the dead-letter stream,
-    // consumes, claims, acks, dead-letters.
+    // The dispatcher: retires a legacy stream (none here), loads the signing key, opens the
+    // bucket and the dead-letter stream, creates the namespace's stream, consumes, claims,
+    // acks, dead-letters.
     let client = dispatcher_auth
         .options("jobico-dispatcher", DISPATCHER_INBOX)
         .connect(&url)
         .await
         .expect("the dispatcher connects with its credentials");
     let js = jetstream::new(client);
+    jobico_store::streams::retire_legacy(&js).await.unwrap();
+    let signer = Signer::load_or_create(&js)
+        .await
+        .expect("the dispatcher creates its signing key");
+    let again = Signer::load_or_create(&js)
+        .await
+        .expect("a second replica reads the signing key");
+    let mut signed = k8s_openapi::api::batch::v1::Job::default();
+    signed.metadata.name = Some("jobico-ev1-x".into());
+    signed.metadata.namespace = Some("default".into());
+    signer.sign_job(&mut signed);
+    assert!(again.verify(&signed), "the replicas share one key");
     let token = CancellationToken::new();
-    consumer::wait_for_stream(&js, &token).await.unwrap();
     let backend = Arc::new(Scripted {
         refuse: HashSet::from(["bad-1".to_owned()]),
         dispatched: Mutex::default(),
@@ -267,6 +281,18 @@ async fn only_jobico_users_connect_and_each_does_its_work_and_nothing_more() {
         "ev1".into(),
         token.clone(),
     ));
+    let deadline = Instant::now() + WAIT;
+    while js.get_stream(stream_name("default")).await.is_err() {
+        assert!(Instant::now() < deadline, "the namespace's stream never appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The ingress publishes to the namespace's stream and reads states.
+    let published = ingress
+        .publish(vec![record("ok-1"), record("bad-1")])
+        .await
+        .unwrap_or_else(|e| panic!("{:?}", e.error));
+    assert_eq!(published.len(), 2);
     wait_for_state(&ingress, "ok-1", EventState::Dispatched).await;
     wait_for_state(&ingress, "bad-1", EventState::DeadLettered).await;
     assert_eq!(*backend.dispatched.lock().unwrap(), ["ok-1"]);
@@ -285,11 +311,13 @@ async fn only_jobico_users_connect_and_each_does_its_work_and_nothing_more() {
     token.cancel();
     consuming.await.unwrap();
     // Both messages acked (the work queue is empty), one dead letter kept.
-    let mut events = js.get_stream(STREAM).await.unwrap();
+    let mut events = js.get_stream(stream_name("default")).await.unwrap();
     assert_eq!(events.info().await.unwrap().state.messages, 0);
     let mut dead = js.get_stream(DEAD_LETTER_STREAM).await.unwrap();
     assert_eq!(dead.info().await.unwrap().state.messages, 1);
-    // The orphan sweep lists the durable consumers and removes one.
+    // The orphan sweep lists the streams and their durable consumers and removes one.
+    let names: Vec<String> = js.stream_names().try_collect().await.unwrap();
+    assert!(names.contains(&stream_name("default")), "{names:?}");
     let infos: Vec<_> = events.consumers().try_collect().await.unwrap();
     let names: Vec<String> = infos.into_iter().map(|info| info.name).collect();
     assert_eq!(names, [consumer_name("default", "ev1")]);
@@ -303,15 +331,31 @@ async fn only_jobico_users_connect_and_each_does_its_work_and_nothing_more() {
         "refused their own work"
     );
 
-    // With the ingress's credentials: no deleting or purging the stream, no writing states, no
-    // reading other events.
+    // With the ingress's credentials: no creating, changing, deleting or purging a stream, no
+    // writing states, no reading the signing key or other events.
     let js = context(&url, &ingress_auth, INGRESS_INBOX).await;
-    assert!(js.delete_stream(STREAM).await.is_err());
-    let stream = js.get_stream(STREAM).await.unwrap();
+    assert!(js.delete_stream(stream_name("default")).await.is_err());
+    let stream = js.get_stream(stream_name("default")).await.unwrap();
     assert!(stream.purge().await.is_err());
+    let mut wide = stream.cached_info().config.clone();
+    wide.max_bytes = -1;
+    assert!(js.update_stream(wide).await.is_err());
+    assert!(
+        js.create_stream(jobico_store::StreamSettings::default().config("other"))
+            .await
+            .is_err()
+    );
     let bucket = js.get_key_value(STATE_BUCKET).await.unwrap();
     assert!(bucket.put("default.ev1.ok-1", "{}".into()).await.is_err());
     assert_eq!(state(&ingress, "ok-1").await, Some(EventState::Succeeded));
+    let key_stream = js.get_stream_no_info("KV_jobico-dispatcher").await.unwrap();
+    assert!(
+        key_stream
+            .get_last_raw_message_by_subject("$KV.jobico-dispatcher.job-signing-key")
+            .await
+            .is_err(),
+        "the ingress read the signing key"
+    );
     let client = ingress_auth
         .options("test", INGRESS_INBOX)
         .connect(&url)
@@ -320,15 +364,17 @@ async fn only_jobico_users_connect_and_each_does_its_work_and_nothing_more() {
     let _snooping = client.subscribe("jobico.>").await.unwrap();
     wait_for_log(&server, "Subscription Violation - Subject \"jobico.>\"").await;
 
-    // With the dispatcher's: no events of its own making, no deleting a stream.
+    // With the dispatcher's: no events of its own making, no deleting or purging an event
+    // stream.
     let js = context(&url, &dispatcher_auth, DISPATCHER_INBOX).await;
     let forged = js
         .publish(event_subject("default", "ev1", "forged"), "{}".into())
         .await;
     assert!(forged.is_err() || forged.unwrap().await.is_err());
     assert!(js.delete_stream(DEAD_LETTER_STREAM).await.is_err());
-    assert!(js.delete_stream(STREAM).await.is_err());
-    let mut events = js.get_stream(STREAM).await.unwrap();
+    assert!(js.delete_stream(stream_name("default")).await.is_err());
+    let mut events = js.get_stream(stream_name("default")).await.unwrap();
+    assert!(events.purge().await.is_err());
     assert_eq!(
         events.info().await.unwrap().state.messages,
         0,

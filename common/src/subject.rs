@@ -7,11 +7,30 @@
 //! but not yet dispatched (`jobico.<namespace>.*.<id>`), so accepting an event takes a single
 //! JetStream write.
 
-/// The JetStream stream holding accepted events.
-pub const STREAM: &str = "JOBICO";
+/// The single event stream of earlier releases (subjects `jobico.>`). Its subjects overlap
+/// every namespace's stream, so the dispatcher removes it once it is empty and refuses to start
+/// beside one that still holds events (see the README's upgrade note).
+pub const LEGACY_STREAM: &str = "JOBICO";
 
-/// Subjects the stream captures.
-pub const STREAM_SUBJECTS: &str = "jobico.>";
+/// Prefix of the per-namespace event streams: `JOBICO-<namespace>`.
+const STREAM_PREFIX: &str = "JOBICO-";
+
+/// The JetStream stream holding the accepted events of `namespace`. One stream per namespace
+/// gives each tenant its own byte and message limits: one namespace's backlog never fills
+/// another's stream.
+pub fn stream_name(namespace: &str) -> String {
+    format!("{STREAM_PREFIX}{namespace}")
+}
+
+/// The namespace whose events stream `name` holds, for names made by [`stream_name`].
+pub fn parse_stream_name(name: &str) -> Option<&str> {
+    name.strip_prefix(STREAM_PREFIX).filter(|ns| !ns.is_empty())
+}
+
+/// The subjects the stream of `namespace` captures: `jobico.<namespace>.>`.
+pub fn stream_subjects(namespace: &str) -> String {
+    format!("jobico.{namespace}.>")
+}
 
 /// Prefix of dead-letter subjects: `jobico-dlq.<namespace>.<event>` (outside the main stream).
 pub const DEAD_LETTER_PREFIX: &str = "jobico-dlq";
@@ -103,6 +122,13 @@ mod tests {
         assert_eq!(dead_letter_subject("ns", "e"), "jobico-dlq.ns.e");
         assert_eq!(state_key("ns", "ev1", "id-1"), "ns.ev1.id-1");
         assert_eq!(state_key_filter("ns", "a.b"), "ns.*.a.b");
-        assert!(event_subject("a", "b", "c").starts_with(STREAM_SUBJECTS.trim_end_matches('>')));
+        assert_eq!(stream_name("team-a"), "JOBICO-team-a");
+        assert_eq!(parse_stream_name(&stream_name("team-a")), Some("team-a"));
+        assert_eq!(parse_stream_name(LEGACY_STREAM), None);
+        assert_eq!(parse_stream_name("JOBICO_DLQ"), None);
+        assert_eq!(parse_stream_name("JOBICO-"), None);
+        assert!(
+            event_subject("a", "b", "c").starts_with(stream_subjects("a").trim_end_matches('>'))
+        );
     }
 }

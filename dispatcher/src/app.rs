@@ -7,10 +7,10 @@ use anyhow::Context as _;
 use clap::Parser;
 use jobico_common::subject::DISPATCHER_INBOX;
 use jobico_common::telemetry::LogArgs;
-use jobico_store::NatsAuthArgs;
+use jobico_store::{NatsAuthArgs, StreamArgs};
 
 use crate::admin::{self, Readiness};
-use crate::consumer::{Dispatcher, RetryPolicy, wait_for_stream};
+use crate::consumer::{ACK_WAIT, Dispatcher, RetryPolicy};
 use crate::consumers::{ConsumerSet, ORPHAN_GRACE};
 use crate::controller::{self, Context};
 use crate::kubernetes::KubeBackend;
@@ -30,6 +30,9 @@ pub struct Args {
     /// NATS credentials and TLS.
     #[command(flatten)]
     pub nats_auth: NatsAuthArgs,
+    /// The namespaces' event streams: limits, retention, replicas.
+    #[command(flatten)]
+    pub streams: StreamArgs,
     /// Container image of the executor (runs `wasm-exec run`).
     #[arg(long, env = "JOBICO_EXEC_IMAGE")]
     pub exec_image: String,
@@ -82,9 +85,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("connecting to NATS at {} with {nats_auth}", args.nats))?;
     tracing::info!(url = %args.nats, identity = %nats_auth, "connected to NATS");
     let js = async_nats::jetstream::new(nats);
-    if wait_for_stream(&js, &shutdown).await.is_none() {
-        return Ok(());
-    }
     readiness.set(true);
 
     let elector = Elector::new(
@@ -96,6 +96,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     metrics.leader.set(1);
 
+    // The single stream of an earlier release would keep every namespace's stream from being
+    // created: removed when empty, else the process stops saying how to drain it.
+    jobico_store::streams::retire_legacy(&js)
+        .await
+        .context("checking for the event stream of an earlier release")?;
     let signer = Signer::load_or_create(&js)
         .await
         .context("loading the Job signing key")?;
@@ -103,8 +108,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         KubeBackend::new(client.clone(), Renderer::new(&args.exec_image)).with_signer(signer),
     );
     let retry = RetryPolicy::default();
-    let dispatcher = Dispatcher::connect(js, backend.clone(), metrics.clone(), retry)
-        .await
+    let dispatcher = Dispatcher::connect_with(
+        js,
+        backend.clone(),
+        metrics.clone(),
+        retry,
+        ACK_WAIT,
+        args.streams.settings(),
+    )
+    .await
         .context("opening the state bucket and dead-letter stream")?;
     // Everything below stops on `work`: a signal, or the lease lost.
     let work = shutdown.child_token();

@@ -3,7 +3,7 @@
 //! [`crate::dispatch`]. Pulling stops while the event type is at its `concurrency` cap or a
 //! batch is failing transiently (the [`Gate`]).
 //!
-//! Entry points: [`Dispatcher::connect`] (streams, state bucket), [`run`] (one event type until
+//! Entry points: [`Dispatcher::connect`] (state bucket, dead letters), [`run`] (one event type until
 //! cancelled) and [`crate::consumers::ConsumerSet`] (one task per declared event, as resources
 //! come and go).
 
@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message, consumer::pull, stream};
 use futures::StreamExt;
-use jobico_common::subject::{DEAD_LETTER_PREFIX, STREAM, event_filter};
+use jobico_common::subject::{DEAD_LETTER_PREFIX, event_filter};
+use jobico_store::StreamSettings;
 use jobico_model::Job as JobicoJob;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -36,8 +37,6 @@ const MAX_ACK_PENDING: i64 = 4_000;
 /// A consumer nobody pulls from for this long is removed by the server (its event was
 /// deleted); a replay after that is caught by the state records.
 const INACTIVE_THRESHOLD: Duration = Duration::from_secs(7 * 24 * 3600);
-/// How often to look again for the event stream while waiting for the ingress to create it.
-const STREAM_POLL: Duration = Duration::from_secs(2);
 /// How often to look at the active-Job count while at the concurrency cap.
 const CAP_POLL: Duration = Duration::from_millis(200);
 /// Pause before re-creating a consumer whose message stream failed.
@@ -114,6 +113,8 @@ pub struct Dispatcher<B> {
     pub retry: RetryPolicy,
     /// The consumers' ack wait (set when a consumer is created; [`ACK_WAIT`] by default).
     pub ack_wait: Duration,
+    /// The settings of the namespaces' event streams, applied when a consumer starts.
+    pub streams: StreamSettings,
 }
 
 impl<B> std::fmt::Debug for Dispatcher<B> {
@@ -125,26 +126,32 @@ impl<B> std::fmt::Debug for Dispatcher<B> {
 }
 
 impl<B: Backend> Dispatcher<B> {
-    /// Opens the state bucket and the dead-letter stream (creating them if missing).
+    /// Opens the state bucket and the dead-letter stream (creating them if missing); event
+    /// streams get the default settings.
     pub async fn connect(
         js: jetstream::Context,
         backend: B,
         metrics: Arc<Metrics>,
         retry: RetryPolicy,
     ) -> Result<Arc<Self>, ConsumerError> {
-        Self::connect_with(js, backend, metrics, retry, ACK_WAIT).await
+        Self::connect_with(js, backend, metrics, retry, ACK_WAIT, StreamSettings::default()).await
     }
 
     /// [`Dispatcher::connect`] with another ack wait (tests use a short one to see
-    /// redeliveries quickly).
+    /// redeliveries quickly) and the event streams' settings.
     pub async fn connect_with(
         js: jetstream::Context,
         backend: B,
         metrics: Arc<Metrics>,
         retry: RetryPolicy,
         ack_wait: Duration,
+        streams: StreamSettings,
     ) -> Result<Arc<Self>, ConsumerError> {
-        let states = StateStore::open(&js, &BucketSettings::default())
+        let bucket = BucketSettings {
+            replicas: streams.replicas,
+            ..BucketSettings::default()
+        };
+        let states = StateStore::open(&js, &bucket)
             .await
             .map_err(|e| ConsumerError::Nats {
                 what: "opening the state bucket".into(),
@@ -166,6 +173,7 @@ impl<B: Backend> Dispatcher<B> {
             counters: Counters::default(),
             retry,
             ack_wait,
+            streams,
         }))
     }
 }
@@ -174,29 +182,6 @@ impl<B: Backend> Dispatcher<B> {
 /// no `-`, so the name is unambiguous).
 pub fn consumer_name(namespace: &str, event: &str) -> String {
     format!("jobico-{namespace}-{event}")
-}
-
-/// Waits until the ingress has created the event stream. The dispatcher does not create it:
-/// the ingress owns its configuration (retention, limits, duplicate window).
-pub async fn wait_for_stream(
-    js: &jetstream::Context,
-    shutdown: &CancellationToken,
-) -> Option<jetstream::stream::Stream> {
-    let mut warned = false;
-    loop {
-        match js.get_stream(STREAM).await {
-            Ok(stream) => return Some(stream),
-            Err(error) if !warned => {
-                tracing::warn!(stream = STREAM, %error, "event stream not found, waiting for the ingress to create it");
-                warned = true;
-            }
-            Err(_) => {}
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(STREAM_POLL) => {}
-        }
-    }
 }
 
 /// Consumes one event type of `owner` until `shutdown`, re-creating the consumer after
@@ -244,9 +229,14 @@ async fn consume<B: Backend>(
     } = spec.effective_batch();
     let cap = spec.concurrency.map(|c| c as usize);
 
-    let Some(stream) = wait_for_stream(&ctx.js, shutdown).await else {
-        return Ok(());
-    };
+    // The namespace's stream, created (or brought to the current limits) by its first
+    // consumer; the ingress refuses the namespace's events with 503 until it exists.
+    let stream = jobico_store::streams::ensure(&ctx.js, &namespace, &ctx.streams)
+        .await
+        .map_err(|e| ConsumerError::Nats {
+            what: format!("setting up the event stream of {namespace}"),
+            message: e.to_string(),
+        })?;
     let name = consumer_name(&namespace, event);
     // Create or update: a consumer left by an earlier start (or version) takes this one's
     // filter subject and settings instead of keeping its own.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::pull;
 use futures::StreamExt;
 use jobico_common::EventRecord;
-use jobico_common::subject::STREAM;
+use jobico_common::subject::{parse_stream_name, stream_name};
 use jobico_model::Job as JobicoJob;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio_util::sync::CancellationToken;
@@ -218,24 +218,35 @@ impl<B: Backend> ConsumerSet<B> {
         }
     }
 
-    /// Event types whose durable consumer has a backlog and no running consumer.
+    /// Event types whose durable consumer has a backlog and no running consumer, over every
+    /// namespace's event stream.
     async fn orphans(&self) -> Result<HashSet<(String, String)>, String> {
-        let stream = self
-            .ctx
-            .js
-            .get_stream(STREAM)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut names = self.ctx.js.stream_names();
+        let mut namespaces = Vec::new();
+        while let Some(name) = names.next().await {
+            let name = name.map_err(|e| e.to_string())?;
+            if let Some(namespace) = parse_stream_name(&name) {
+                namespaces.push(namespace.to_owned());
+            }
+        }
         let running: HashSet<_> = self.events().into_iter().collect();
-        let mut infos = stream.consumers();
         let mut orphans = HashSet::new();
-        while let Some(info) = infos.next().await {
-            let info = info.map_err(|e| e.to_string())?;
-            let Some(slot) = parse_consumer_name(&info.name) else {
-                continue;
+        for namespace in namespaces {
+            let Ok(stream) = self.ctx.js.get_stream(stream_name(&namespace)).await else {
+                continue; // removed since it was listed
             };
-            if !running.contains(&slot) && (info.num_pending > 0 || info.num_ack_pending > 0) {
-                orphans.insert(slot);
+            let mut infos = stream.consumers();
+            while let Some(info) = infos.next().await {
+                let info = info.map_err(|e| e.to_string())?;
+                let Some(slot) = parse_consumer_name(&info.name) else {
+                    continue;
+                };
+                if slot.0 == namespace
+                    && !running.contains(&slot)
+                    && (info.num_pending > 0 || info.num_ack_pending > 0)
+                {
+                    orphans.insert(slot);
+                }
             }
         }
         Ok(orphans)
@@ -250,7 +261,7 @@ impl<B: Backend> ConsumerSet<B> {
             "event {namespace}/{event} has not been declared by any valid resource for {}s (deleted or invalid)",
             grace.as_secs()
         );
-        let Ok(stream) = self.ctx.js.get_stream(STREAM).await else {
+        let Ok(stream) = self.ctx.js.get_stream(stream_name(namespace)).await else {
             return;
         };
         let Ok(consumer) = stream.get_consumer::<pull::Config>(&name).await else {

@@ -8,7 +8,8 @@
 //! redelivered message, a relisted watch, two writers racing) never move a record backwards
 //! and never overwrite a claim they did not see.
 //!
-//! How every component connects to NATS (credentials, TLS) is [`auth`].
+//! How every component connects to NATS (credentials, TLS) is [`auth`]; the per-namespace
+//! event streams are [`streams`].
 
 use std::time::Duration;
 
@@ -18,8 +19,10 @@ use jobico_common::subject::{STATE_BUCKET, state_key, state_key_filter};
 use jobico_common::{EventState, EventStatus};
 
 pub mod auth;
+pub mod streams;
 
 pub use auth::{NatsAuth, NatsAuthArgs, NatsAuthError};
+pub use streams::{Retention, StreamArgs, StreamError, StreamSettings};
 
 /// Attempts of a compare-and-set write before giving up; more than two writers rarely race.
 const CAS_ATTEMPTS: usize = 4;
