@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::web;
 use async_nats::HeaderMap;
-use jobico_apiserver::jetstream::{JetStreamPublisher, StreamSettings};
+use jobico_apiserver::jetstream::{JetStreamPublisher, PublishSettings};
 use jobico_apiserver::{AppState, Catalog, Metrics, NullPublisher, Publisher, catalog, server};
 use jobico_model::Manifest;
 use jobico_store::NatsAuth;
@@ -179,7 +179,7 @@ async fn nats_load(
 
 async fn purge(context: &async_nats::jetstream::Context) {
     context
-        .get_stream("JOBICO")
+        .get_stream(jobico_common::subject::stream_name("default"))
         .await
         .unwrap()
         .purge()
@@ -219,13 +219,22 @@ async fn main() {
         JetStreamPublisher::connect(
             &nats.url(),
             &NatsAuth::default(),
-            StreamSettings::default(),
+            PublishSettings::default(),
             Metrics::new(),
         )
         .await
         .unwrap(),
     );
     let context = full.context().clone();
+    // The namespace's stream, as the dispatcher creates it, with room for a run's events.
+    let streams = jobico_store::StreamSettings {
+        max_bytes: 1 << 30,
+        max_messages: -1,
+        ..Default::default()
+    };
+    jobico_store::streams::ensure(&context, "default", &streams)
+        .await
+        .unwrap();
     let (full_url, stop_full) = serve(full, true);
     let (ceiling_url, stop_ceiling) = serve(Arc::new(NullPublisher), false);
 

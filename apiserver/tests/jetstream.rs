@@ -8,39 +8,65 @@ use std::time::{Duration, Instant};
 use actix_web::http::{StatusCode, header};
 use async_nats::jetstream;
 use common::{VALID, put, send, state_with};
-use jobico_apiserver::jetstream::{JetStreamPublisher, StreamSettings};
+use jobico_apiserver::jetstream::{JetStreamPublisher, PublishSettings};
 use jobico_apiserver::{AppState, Metrics};
 use jobico_common::subject::STATE_BUCKET;
 use jobico_common::{EventRecord, EventState, EventStatus};
-use jobico_store::NatsAuth;
+use jobico_store::{NatsAuth, StreamSettings};
 use jobico_testkit::NatsServer;
 use serde_json::json;
 
 const LIMIT: usize = 64 * 1024;
 
 /// Short timeouts so the outage test is quick.
-fn settings() -> StreamSettings {
-    StreamSettings {
+fn settings() -> PublishSettings {
+    PublishSettings {
         publish_timeout: Duration::from_millis(1500),
         ..Default::default()
     }
 }
 
-async fn connect(
+/// The stream of namespace `default`, as its dispatcher would create it.
+const STREAM: &str = "JOBICO-default";
+
+/// The ingress on `nats`, with the streams of `default` and `team-b` created with `streams`
+/// (the dispatcher's part).
+async fn connect_with(
     nats: &NatsServer,
-    settings: StreamSettings,
+    settings: PublishSettings,
+    streams: StreamSettings,
 ) -> (actix_web::web::Data<AppState>, jetstream::Context) {
     let publisher =
         JetStreamPublisher::connect(&nats.url(), &NatsAuth::default(), settings, Metrics::new())
             .await
             .unwrap();
     let context = publisher.context().clone();
+    for namespace in ["default", "team-b"] {
+        jobico_store::streams::ensure(&context, namespace, &streams)
+            .await
+            .unwrap();
+    }
     (state_with(Arc::new(publisher), LIMIT), context)
+}
+
+async fn connect(
+    nats: &NatsServer,
+    settings: PublishSettings,
+) -> (actix_web::web::Data<AppState>, jetstream::Context) {
+    connect_with(nats, settings, StreamSettings::default()).await
+}
+
+/// Streams of 4 KiB.
+fn small() -> StreamSettings {
+    StreamSettings {
+        max_bytes: 4096,
+        ..Default::default()
+    }
 }
 
 async fn stream_messages(context: &jetstream::Context) -> u64 {
     context
-        .get_stream("JOBICO")
+        .get_stream(STREAM)
         .await
         .unwrap()
         .info()
@@ -62,7 +88,7 @@ async fn publishes_one_message_per_event_with_headers_and_reports_it_accepted() 
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["ids"], json!(["order-1"]));
 
-    let stream = context.get_stream("JOBICO").await.unwrap();
+    let stream = context.get_stream(STREAM).await.unwrap();
     let message = stream
         .get_last_raw_message_by_subject("jobico.default.ev1.order-1")
         .await
@@ -189,7 +215,7 @@ async fn a_recorded_state_wins_over_the_stored_event_and_outlives_it() {
     )
     .await
     .unwrap();
-    let stream = context.get_stream("JOBICO").await.unwrap();
+    let stream = context.get_stream(STREAM).await.unwrap();
     let message = stream
         .get_last_raw_message_by_subject("jobico.default.ev1.gone")
         .await
@@ -244,6 +270,9 @@ async fn an_http_worker_publishes_through_its_own_connection_and_survives_an_out
         .unwrap(),
     );
     let context = publisher.context().clone();
+    jobico_store::streams::ensure(&context, "default", &StreamSettings::default())
+        .await
+        .unwrap();
     let state = state_with(publisher.clone(), LIMIT);
     // actix's test runtime is single-threaded, like an HTTP worker's. The first request goes
     // through the shared connection while this thread's own is being made.
@@ -287,6 +316,9 @@ async fn a_multi_threaded_runtime_publishes_through_the_shared_connection() {
     )
     .await
     .unwrap();
+    jobico_store::streams::ensure(publisher.context(), "default", &StreamSettings::default())
+        .await
+        .unwrap();
     let record = EventRecord {
         id: jobico_common::EventId::parse("mt-1").unwrap(),
         namespace: "default".into(),
@@ -345,11 +377,7 @@ async fn nats_down_is_503_and_recovers_without_restart() {
 #[actix_web::test]
 async fn a_full_stream_is_503_and_keeps_nothing_new() {
     let nats = NatsServer::start();
-    let small = StreamSettings {
-        max_bytes: 4096,
-        ..settings()
-    };
-    let (state, context) = connect(&nats, small).await;
+    let (state, context) = connect_with(&nats, settings(), small()).await;
     let mut accepted = 0;
     let mut refused = None;
     for _ in 0..100 {
@@ -366,11 +394,106 @@ async fn a_full_stream_is_503_and_keeps_nothing_new() {
     }
     let refused = refused.expect("a 4 KiB stream must fill up");
     assert!(
-        refused["error"].as_str().unwrap().contains("refused"),
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("namespace default holds as many undispatched events as its limit allows"),
         "{refused}"
     );
     assert!(accepted > 0);
     assert_eq!(stream_messages(&context).await, accepted);
+}
+
+/// Sends `ev1` events to `namespace` until one is refused; returns how many were accepted and
+/// the refusal's error.
+async fn fill(state: &actix_web::web::Data<AppState>, namespace: &str) -> (u64, String) {
+    let mut accepted = 0;
+    for _ in 0..10_000 {
+        let (status, _, body) = send(state, put(&format!("/execute/{namespace}/ev1"), VALID)).await;
+        match status {
+            StatusCode::ACCEPTED => accepted += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                return (accepted, body["error"].as_str().unwrap().to_owned());
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    panic!("{namespace} accepted 10,000 events past its limit");
+}
+
+#[actix_web::test]
+async fn one_tenant_at_its_limit_never_blocks_another() {
+    let nats = NatsServer::start();
+    // Limits in messages: 20 events per namespace.
+    let limits = StreamSettings {
+        max_messages: 20,
+        ..Default::default()
+    };
+    let (state, context) = connect_with(&nats, settings(), limits).await;
+    let (accepted, error) = fill(&state, "default").await;
+    assert_eq!(accepted, 20);
+    assert!(error.contains("namespace default"), "{error}");
+
+    // team-b has its own stream and limit: all of it is still there.
+    let (accepted_b, error_b) = fill(&state, "team-b").await;
+    assert_eq!(
+        accepted_b, 20,
+        "the other tenant's backlog took team-b's room"
+    );
+    assert!(error_b.contains("namespace team-b"), "{error_b}");
+    let mut b = context.get_stream("JOBICO-team-b").await.unwrap();
+    assert_eq!(b.info().await.unwrap().state.messages, 20);
+    assert_eq!(stream_messages(&context).await, 20);
+
+    // Room again in default (its dispatcher drained it): default accepts, team-b still full.
+    context
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    assert_eq!(
+        send(&state, put("/execute/default/ev1", VALID)).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        send(&state, put("/execute/team-b/ev1", VALID)).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[actix_web::test]
+async fn a_namespace_without_its_stream_yet_is_503_and_its_status_lookups_find_nothing() {
+    let nats = NatsServer::start();
+    let publisher = JetStreamPublisher::connect(
+        &nats.url(),
+        &NatsAuth::default(),
+        settings(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let context = publisher.context().clone();
+    jobico_store::streams::ensure(&context, "default", &StreamSettings::default())
+        .await
+        .unwrap();
+    let state = state_with(Arc::new(publisher), LIMIT);
+    let (status, headers, body) = send(&state, put("/execute/team-b/ev1", VALID)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(headers.get(header::RETRY_AFTER).is_some());
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("namespace team-b has no event stream yet"),
+        "{body}"
+    );
+    assert_eq!(body["stored"], json!([false]), "{body}");
+    for path in ["/events/team-b/some-id", "/events/team-b/ev1/some-id"] {
+        let (status, _, body) = send(&state, actix_web::test::TestRequest::get().uri(path)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+    }
 }
 
 #[actix_web::test]
@@ -446,11 +569,7 @@ async fn retry_each(state: &actix_web::web::Data<AppState>, ids: &[(String, bool
 #[actix_web::test]
 async fn a_batch_cut_short_by_a_full_stream_says_which_events_are_kept() {
     let nats = NatsServer::start();
-    let small = StreamSettings {
-        max_bytes: 4096,
-        ..settings()
-    };
-    let (state, context) = connect(&nats, small).await;
+    let (state, context) = connect_with(&nats, settings(), small()).await;
     let batch = format!("{{\"data\":[{}]}}", vec![VALID; 50].join(","));
     let (status, headers, body) = send(&state, put("/execute/default/ev1", &batch)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -460,7 +579,7 @@ async fn a_batch_cut_short_by_a_full_stream_says_which_events_are_kept() {
     let kept: Vec<_> = outcomes.iter().filter(|(_, s)| *s).collect();
     assert!(!kept.is_empty() && kept.len() < 50, "{body}");
     assert_eq!(stream_messages(&context).await, kept.len() as u64);
-    let stream = context.get_stream("JOBICO").await.unwrap();
+    let stream = context.get_stream(STREAM).await.unwrap();
     for (id, stored) in &outcomes {
         let found = stream
             .get_last_raw_message_by_subject(&format!("jobico.default.ev1.{id}"))
@@ -480,7 +599,7 @@ async fn a_batch_cut_short_by_a_full_stream_says_which_events_are_kept() {
 
 async fn small_stream_config(context: &jetstream::Context) -> jetstream::stream::Config {
     context
-        .get_stream("JOBICO")
+        .get_stream(STREAM)
         .await
         .unwrap()
         .info()

@@ -283,7 +283,10 @@ async fn only_jobico_users_connect_and_each_does_its_work_and_nothing_more() {
     ));
     let deadline = Instant::now() + WAIT;
     while js.get_stream(stream_name("default")).await.is_err() {
-        assert!(Instant::now() < deadline, "the namespace's stream never appeared");
+        assert!(
+            Instant::now() < deadline,
+            "the namespace's stream never appeared"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use futures::StreamExt;
 use jobico_common::EventRecord;
-use jobico_common::subject::{STREAM, event_filter, event_subject};
+use jobico_common::subject::{event_filter, event_subject, stream_name};
 use jobico_dispatcher::backend::Batch;
 use jobico_dispatcher::consumer;
 use jobico_dispatcher::kubernetes::KubeBackend;
@@ -133,7 +133,7 @@ async fn api_ceiling(batches: &[Batch]) -> f64 {
 /// prefetch and double-acks each, as many at once as the dispatcher may hold unacked
 /// (`MAX_IN_FLIGHT_BATCHES` batches of `size`). Returns events per second.
 async fn nats_ceiling(js: &jetstream::Context, events: usize, size: usize) -> f64 {
-    let stream = js.get_stream(STREAM).await.unwrap();
+    let stream = js.get_stream(stream_name("default")).await.unwrap();
     let consumer = stream
         .create_consumer(pull::Config {
             durable_name: Some("bench-ceiling".into()),

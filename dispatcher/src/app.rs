@@ -117,7 +117,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.streams.settings(),
     )
     .await
-        .context("opening the state bucket and dead-letter stream")?;
+    .context("opening the state bucket and dead-letter stream")?;
     // Everything below stops on `work`: a signal, or the lease lost.
     let work = shutdown.child_token();
     let consumers = Arc::new(ConsumerSet::new(dispatcher.clone(), work.clone()));

@@ -13,8 +13,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, Message, consumer::pull, stream};
 use futures::StreamExt;
 use jobico_common::subject::{DEAD_LETTER_PREFIX, event_filter};
-use jobico_store::StreamSettings;
 use jobico_model::Job as JobicoJob;
+use jobico_store::StreamSettings;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -134,7 +134,15 @@ impl<B: Backend> Dispatcher<B> {
         metrics: Arc<Metrics>,
         retry: RetryPolicy,
     ) -> Result<Arc<Self>, ConsumerError> {
-        Self::connect_with(js, backend, metrics, retry, ACK_WAIT, StreamSettings::default()).await
+        Self::connect_with(
+            js,
+            backend,
+            metrics,
+            retry,
+            ACK_WAIT,
+            StreamSettings::default(),
+        )
+        .await
     }
 
     /// [`Dispatcher::connect`] with another ack wait (tests use a short one to see

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use jobico_common::EventState;
-use jobico_common::subject::STREAM;
+const STREAM: &str = "JOBICO-default";
 use jobico_dispatcher::backend::{Backend, Batch, DispatchError, Dispatched};
 use jobico_dispatcher::consumer::{
     self, DEAD_LETTER_STREAM, HEADER_DEAD_LETTER_REASON, consumer_name,
@@ -101,6 +101,7 @@ async fn start<B: Backend>(
         Arc::new(Metrics::new()),
         FAST,
         ack_wait,
+        jobico_store::StreamSettings::default(),
     )
     .await
     .unwrap();
@@ -571,6 +572,16 @@ async fn a_crash_between_claim_and_create_with_regrouped_batches_gives_one_job_p
 #[tokio::test]
 async fn a_replay_to_a_recreated_consumer_creates_no_second_job() {
     let (_server, js) = nats().await;
+    // Limits retention: acked messages stay, so a new consumer replays them (the dispatcher
+    // keeps an existing stream's retention).
+    js.delete_stream(STREAM).await.unwrap();
+    let limits = jobico_store::StreamSettings {
+        retention: jobico_store::Retention::Limits,
+        ..Default::default()
+    };
+    jobico_store::streams::ensure(&js, "default", &limits)
+        .await
+        .unwrap();
     let (client, cluster) = FakeCluster::start();
     publish(&js, "default", "ev1", "p", 4).await;
     let signer = jobico_dispatcher::trust::Signer::ephemeral();

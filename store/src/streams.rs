@@ -163,25 +163,44 @@ pub enum StreamError {
     },
 }
 
-/// Creates `namespace`'s stream, or updates it to `settings` (an existing stream takes the
-/// current limits). Idempotent: every consumer of the namespace calls it when it starts.
+/// Creates `namespace`'s stream, or brings an existing one to `settings` (a restart with new
+/// limits applies them). A change JetStream refuses on an existing stream (its retention, its
+/// storage) leaves the stream as it is, with a warning: its events keep flowing. Idempotent:
+/// every consumer of the namespace calls it when it starts.
 pub async fn ensure(
     js: &jetstream::Context,
     namespace: &str,
     settings: &StreamSettings,
 ) -> Result<stream::Stream, StreamError> {
-    js.create_or_update_stream(settings.config(namespace))
-        .await
-        .map_err(|e| StreamError::Nats {
-            stream: stream_name(namespace),
-            message: e.to_string(),
-        })?;
-    js.get_stream(stream_name(namespace))
-        .await
-        .map_err(|e| StreamError::Nats {
-            stream: stream_name(namespace),
-            message: e.to_string(),
-        })
+    let name = stream_name(namespace);
+    let nats = |e: &dyn std::fmt::Display| StreamError::Nats {
+        stream: name.clone(),
+        message: e.to_string(),
+    };
+    let wanted = settings.config(namespace);
+    let mut existing = match js.get_stream(&name).await {
+        Ok(stream) => stream,
+        Err(e) if is_not_found(&e) => match js.create_stream(wanted.clone()).await {
+            Ok(stream) => return Ok(stream),
+            // Another consumer or replica created it first: use theirs, as below.
+            Err(_) => js.get_stream(&name).await.map_err(|e| nats(&e))?,
+        },
+        Err(e) => return Err(nats(&e)),
+    };
+    let current = existing.cached_info().config.clone();
+    if current == wanted {
+        return Ok(existing);
+    }
+    match js.update_stream(&wanted).await {
+        Ok(_) => {
+            existing.info().await.map_err(|e| nats(&e))?;
+            Ok(existing)
+        }
+        Err(error) => {
+            tracing::warn!(stream = name, %error, "keeping the event stream's settings: JetStream refused the change");
+            Ok(existing)
+        }
+    }
 }
 
 /// Removes the single `JOBICO` stream of earlier releases when it is empty (its subjects
@@ -209,7 +228,9 @@ pub async fn retire_legacy(js: &jetstream::Context) -> Result<(), StreamError> {
     if messages > 0 {
         return Err(StreamError::LegacyHoldsEvents { messages });
     }
-    js.delete_stream(LEGACY_STREAM).await.map_err(|e| nats(&e))?;
+    js.delete_stream(LEGACY_STREAM)
+        .await
+        .map_err(|e| nats(&e))?;
     tracing::info!(
         stream = LEGACY_STREAM,
         "removed the empty event stream of an earlier release"

@@ -12,7 +12,8 @@ use jobico_apiserver::{AppState, Catalog, Publisher, catalog, configure};
 use jobico_model::Manifest;
 use serde_json::Value;
 
-/// ConfigMap with a person schema and a broken one; a Job declaring `ev1` and `broken`.
+/// ConfigMap with a person schema and a broken one; a Job declaring `ev1` and `broken`; a
+/// second tenant, `team-b`, with its own `ev1`.
 pub const MANIFEST: &str = r#"
 apiVersion: v1
 kind: ConfigMap
@@ -31,6 +32,19 @@ spec:
   events:
     - {name: ev1, wasm: echo.wasm, schema: {key: schema-ev1}}
     - {name: broken, wasm: echo.wasm, schema: {name: schema-ev1, key: broken.json}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: schema-ev1, namespace: team-b}
+data:
+  schema-ev1.json: '{"type": "object"}'
+---
+apiVersion: jobico.coeux.dev/v1
+kind: Job
+metadata: {name: job-for-ev1, namespace: team-b}
+spec:
+  events:
+    - {name: ev1, wasm: echo.wasm, schema: {key: schema-ev1}}
 "#;
 
 /// A valid `ev1` event.

@@ -12,7 +12,7 @@ use serde_json::json;
 pub mod fake_api;
 
 use async_nats::jetstream;
-use jobico_common::subject::{HEADER_EVENT_ID, STREAM, STREAM_SUBJECTS, event_subject};
+use jobico_common::subject::{HEADER_EVENT_ID, event_subject};
 use jobico_testkit::NatsServer;
 
 /// The UID given to sample resources (the API server would assign one).
@@ -86,20 +86,17 @@ pub fn golden(name: &str, actual: &str) {
     );
 }
 
-/// A nats-server with the event stream created as the ingress would.
+/// A nats-server with the event stream of namespace `default` created as a consumer of the
+/// namespace creates it (so tests may publish before their consumers start).
 pub async fn nats() -> (NatsServer, jetstream::Context) {
     let server = NatsServer::start();
     let client = async_nats::connect(server.url())
         .await
         .expect("connect to nats");
     let js = jetstream::new(client);
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec![STREAM_SUBJECTS.into()],
-        ..Default::default()
-    })
-    .await
-    .expect("create the event stream");
+    jobico_store::streams::ensure(&js, "default", &jobico_store::StreamSettings::default())
+        .await
+        .expect("create the event stream");
     (server, js)
 }
 
