@@ -31,3 +31,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (includes the crds/job.yaml and samples/*.wasm drift checks)"
 cargo test --workspace --locked
+
+step "scripts/chaos.sh --short (faults and hostile inputs; nothing lost, nothing twice)"
+scripts/chaos.sh --short

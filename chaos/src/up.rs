@@ -1,0 +1,184 @@
+//! The processes a scenario attacks: `jobico up --nats` (real binary, output to one log file
+//! per incarnation) and what it printed. Killed by PID only.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// How long a starting `jobico up` may take to say it is ready (it compiles the samples).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The line `jobico up` prints when it serves.
+const READY: &str = "local mode ready";
+
+/// One `jobico up --nats` on a fixed port, restartable.
+pub struct Up {
+    bin: PathBuf,
+    repo: PathBuf,
+    logs: PathBuf,
+    port: u16,
+    nats_url: String,
+    ack_wait_secs: u64,
+    incarnations: usize,
+    child: Option<Child>,
+    /// Exits we did not cause.
+    pub crashes: usize,
+}
+
+impl Up {
+    /// An `Up` (not started) running `bin` in `repo` against `nats_url`, logs under `logs`.
+    pub fn new(bin: &Path, repo: &Path, logs: &Path, nats_url: &str, ack_wait_secs: u64) -> Self {
+        Self {
+            bin: bin.to_owned(),
+            repo: repo.to_owned(),
+            logs: logs.to_owned(),
+            port: free_port(),
+            nats_url: nats_url.to_owned(),
+            ack_wait_secs,
+            incarnations: 0,
+            child: None,
+            crashes: 0,
+        }
+    }
+
+    /// The base URL, the same for every incarnation.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The PID of the running incarnation.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts a new incarnation and waits until it serves.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        let log = self.logs.join(format!("up-{}.log", self.incarnations));
+        self.incarnations += 1;
+        let out = std::fs::File::create(&log).context("cannot create the log file")?;
+        let child = Command::new(&self.bin)
+            .arg("up")
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--nats", &self.nats_url])
+            .args(["--ack-wait-secs", &self.ack_wait_secs.to_string()])
+            .args(["--http-workers", "2"])
+            .current_dir(&self.repo)
+            .env("JOBICO_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if std::fs::read_to_string(&log)?.contains(READY) {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                bail!(
+                    "jobico up exited at start with {status}:\n{}",
+                    std::fs::read_to_string(&log)?
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("jobico up did not get ready within {START_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Counts an exit we did not cause as a crash; true while it runs.
+    pub fn check(&mut self) -> bool {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(_)) = child.try_wait()
+        {
+            self.crashes += 1;
+            self.child = None;
+        }
+        self.child.is_some()
+    }
+
+    /// `kill -9` of the running incarnation (by its PID), as a crash would.
+    pub fn kill9(&mut self) {
+        self.check();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and the wait for the exit.
+    pub fn stop(&mut self) {
+        self.check();
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Completed runs per event id, over every incarnation's output: the `succeeded in` or
+    /// `failed (` line `jobico up` prints once a run ends.
+    pub fn runs(&self) -> HashMap<String, usize> {
+        let mut runs = HashMap::new();
+        for n in 0..self.incarnations {
+            let text =
+                std::fs::read_to_string(self.logs.join(format!("up-{n}.log"))).unwrap_or_default();
+            for line in text.lines() {
+                if !(line.contains("] succeeded in") || line.contains("] failed (")) {
+                    continue;
+                }
+                // `[default/ev1 <id>] succeeded in 0.5 ms`
+                if let Some(id) = line
+                    .strip_prefix('[')
+                    .and_then(|rest| rest.split_once(']'))
+                    .and_then(|(tag, _)| tag.split_once(' '))
+                    .map(|(_, id)| id.to_owned())
+                {
+                    *runs.entry(id).or_insert(0) += 1;
+                }
+            }
+        }
+        runs
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A loopback port nothing listens on now (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("cannot bind a loopback port")
+}
+
+/// Peak resident memory of process `pid` in KiB (`VmHWM`), if readable.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}

