@@ -280,6 +280,9 @@ async fn consume<B: Backend>(
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BATCHES));
     let gate = Gate::default();
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Signalled when a batch finishes, so a consumer at its cap pulls again at once rather
+    // than at the next poll (the poll stays for Jobs the backend sees finish).
+    let finished = Arc::new(tokio::sync::Notify::new());
     let mut tasks = JoinSet::new();
     let mut carry: Option<Message> = None;
     let mut pull_errors = 0;
@@ -292,6 +295,7 @@ async fn consume<B: Backend>(
             {
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'pull Ok(()),
+                    _ = finished.notified() => {}
                     _ = tokio::time::sleep(CAP_POLL) => {}
                 }
             }
@@ -356,12 +360,14 @@ async fn consume<B: Backend>(
         let event = event.to_owned();
         let shutdown = shutdown.clone();
         let in_flight = in_flight.clone();
+        let finished = finished.clone();
         let gate = gate.clone();
         in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tasks.spawn(
             async move {
                 process(&ctx, owner, event, batch, &gate, &shutdown).await;
                 in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                finished.notify_one();
                 drop(permit);
             }
             .in_current_span(),
