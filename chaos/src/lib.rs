@@ -4,7 +4,9 @@
 //! --nats`), attacks them (processes are killed by PID only) while clients send events and
 //! retry as the README says, then counts: events attempted, acknowledged (`202`), executed
 //! (a completed run printed by `jobico up`), **lost** (acknowledged, never executed),
-//! **duplicated** (more than one completed run), dead-lettered, the time to drain after the
+//! **duplicated** (more than one completed run, other than the re-run of a run whose process
+//! we killed before it recorded the outcome: local durable mode is at least once, and those
+//! are counted in a column of their own), dead-lettered, the time to drain after the
 //! last acknowledgement, and crashes (an exit nobody caused). It prints one table and exactly
 //! one summary line, `chaos: <N> scenarios, <L> lost, <D> duplicated, <C> crashes`, and
 //! succeeds only when all three are zero (and no request got a 5xx other than 503).
@@ -88,8 +90,11 @@ pub struct Row {
     pub executed: usize,
     /// Acknowledged, never run.
     pub lost: usize,
-    /// Run more than once.
+    /// Run more than once, other than [`Row::rerun`]: a second run caused by us.
     pub duplicated: usize,
+    /// Run again because the process running it was killed before its outcome was recorded
+    /// (local durable mode is at least once; counted, not a duplicate).
+    pub rerun: usize,
     /// Dead-lettered.
     pub dead_lettered: usize,
     /// Seconds from the last 202 until every acknowledged event had run.
@@ -187,18 +192,19 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "\n| scenario | attempted | acked (202) | executed | lost | duplicated | dead-lettered | drain | crashes | unexpected answers | peak RSS | note |"
+        "\n| scenario | attempted | acked (202) | executed | lost | duplicated | re-run after kill -9 | dead-lettered | drain | crashes | unexpected answers | peak RSS | note |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.name,
             r.attempted,
             r.acked,
             r.executed,
             r.lost,
             r.duplicated,
+            r.rerun,
             r.dead_lettered,
             r.drain
                 .map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64())),

@@ -82,7 +82,14 @@ async fn settle(up: &mut Up, sent: &Sent, row: &mut Row) {
         .filter(|id| runs.contains_key(*id))
         .count();
     row.lost = row.acked - row.executed;
-    row.duplicated = runs.values().filter(|&&n| n > 1).count();
+    row.rerun = runs
+        .values()
+        .filter(|incarnations| up.is_rerun_after_kill(incarnations))
+        .count();
+    row.duplicated = runs
+        .values()
+        .filter(|incarnations| incarnations.len() > 1 && !up.is_rerun_after_kill(incarnations))
+        .count();
     row.unexpected += sent.unexpected.len();
     for answer in sent.unexpected.iter().take(3) {
         eprintln!("chaos: {}: unexpected answer {answer}", row.name);

@@ -23,6 +23,8 @@ pub struct Up {
     nats_url: String,
     ack_wait_secs: u64,
     incarnations: usize,
+    /// Per incarnation: whether we ended it with `kill -9`.
+    killed: Vec<bool>,
     child: Option<Child>,
     /// Exits we did not cause.
     pub crashes: usize,
@@ -39,6 +41,7 @@ impl Up {
             nats_url: nats_url.to_owned(),
             ack_wait_secs,
             incarnations: 0,
+            killed: Vec::new(),
             child: None,
             crashes: 0,
         }
@@ -58,6 +61,7 @@ impl Up {
     pub fn start(&mut self) -> anyhow::Result<()> {
         let log = self.logs.join(format!("up-{}.log", self.incarnations));
         self.incarnations += 1;
+        self.killed.push(false);
         let out = std::fs::File::create(&log).context("cannot create the log file")?;
         let child = Command::new(&self.bin)
             .arg("up")
@@ -113,6 +117,9 @@ impl Up {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            if let Some(killed) = self.killed.last_mut() {
+                *killed = true;
+            }
         }
     }
 
@@ -127,10 +134,10 @@ impl Up {
         }
     }
 
-    /// Completed runs per event id, over every incarnation's output: the `succeeded in` or
-    /// `failed (` line `jobico up` prints once a run ends.
-    pub fn runs(&self) -> HashMap<String, usize> {
-        let mut runs = HashMap::new();
+    /// Completed runs per event id, over every incarnation's output (the `succeeded in` or
+    /// `failed (` line `jobico up` prints once a run ends): the incarnation of each run.
+    pub fn runs(&self) -> HashMap<String, Vec<usize>> {
+        let mut runs: HashMap<String, Vec<usize>> = HashMap::new();
         for n in 0..self.incarnations {
             let text =
                 std::fs::read_to_string(self.logs.join(format!("up-{n}.log"))).unwrap_or_default();
@@ -145,11 +152,23 @@ impl Up {
                     .and_then(|(tag, _)| tag.split_once(' '))
                     .map(|(_, id)| id.to_owned())
                 {
-                    *runs.entry(id).or_insert(0) += 1;
+                    runs.entry(id).or_default().push(n);
                 }
             }
         }
         runs
+    }
+
+    /// Whether the runs of one event (their incarnations, in order) are the at-least-once
+    /// re-run of a run cut by `kill -9`: each run but the last in a different incarnation,
+    /// one we killed (its outcome was not recorded before the kill, so it ran again).
+    /// Anything else with several runs is a duplicate.
+    pub fn is_rerun_after_kill(&self, incarnations: &[usize]) -> bool {
+        incarnations.len() > 1
+            && incarnations.windows(2).all(|w| w[0] < w[1])
+            && incarnations[..incarnations.len() - 1]
+                .iter()
+                .all(|&n| self.killed.get(n).copied().unwrap_or(false))
     }
 }
 

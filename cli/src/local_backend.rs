@@ -25,8 +25,8 @@ use wasm_exec::EventOutcome;
 
 use crate::local_exec::Modules;
 
-/// How long the consumer is told to wait before retrying a batch whose state could not be
-/// recorded: NATS is reconnecting, which takes about a second.
+/// Pause between attempts to record a state NATS did not take: it is reconnecting, which
+/// takes about a second.
 const STATE_RETRY: Duration = Duration::from_secs(1);
 
 /// An event run here: (namespace, run name, event id).
@@ -97,18 +97,21 @@ impl LocalBackend {
 
     /// Records each event's final state, decided as the cluster's tracker decides it: from
     /// the batch's exit code and the termination message a pod would have written.
-    async fn record(&self, batch: &Batch, outcomes: &[EventOutcome]) -> Result<(), DispatchError> {
+    ///
+    /// A write that fails (NATS is away) is retried here until it succeeds: the events have
+    /// run, and handing the batch back would run them a second time. Meanwhile the batch stays
+    /// in flight, so a redelivery of its messages is handed back rather than run.
+    async fn record(&self, batch: &Batch, outcomes: &[EventOutcome]) {
         for status in final_statuses(batch, outcomes) {
-            self.states
-                .advance(status)
-                .await
-                // Not acked: the batch runs again once NATS answers (at least once).
-                .map_err(|error| DispatchError::Retryable {
-                    reason: format!("ran, but cannot record the state: {error}"),
-                    retry_after: Some(STATE_RETRY),
-                })?;
+            let mut warned = false;
+            while let Err(error) = self.states.advance(status.clone()).await {
+                if !warned {
+                    tracing::warn!(id = %status.id, %error, "ran, but cannot record the state yet; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(STATE_RETRY).await;
+            }
         }
-        Ok(())
     }
 }
 
@@ -180,7 +183,7 @@ impl Backend for LocalBackend {
         .map_err(|error| DispatchError::Permanent {
             reason: format!("the executor of {job} failed: {error}"),
         })?;
-        self.record(batch, &outcomes).await?;
+        self.record(batch, &outcomes).await;
         Ok(Dispatched { job, created: true })
     }
 
