@@ -7,6 +7,7 @@
 //! cancelled) and [`crate::consumers::ConsumerSet`] (one task per declared event, as resources
 //! come and go).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -283,6 +284,20 @@ async fn consume<B: Backend>(
     // Signalled when a batch finishes, so a consumer at its cap pulls again at once rather
     // than at the next poll (the poll stays for Jobs the backend sees finish).
     let finished = Arc::new(tokio::sync::Notify::new());
+    // Stream sequences of the messages this consumer holds. A redelivery of one of them (its
+    // ack wait passed during a NATS outage, with the first copy still in the client's buffer
+    // or being dispatched) is dropped rather than dispatched beside it: the first copy's ack
+    // settles both.
+    let in_hand: Arc<std::sync::Mutex<HashSet<u64>>> = Arc::default();
+    let take = |message: &Message| -> bool {
+        match message.info() {
+            Ok(info) => in_hand
+                .lock()
+                .expect("in-hand lock")
+                .insert(info.stream_sequence),
+            Err(_) => true,
+        }
+    };
     let mut tasks = JoinSet::new();
     let mut carry: Option<Message> = None;
     let mut pull_errors = 0;
@@ -317,6 +332,10 @@ async fn consume<B: Backend>(
             None => tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 next = messages.next() => match next {
+                    Some(Ok(message)) if !take(&message) => {
+                        pull_errors = 0;
+                        continue;
+                    }
                     Some(Ok(message)) => {
                         pull_errors = 0;
                         message
@@ -343,6 +362,7 @@ async fn consume<B: Backend>(
                 next = messages.next() => next,
             };
             match next {
+                Some(Ok(message)) if !take(&message) => {}
                 Some(Ok(message)) if bytes + message.payload.len() > max_bytes => {
                     carry = Some(message);
                     break;
@@ -361,11 +381,21 @@ async fn consume<B: Backend>(
         let shutdown = shutdown.clone();
         let in_flight = in_flight.clone();
         let finished = finished.clone();
+        let sequences: Vec<u64> = batch
+            .iter()
+            .filter_map(|m| m.info().ok().map(|i| i.stream_sequence))
+            .collect();
+        let in_hand = in_hand.clone();
         let gate = gate.clone();
         in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tasks.spawn(
             async move {
                 process(&ctx, owner, event, batch, &gate, &shutdown).await;
+                let mut held = in_hand.lock().expect("in-hand lock");
+                for sequence in sequences {
+                    held.remove(&sequence);
+                }
+                drop(held);
                 in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 finished.notify_one();
                 drop(permit);
