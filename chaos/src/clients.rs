@@ -32,6 +32,17 @@ pub async fn send_all(
     concurrency: usize,
     deadline: Instant,
 ) -> Sent {
+    send_to(base, "default/ev1", keys, concurrency, deadline).await
+}
+
+/// [`send_all`] to event `target` (`<namespace>/<event>`).
+pub async fn send_to(
+    base: &str,
+    target: &str,
+    keys: Vec<String>,
+    concurrency: usize,
+    deadline: Instant,
+) -> Sent {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -43,7 +54,7 @@ pub async fn send_all(
     futures::stream::iter(keys)
         .map(|key| {
             let (client, sent) = (client.clone(), sent.clone());
-            let url = format!("{base}/execute/default/ev1");
+            let url = format!("{base}/execute/{target}");
             async move {
                 let body = format!(r#"{{"firstName":"Chaos","lastName":"{key}"}}"#);
                 while Instant::now() < deadline {

@@ -34,6 +34,9 @@ pub const ALL: &[Scenario] = &[
     ("kill -9 nats-server, restart on its store", |e, p, r| {
         Box::pin(kill_nats(e, p, r))
     }),
+    ("a poison event beside healthy ones", |e, p, _| {
+        Box::pin(poison(e, p))
+    }),
     ("malformed requests", |e, p, r| {
         Box::pin(crate::hostile::malformed(e, p, r))
     }),
@@ -155,6 +158,116 @@ async fn kill_nats(env: &Env, profile: &Profile, rng: &mut Rng) -> anyhow::Resul
         ..Default::default()
     };
     settle(&mut up, &sent, &mut row).await;
+    Ok(row)
+}
+
+/// A resource with a healthy event (`ev1`, the echo sample) and a poison one whose module
+/// traps on every event.
+const POISON_MANIFEST: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: schema-any}
+data:
+  schema-any.json: '{"type": "object"}'
+---
+apiVersion: jobico.coeux.dev/v1
+kind: Job
+metadata: {name: poison-and-healthy}
+spec:
+  events:
+    - {name: ev1, wasm: echo.wasm, schema: {key: schema-any}}
+    - {name: poison, wasm: trap.wat, schema: {key: schema-any}}
+"#;
+
+/// A WASI command that traps at once.
+const TRAP_WAT: &str =
+    r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#;
+
+/// Poison events (their module traps every time) sent between healthy ones: each poison event
+/// ends `failed` after one run (a trap is the module's outcome, not retried), and the healthy
+/// events all run, unaffected.
+async fn poison(env: &Env, profile: &Profile) -> anyhow::Result<Row> {
+    let nats = NatsServer::start();
+    let logs = tempdir()?;
+    let inputs = logs.join("inputs");
+    std::fs::create_dir_all(&inputs)?;
+    std::fs::write(inputs.join("poison.yaml"), POISON_MANIFEST)?;
+    std::fs::write(inputs.join("trap.wat"), TRAP_WAT)?;
+    std::fs::copy(env.repo.join("samples/echo.wasm"), inputs.join("echo.wasm"))?;
+    let mut up = Up::new(&env.jobico, &env.repo, &logs, &nats.url(), ACK_WAIT_SECS);
+    up.args = vec!["--manifests".into(), inputs.display().to_string()];
+    tokio::task::block_in_place(|| up.start())?;
+    let n = profile.nats_events / 2;
+    let deadline = Instant::now() + SEND_DEADLINE;
+    let base = up.base();
+    let (healthy, poisoned) = tokio::join!(
+        crate::clients::send_to(
+            &base,
+            "default/ev1",
+            keys("healthy", n),
+            CLIENTS / 2,
+            deadline
+        ),
+        crate::clients::send_to(
+            &base,
+            "default/poison",
+            keys("poison", n),
+            CLIENTS / 2,
+            deadline
+        ),
+    );
+    let mut sent = healthy.clone();
+    sent.attempted += poisoned.attempted;
+    sent.acked.extend(poisoned.acked.iter().cloned());
+    sent.last_ack = sent.last_ack.max(poisoned.last_ack);
+    sent.unexpected.extend(poisoned.unexpected.iter().cloned());
+    // Every poison event's state says failed.
+    let client = reqwest::Client::new();
+    let mut failed = 0;
+    let mut not_failed = Vec::new();
+    let settle_deadline = Instant::now() + DRAIN_DEADLINE;
+    for id in &poisoned.acked {
+        loop {
+            let state = client
+                .get(format!("{}/events/default/poison/{id}", up.base()))
+                .send()
+                .await
+                .ok();
+            let state = match state {
+                Some(answer) => {
+                    answer.json::<serde_json::Value>().await.unwrap_or_default()["state"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned()
+                }
+                None => String::new(),
+            };
+            if state == "failed" {
+                failed += 1;
+                break;
+            }
+            if Instant::now() > settle_deadline {
+                not_failed.push(format!("{id}: {state}"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut row = Row {
+        name: "a poison event beside healthy ones".into(),
+        unexpected: not_failed.len(),
+        ..Default::default()
+    };
+    settle(&mut up, &sent, &mut row).await;
+    let healthy_ok = healthy.acked.len();
+    row.note = format!(
+        "{failed} poison events failed once each; {healthy_ok} healthy events ran{}",
+        if not_failed.is_empty() {
+            String::new()
+        } else {
+            format!("; not failed: {}", not_failed.join(", "))
+        }
+    );
     Ok(row)
 }
 

@@ -22,6 +22,8 @@ pub struct Up {
     port: u16,
     nats_url: String,
     ack_wait_secs: u64,
+    /// Further `jobico up` arguments (other manifests and modules).
+    pub args: Vec<String>,
     incarnations: usize,
     /// Per incarnation: whether we ended it with `kill -9`.
     killed: Vec<bool>,
@@ -40,6 +42,7 @@ impl Up {
             port: free_port(),
             nats_url: nats_url.to_owned(),
             ack_wait_secs,
+            args: Vec::new(),
             incarnations: 0,
             killed: Vec::new(),
             child: None,
@@ -69,6 +72,7 @@ impl Up {
             .args(["--nats", &self.nats_url])
             .args(["--ack-wait-secs", &self.ack_wait_secs.to_string()])
             .args(["--http-workers", "2"])
+            .args(&self.args)
             .current_dir(&self.repo)
             .env("JOBICO_LOG", "info")
             .stdin(Stdio::null())
