@@ -111,18 +111,27 @@ pub fn job_ids(job: &BatchJob) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Runs one API call, bounded by [`API_TIMEOUT`]; a timeout is a transient failure.
+/// Runs one API call, bounded by [`API_TIMEOUT`]; a timeout is a transient failure, an API
+/// error is [`classify`]d.
 pub async fn bounded<T>(
     what: &str,
     call: impl std::future::Future<Output = Result<T, kube::Error>>,
 ) -> Result<T, DispatchError> {
-    match tokio::time::timeout(API_TIMEOUT, call).await {
-        Ok(result) => result.map_err(classify),
-        Err(_) => Err(DispatchError::Retryable {
+    within_timeout(what, call).await?.map_err(classify)
+}
+
+/// [`bounded`] that hands the API's own answer back, for a caller that tells some errors
+/// apart (a create answered `AlreadyExists`); only a timeout becomes a transient failure.
+pub async fn within_timeout<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<Result<T, kube::Error>, DispatchError> {
+    tokio::time::timeout(API_TIMEOUT, call)
+        .await
+        .map_err(|_| DispatchError::Retryable {
             reason: format!("{what}: the Kubernetes API did not answer within {API_TIMEOUT:?}"),
             retry_after: None,
-        }),
-    }
+        })
 }
 
 /// Sorts an API error into transient (retried for as long as it lasts, with the server's
@@ -335,16 +344,7 @@ impl Backend for KubeBackend {
             dry_run: false,
             field_manager: Some(FIELD_MANAGER.to_owned()),
         };
-        let created = tokio::time::timeout(API_TIMEOUT, jobs.create(&params, &job)).await;
-        let Ok(created) = created else {
-            return Err(DispatchError::Retryable {
-                reason: format!(
-                    "creating Job {name}: the Kubernetes API did not answer within {API_TIMEOUT:?}"
-                ),
-                retry_after: None,
-            });
-        };
-        match created {
+        match within_timeout(&format!("creating Job {name}"), jobs.create(&params, &job)).await? {
             Ok(_) => {
                 self.active
                     .set(batch.namespace(), &batch.event, &name, true);
