@@ -257,7 +257,7 @@ impl Args {
                     .await;
                     match connected {
                         Ok(publisher) => {
-                            tracing::info!(%url, identity = %nats_auth, "connected to NATS, stream ready");
+                            tracing::info!(%url, identity = %nats_auth, "connected to NATS, state bucket ready");
                             let _ = target.inner.set(publisher);
                             return;
                         }

@@ -34,6 +34,9 @@ pub const ALL: &[Scenario] = &[
     ("kill -9 nats-server, restart on its store", |e, p, r| {
         Box::pin(kill_nats(e, p, r))
     }),
+    ("kill -9 the cluster ingress", |e, p, r| {
+        Box::pin(kill_ingress(e, p, r))
+    }),
     ("a poison event beside healthy ones", |e, p, _| {
         Box::pin(poison(e, p))
     }),
@@ -159,6 +162,93 @@ async fn kill_nats(env: &Env, profile: &Profile, rng: &mut Rng) -> anyhow::Resul
     };
     settle(&mut up, &sent, &mut row).await;
     Ok(row)
+}
+
+/// The cluster ingress (`jobico-apiserver`, no dispatcher) killed with SIGKILL `kills` times
+/// while clients send and retry: every acknowledged event is in the namespace's stream exactly
+/// once ("executed" here: stored).
+async fn kill_ingress(env: &Env, profile: &Profile, rng: &mut Rng) -> anyhow::Result<Row> {
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    // The dispatcher's part: the namespace's stream.
+    jobico_store::streams::ensure(&js, "default", &jobico_store::StreamSettings::default()).await?;
+    let logs = tempdir()?;
+    let bin = env.jobico.with_file_name("jobico-apiserver");
+    let mut ingress = Up::ingress(&bin, &env.repo, &logs, &nats.url());
+    tokio::task::block_in_place(|| ingress.start())?;
+    let sending = tokio::spawn({
+        let base = ingress.base();
+        let keys = keys("ingress", profile.kill_events);
+        async move { send_all(&base, keys, CLIENTS, Instant::now() + SEND_DEADLINE).await }
+    });
+    for _ in 0..profile.kills {
+        tokio::time::sleep(Duration::from_millis(rng.range(100, 600))).await;
+        tokio::task::block_in_place(|| {
+            ingress.kill9();
+            ingress.start()
+        })?;
+    }
+    let sent = sending.await?;
+    ingress.stop();
+    let stored = stored_ids(&js).await?;
+    let mut row = Row {
+        name: format!("kill -9 the cluster ingress x{}", profile.kills),
+        attempted: sent.attempted,
+        acked: sent.acked.len(),
+        crashes: ingress.crashes,
+        unexpected: sent.unexpected.len(),
+        note: "no dispatcher: executed = stored in the stream".into(),
+        ..Default::default()
+    };
+    row.executed = sent
+        .acked
+        .iter()
+        .filter(|id| stored.contains_key(*id))
+        .count();
+    row.lost = row.acked - row.executed;
+    row.duplicated = stored.values().filter(|&&n| n > 1).count();
+    Ok(row)
+}
+
+/// How many messages of `default`'s stream hold each event id.
+async fn stored_ids(
+    js: &async_nats::jetstream::Context,
+) -> anyhow::Result<std::collections::HashMap<String, usize>> {
+    use futures::StreamExt;
+    let mut stream = js
+        .get_stream(jobico_common::subject::stream_name("default"))
+        .await?;
+    let total = stream.info().await?.state.messages as usize;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            // Work-queue streams take explicit-ack consumers only; nothing is acked (read once).
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let mut counts = std::collections::HashMap::new();
+    let mut seen = 0;
+    while seen < total {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1000)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await?;
+        let before = seen;
+        while let Some(message) = batch.next().await {
+            let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Some((_, _, id)) = jobico_common::subject::parse_event_subject(&message.subject)
+            {
+                *counts.entry(id.to_owned()).or_insert(0) += 1;
+            }
+            seen += 1;
+        }
+        if seen == before {
+            break;
+        }
+    }
+    Ok(counts)
 }
 
 /// A resource with a healthy event (`ev1`, the echo sample) and a poison one whose module

@@ -14,9 +14,14 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// The line `jobico up` prints when it serves.
 const READY: &str = "local mode ready";
 
-/// One `jobico up --nats` on a fixed port, restartable.
+/// One `jobico up --nats` (or the cluster ingress, [`Up::ingress`]) on a fixed port,
+/// restartable.
 pub struct Up {
     bin: PathBuf,
+    /// The arguments before [`Up::args`]; `None`: `jobico up`'s.
+    command: Option<Vec<String>>,
+    /// The line saying it serves.
+    ready: &'static str,
     repo: PathBuf,
     logs: PathBuf,
     port: u16,
@@ -37,6 +42,8 @@ impl Up {
     pub fn new(bin: &Path, repo: &Path, logs: &Path, nats_url: &str, ack_wait_secs: u64) -> Self {
         Self {
             bin: bin.to_owned(),
+            command: None,
+            ready: READY,
             repo: repo.to_owned(),
             logs: logs.to_owned(),
             port: free_port(),
@@ -48,6 +55,32 @@ impl Up {
             child: None,
             crashes: 0,
         }
+    }
+
+    /// The cluster ingress binary `jobico-apiserver` serving the samples' events (`--manifests
+    /// samples --auth off`) against `nats_url`; no dispatcher.
+    pub fn ingress(bin: &Path, repo: &Path, logs: &Path, nats_url: &str) -> Self {
+        let mut up = Self::new(bin, repo, logs, nats_url, 0);
+        up.command = Some(
+            [
+                "--listen",
+                &format!("127.0.0.1:{}", up.port),
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--nats",
+                nats_url,
+                "--manifests",
+                "samples",
+                "--auth",
+                "off",
+                "--http-workers",
+                "2",
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        up.ready = "serving";
+        up
     }
 
     /// The base URL, the same for every incarnation.
@@ -66,12 +99,23 @@ impl Up {
         self.incarnations += 1;
         self.killed.push(false);
         let out = std::fs::File::create(&log).context("cannot create the log file")?;
+        let command = self.command.clone().unwrap_or_else(|| {
+            [
+                "up",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--nats",
+                &self.nats_url,
+                "--ack-wait-secs",
+                &self.ack_wait_secs.to_string(),
+                "--http-workers",
+                "2",
+            ]
+            .map(String::from)
+            .to_vec()
+        });
         let child = Command::new(&self.bin)
-            .arg("up")
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--nats", &self.nats_url])
-            .args(["--ack-wait-secs", &self.ack_wait_secs.to_string()])
-            .args(["--http-workers", "2"])
+            .args(&command)
             .args(&self.args)
             .current_dir(&self.repo)
             .env("JOBICO_LOG", "info")
@@ -83,7 +127,7 @@ impl Up {
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if std::fs::read_to_string(&log)?.contains(READY) {
+            if std::fs::read_to_string(&log)?.contains(self.ready) {
                 return Ok(());
             }
             if let Some(status) = self
@@ -93,7 +137,8 @@ impl Up {
             {
                 self.child = None;
                 bail!(
-                    "jobico up exited at start with {status}:\n{}",
+                    "{} exited at start with {status}:\n{}",
+                    self.bin.display(),
                     std::fs::read_to_string(&log)?
                 );
             }
