@@ -223,6 +223,8 @@ async fn stored_ids(
         .create_consumer(async_nats::jetstream::consumer::pull::Config {
             // Work-queue streams take explicit-ack consumers only; nothing is acked (read once).
             ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            // Unacked, every message must still be handed out (the default stops at 1,000).
+            max_ack_pending: -1,
             ..Default::default()
         })
         .await?;
