@@ -103,7 +103,10 @@ fn the_apiserver_connects_only_with_a_readable_right_password() {
     let (mut child, lines) = apiserver(&args.iter().map(String::as_str).collect::<Vec<_>>());
     wait_for(
         &lines,
-        &["connected to NATS, state bucket ready", "user jobico-apiserver"],
+        &[
+            "connected to NATS, state bucket ready",
+            "user jobico-apiserver",
+        ],
     );
     child.kill().unwrap();
     child.wait().unwrap();
