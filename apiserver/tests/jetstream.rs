@@ -29,23 +29,34 @@ fn settings() -> PublishSettings {
 /// The stream of namespace `default`, as its dispatcher would create it.
 const STREAM: &str = "JOBICO-default";
 
-/// The ingress on `nats`, with the streams of `default` and `team-b` created with `streams`
-/// (the dispatcher's part).
+/// The publisher on `nats`, with the streams of `namespaces` created with `streams` (the
+/// dispatcher's part).
+async fn publisher(
+    nats: &NatsServer,
+    settings: PublishSettings,
+    namespaces: &[&str],
+    streams: &StreamSettings,
+) -> JetStreamPublisher {
+    let publisher =
+        JetStreamPublisher::connect(&nats.url(), &NatsAuth::default(), settings, Metrics::new())
+            .await
+            .unwrap();
+    for namespace in namespaces {
+        jobico_store::streams::ensure(publisher.context(), namespace, streams)
+            .await
+            .unwrap();
+    }
+    publisher
+}
+
+/// The ingress on `nats`, with the streams of `default` and `team-b` created with `streams`.
 async fn connect_with(
     nats: &NatsServer,
     settings: PublishSettings,
     streams: StreamSettings,
 ) -> (actix_web::web::Data<AppState>, jetstream::Context) {
-    let publisher =
-        JetStreamPublisher::connect(&nats.url(), &NatsAuth::default(), settings, Metrics::new())
-            .await
-            .unwrap();
+    let publisher = publisher(nats, settings, &["default", "team-b"], &streams).await;
     let context = publisher.context().clone();
-    for namespace in ["default", "team-b"] {
-        jobico_store::streams::ensure(&context, namespace, &streams)
-            .await
-            .unwrap();
-    }
     (state_with(Arc::new(publisher), LIMIT), context)
 }
 
@@ -259,20 +270,9 @@ async fn eventually(seconds: u64, what: &str, mut check: impl FnMut() -> bool) {
 #[actix_web::test]
 async fn an_http_worker_publishes_through_its_own_connection_and_survives_an_outage() {
     let mut nats = NatsServer::start();
-    let publisher = Arc::new(
-        JetStreamPublisher::connect(
-            &nats.url(),
-            &NatsAuth::default(),
-            settings(),
-            Metrics::new(),
-        )
-        .await
-        .unwrap(),
-    );
+    let publisher =
+        Arc::new(publisher(&nats, settings(), &["default"], &StreamSettings::default()).await);
     let context = publisher.context().clone();
-    jobico_store::streams::ensure(&context, "default", &StreamSettings::default())
-        .await
-        .unwrap();
     let state = state_with(publisher.clone(), LIMIT);
     // actix's test runtime is single-threaded, like an HTTP worker's. The first request goes
     // through the shared connection while this thread's own is being made.
@@ -308,17 +308,7 @@ async fn an_http_worker_publishes_through_its_own_connection_and_survives_an_out
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_threaded_runtime_publishes_through_the_shared_connection() {
     let nats = NatsServer::start();
-    let publisher = JetStreamPublisher::connect(
-        &nats.url(),
-        &NatsAuth::default(),
-        settings(),
-        Metrics::new(),
-    )
-    .await
-    .unwrap();
-    jobico_store::streams::ensure(publisher.context(), "default", &StreamSettings::default())
-        .await
-        .unwrap();
+    let publisher = publisher(&nats, settings(), &["default"], &StreamSettings::default()).await;
     let record = EventRecord {
         id: jobico_common::EventId::parse("mt-1").unwrap(),
         namespace: "default".into(),
@@ -466,18 +456,8 @@ async fn one_tenant_at_its_limit_never_blocks_another() {
 #[actix_web::test]
 async fn a_namespace_without_its_stream_yet_is_503_and_its_status_lookups_find_nothing() {
     let nats = NatsServer::start();
-    let publisher = JetStreamPublisher::connect(
-        &nats.url(),
-        &NatsAuth::default(),
-        settings(),
-        Metrics::new(),
-    )
-    .await
-    .unwrap();
-    let context = publisher.context().clone();
-    jobico_store::streams::ensure(&context, "default", &StreamSettings::default())
-        .await
-        .unwrap();
+    // Only default's stream: team-b's does not exist yet.
+    let publisher = publisher(&nats, settings(), &["default"], &StreamSettings::default()).await;
     let state = state_with(Arc::new(publisher), LIMIT);
     let (status, headers, body) = send(&state, put("/execute/team-b/ev1", VALID)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");

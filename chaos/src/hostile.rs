@@ -214,8 +214,7 @@ async fn send(port: u16, hostile: Hostile) -> Option<u16> {
 /// The malformed-request row.
 pub async fn malformed(env: &Env, profile: &Profile, rng: &mut Rng) -> anyhow::Result<Row> {
     let nats = NatsServer::start();
-    let logs = std::env::temp_dir().join(format!("jobico-chaos-hostile-{}", std::process::id()));
-    std::fs::create_dir_all(&logs)?;
+    let logs = crate::scenarios::tempdir()?;
     let mut up = Up::new(&env.jobico, &env.repo, &logs, &nats.url(), ACK_WAIT_SECS);
     tokio::task::block_in_place(|| up.start())?;
     let port: u16 = up

@@ -62,6 +62,32 @@ fn keys(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
 
+/// Clients sending `n` events keyed `<prefix>-<i>` to `base`, in a task of their own.
+fn send_in_background(base: String, prefix: &str, n: usize) -> tokio::task::JoinHandle<Sent> {
+    let keys = keys(prefix, n);
+    tokio::spawn(
+        async move { send_all(&base, keys, CLIENTS, Instant::now() + SEND_DEADLINE).await },
+    )
+}
+
+/// `kill -9` of `process` `kills` times, each after a random pause of `pause_ms` (low, high)
+/// milliseconds, starting it again each time.
+async fn kill_repeatedly(
+    process: &mut Up,
+    kills: usize,
+    rng: &mut Rng,
+    pause_ms: (u64, u64),
+) -> anyhow::Result<()> {
+    for _ in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.range(pause_ms.0, pause_ms.1))).await;
+        tokio::task::block_in_place(|| {
+            process.kill9();
+            process.start()
+        })?;
+    }
+    Ok(())
+}
+
 /// Waits until every acknowledged id has run, then one more ack wait (a redelivery would show
 /// as a second run), and fills in the counts.
 async fn settle(up: &mut Up, sent: &Sent, row: &mut Row) {
@@ -116,18 +142,8 @@ async fn kill_up(env: &Env, profile: &Profile, rng: &mut Rng) -> anyhow::Result<
     let logs = tempdir()?;
     let mut up = Up::new(&env.jobico, &env.repo, &logs, &nats.url(), ACK_WAIT_SECS);
     tokio::task::block_in_place(|| up.start())?;
-    let sending = tokio::spawn({
-        let base = up.base();
-        let keys = keys("kill-up", profile.kill_events);
-        async move { send_all(&base, keys, CLIENTS, Instant::now() + SEND_DEADLINE).await }
-    });
-    for _ in 0..profile.kills {
-        tokio::time::sleep(Duration::from_millis(rng.range(200, 1200))).await;
-        tokio::task::block_in_place(|| {
-            up.kill9();
-            up.start()
-        })?;
-    }
+    let sending = send_in_background(up.base(), "kill-up", profile.kill_events);
+    kill_repeatedly(&mut up, profile.kills, rng, (200, 1200)).await?;
     let sent = sending.await?;
     let mut row = Row {
         name: format!("kill -9 jobico up --nats x{}", profile.kills),
@@ -144,11 +160,7 @@ async fn kill_nats(env: &Env, profile: &Profile, rng: &mut Rng) -> anyhow::Resul
     let logs = tempdir()?;
     let mut up = Up::new(&env.jobico, &env.repo, &logs, &nats.url(), ACK_WAIT_SECS);
     tokio::task::block_in_place(|| up.start())?;
-    let sending = tokio::spawn({
-        let base = up.base();
-        let keys = keys("kill-nats", profile.nats_events);
-        async move { send_all(&base, keys, CLIENTS, Instant::now() + SEND_DEADLINE).await }
-    });
+    let sending = send_in_background(up.base(), "kill-nats", profile.nats_events);
     tokio::time::sleep(Duration::from_millis(rng.range(300, 1200))).await;
     tokio::task::block_in_place(|| {
         nats.kill();
@@ -176,18 +188,8 @@ async fn kill_ingress(env: &Env, profile: &Profile, rng: &mut Rng) -> anyhow::Re
     let bin = env.jobico.with_file_name("jobico-apiserver");
     let mut ingress = Up::ingress(&bin, &env.repo, &logs, &nats.url());
     tokio::task::block_in_place(|| ingress.start())?;
-    let sending = tokio::spawn({
-        let base = ingress.base();
-        let keys = keys("ingress", profile.kill_events);
-        async move { send_all(&base, keys, CLIENTS, Instant::now() + SEND_DEADLINE).await }
-    });
-    for _ in 0..profile.kills {
-        tokio::time::sleep(Duration::from_millis(rng.range(100, 600))).await;
-        tokio::task::block_in_place(|| {
-            ingress.kill9();
-            ingress.start()
-        })?;
-    }
+    let sending = send_in_background(ingress.base(), "ingress", profile.kill_events);
+    kill_repeatedly(&mut ingress, profile.kills, rng, (100, 600)).await?;
     let sent = sending.await?;
     ingress.stop();
     let stored = stored_ids(&js).await?;
@@ -364,7 +366,7 @@ async fn poison(env: &Env, profile: &Profile) -> anyhow::Result<Row> {
 }
 
 /// A directory for one scenario's logs, kept (printed on failure) under the system temp dir.
-fn tempdir() -> anyhow::Result<PathBuf> {
+pub(crate) fn tempdir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "jobico-chaos-{}-{}",
         std::process::id(),
