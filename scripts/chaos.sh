@@ -12,5 +12,5 @@ if [ -z "${NATS_SERVER_BIN:-}" ] && ! command -v nats-server >/dev/null 2>&1; th
   export NATS_SERVER_BIN
 fi
 # The test profile, like the rest of the suite: one build serves both.
-cargo build --quiet --locked -p jobico -p jobico-apiserver -p jobico-chaos
+cargo build --quiet --locked -p jobico -p jobico-apiserver -p jobico-dispatcher -p wasm-exec -p jobico-chaos
 exec target/debug/jobico-chaos --jobico target/debug/jobico --repo . "${@:---short}"

@@ -327,7 +327,7 @@ async fn connect_context(
         .reconnect_delay_callback(|attempts| {
             (Duration::from_millis(50) * attempts.min(20) as u32).min(MAX_RECONNECT_DELAY)
         })
-        .connect(url)
+        .connect(jobico_store::Servers(url))
         .await?;
     let context = jetstream::ContextBuilder::new()
         .timeout(settings.publish_timeout)

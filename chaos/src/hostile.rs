@@ -274,3 +274,164 @@ pub async fn malformed(env: &Env, profile: &Profile, rng: &mut Rng) -> anyhow::R
         ..Default::default()
     })
 }
+
+/// Schemas an attacker with write access to a schema ConfigMap might plant: patterns that
+/// are catastrophic for a backtracking engine, and references that would make the ingress
+/// fetch from the network (straight, nested, relative to a remote `$id`, and a remote
+/// meta-schema), all at a listener that counts connections.
+fn hostile_schemas(port: u16) -> Vec<(&'static str, String)> {
+    let at = |path: &str| format!("http://127.0.0.1:{port}/{path}");
+    vec![
+        (
+            "backtrack",
+            serde_json::json!({
+                "type": "object",
+                "properties": {"s": {"type": "string", "pattern": "^(a+)+$"}},
+                "patternProperties": {"^(x+x+)+y$": {"type": "string"}},
+                "required": ["s"]
+            })
+            .to_string(),
+        ),
+        (
+            "remote",
+            serde_json::json!({"$ref": at("schema.json")}).to_string(),
+        ),
+        (
+            "remotenest",
+            serde_json::json!({"type": "object",
+                "properties": {"x": {"$ref": at("defs.json#/x")}}})
+            .to_string(),
+        ),
+        (
+            "remoterel",
+            serde_json::json!({"$id": at("root.json"), "type": "object",
+                "properties": {"x": {"$ref": "other.json"}}})
+            .to_string(),
+        ),
+        (
+            "remotemeta",
+            serde_json::json!({"$schema": at("meta.json"), "type": "object"}).to_string(),
+        ),
+    ]
+}
+
+/// A manifest declaring one event per schema (module `echo.wasm`), each schema in its own
+/// ConfigMap.
+fn schemas_manifest(schemas: &[(&str, String)]) -> String {
+    let mut manifest = String::new();
+    let mut events = String::new();
+    for (name, schema) in schemas {
+        manifest.push_str(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: hs-{name}}}\ndata:\n  hs-{name}.json: {}\n---\n",
+            serde_json::to_string(schema).expect("a string serialises")
+        ));
+        events.push_str(&format!(
+            "    - {{name: {name}, wasm: echo.wasm, schema: {{key: hs-{name}}}}}\n"
+        ));
+    }
+    manifest.push_str(&format!(
+        "apiVersion: jobico.coeux.dev/v1\nkind: Job\nmetadata: {{name: hostile-schemas}}\nspec:\n  events:\n{events}"
+    ));
+    manifest
+}
+
+/// Hostile schemas in a running `jobico up --nats`: events against the backtracking patterns
+/// are answered at once (422 for the hostile strings, 202 for a matching one), the events whose
+/// schema refers to the network are unavailable with the reason (500, as documented), and the
+/// listener those references name sees no connection.
+pub async fn schemas(env: &Env, profile: &Profile, rng: &mut Rng) -> anyhow::Result<Row> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counting = connections.clone();
+    let accepting = tokio::spawn(async move {
+        while listener.accept().await.is_ok() {
+            counting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let nats = NatsServer::start();
+    let logs = crate::scenarios::tempdir()?;
+    let inputs = logs.join("inputs");
+    std::fs::create_dir_all(&inputs)?;
+    let schemas = hostile_schemas(port);
+    std::fs::write(inputs.join("hostile.yaml"), schemas_manifest(&schemas))?;
+    std::fs::copy(env.repo.join("samples/echo.wasm"), inputs.join("echo.wasm"))?;
+    let mut up = Up::new(&env.jobico, &env.repo, &logs, &nats.url(), ACK_WAIT_SECS);
+    up.args = vec!["--manifests".into(), inputs.display().to_string()];
+    tokio::task::block_in_place(|| up.start())?;
+    let client = reqwest::Client::new();
+    let base = up.base();
+    let n = (profile.hostile_requests / 4).max(20);
+    // (event, body, the answer it must get)
+    let mut requests: Vec<(String, String, u16)> = Vec::new();
+    for i in 0..n {
+        let k = rng.range(1, 60_000) as usize;
+        let (body, expected) = match i % 4 {
+            0 => (format!(r#"{{"s":"{}!"}}"#, "a".repeat(k)), 422),
+            // A property the pattern names, not a string.
+            1 => (
+                format!(r#"{{"s":"a","{}y":1}}"#, "x".repeat(k.min(5_000))),
+                422,
+            ),
+            2 => (format!(r#"{{"s":"{}"}}"#, "a".repeat(k)), 202),
+            // Catastrophic for a backtracking engine: a long run that never matches.
+            _ => (
+                format!(r#"{{"s":"a","{}":"v"}}"#, "x".repeat(k.min(5_000))),
+                202,
+            ),
+        };
+        requests.push(("backtrack".into(), body, expected));
+    }
+    for (name, _) in schemas.iter().filter(|(n, _)| n.starts_with("remote")) {
+        for _ in 0..10 {
+            requests.push(((*name).into(), r#"{"x":1}"#.into(), 500));
+        }
+    }
+    let attempted = requests.len();
+    let answers: Vec<(u16, u16, String, Duration)> = futures::stream::iter(requests)
+        .map(|(event, body, expected)| {
+            let client = client.clone();
+            let url = format!("{base}/execute/default/{event}");
+            async move {
+                let started = std::time::Instant::now();
+                let answer = client.put(url).body(body).send().await;
+                let (status, text) = match answer {
+                    Ok(a) => (a.status().as_u16(), a.text().await.unwrap_or_default()),
+                    Err(_) => (0, String::new()),
+                };
+                (status, expected, text, started.elapsed())
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let mut unexpected = 0;
+    for (status, expected, text, _) in &answers {
+        // An unavailable event must say why (the external reference it refused).
+        let explained = *expected != 500 || text.contains("unavailable");
+        if status != expected || !explained {
+            unexpected += 1;
+            if unexpected <= 3 {
+                eprintln!("chaos: hostile schemas: {status} (expected {expected}): {text:.200}");
+            }
+        }
+    }
+    let slowest = answers.iter().map(|a| a.3).max().unwrap_or_default();
+    up.check();
+    let peak = up.pid().and_then(peak_rss_kib);
+    up.stop();
+    accepting.abort();
+    let connected = connections.load(std::sync::atomic::Ordering::SeqCst);
+    Ok(Row {
+        name: "hostile schemas (backtracking patterns, remote $ref)".into(),
+        attempted,
+        crashes: up.crashes,
+        unexpected: unexpected + connected,
+        peak_rss_kib: peak,
+        note: format!(
+            "slowest answer {:.0} ms; connections to the $ref listener: {connected}",
+            slowest.as_secs_f64() * 1000.0
+        ),
+        ..Default::default()
+    })
+}

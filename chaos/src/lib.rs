@@ -17,7 +17,9 @@ use std::time::Duration;
 use clap::Parser;
 
 pub mod clients;
+pub mod cluster;
 pub mod hostile;
+pub mod modules;
 pub mod scenarios;
 pub mod up;
 
@@ -37,6 +39,9 @@ pub struct Args {
     /// The repository root (`jobico up` serves its samples).
     #[arg(long, default_value = ".")]
     pub repo: PathBuf,
+    /// Run only the scenarios whose name contains this (case-insensitive).
+    #[arg(long)]
+    pub only: Option<String>,
     /// Seed of the random kill moments and hostile requests (printed, so a run can be
     /// repeated).
     #[arg(long)]
@@ -56,6 +61,8 @@ pub struct Profile {
     pub nats_events: usize,
     /// Malformed requests.
     pub hostile_requests: usize,
+    /// How long the Kubernetes API answers every request 503.
+    pub api_outage: Duration,
 }
 
 impl Profile {
@@ -66,6 +73,7 @@ impl Profile {
         kills: 3,
         nats_events: 300,
         hostile_requests: 2_000,
+        api_outage: Duration::from_secs(10),
     };
     /// The sizes.
     pub const FULL: Self = Self {
@@ -74,6 +82,7 @@ impl Profile {
         kills: 10,
         nats_events: 2_000,
         hostile_requests: 10_000,
+        api_outage: Duration::from_secs(30),
     };
 }
 
@@ -160,7 +169,12 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
     let env = scenarios::Env { jobico, repo };
     let mut rng = Rng::new(seed);
     let mut rows = Vec::new();
-    for scenario in scenarios::ALL {
+    let chosen = |name: &str| {
+        args.only
+            .as_ref()
+            .is_none_or(|only| name.to_lowercase().contains(&only.to_lowercase()))
+    };
+    for scenario in scenarios::ALL.iter().filter(|s| chosen(s.0)) {
         let started = std::time::Instant::now();
         let row = match scenario.1(&env, &profile, &mut rng).await {
             Ok(row) => row,

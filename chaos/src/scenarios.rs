@@ -1,5 +1,7 @@
 //! The fault scenarios: `jobico up --nats` killed while events flow, nats-server killed and
-//! restarted on the same store, and the hostile-input row ([`crate::hostile`]).
+//! restarted on the same store, the cluster ingress killed, the cluster path's dispatcher
+//! under fire ([`crate::cluster`]), a poison event, and the hostile-input row
+//! ([`crate::hostile`]).
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -37,11 +39,29 @@ pub const ALL: &[Scenario] = &[
     ("kill -9 the cluster ingress", |e, p, r| {
         Box::pin(kill_ingress(e, p, r))
     }),
+    ("3-node NATS, stream leader killed", |e, p, r| {
+        Box::pin(crate::cluster::kill_stream_leader(e, p, r))
+    }),
+    ("kill -9 the dispatcher", |e, p, r| {
+        Box::pin(crate::cluster::kill_dispatcher(e, p, r))
+    }),
+    ("Kubernetes API faults", |e, p, r| {
+        Box::pin(crate::cluster::api_faults(e, p, r))
+    }),
+    ("two dispatchers, leader change", |e, p, r| {
+        Box::pin(crate::cluster::leader_change(e, p, r))
+    }),
     ("a poison event beside healthy ones", |e, p, _| {
         Box::pin(poison(e, p))
     }),
     ("malformed requests", |e, p, r| {
         Box::pin(crate::hostile::malformed(e, p, r))
+    }),
+    ("hostile schemas", |e, p, r| {
+        Box::pin(crate::hostile::schemas(e, p, r))
+    }),
+    ("hostile modules", |e, p, _| {
+        Box::pin(crate::modules::hostile_modules(e, p))
     }),
 ];
 
@@ -63,7 +83,11 @@ fn keys(prefix: &str, n: usize) -> Vec<String> {
 }
 
 /// Clients sending `n` events keyed `<prefix>-<i>` to `base`, in a task of their own.
-fn send_in_background(base: String, prefix: &str, n: usize) -> tokio::task::JoinHandle<Sent> {
+pub(crate) fn send_in_background(
+    base: String,
+    prefix: &str,
+    n: usize,
+) -> tokio::task::JoinHandle<Sent> {
     let keys = keys(prefix, n);
     tokio::spawn(
         async move { send_all(&base, keys, CLIENTS, Instant::now() + SEND_DEADLINE).await },

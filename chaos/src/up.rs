@@ -29,13 +29,25 @@ pub struct Up {
     ack_wait_secs: u64,
     /// Further `jobico up` arguments (other manifests and modules).
     pub args: Vec<String>,
+    /// Environment variables of every incarnation (`KUBECONFIG`).
+    pub env: Vec<(String, String)>,
     incarnations: usize,
     /// Per incarnation: whether we ended it with `kill -9`.
     killed: Vec<bool>,
     child: Option<Child>,
     /// Exits we did not cause.
     pub crashes: usize,
+    /// Designed exits (see [`Up::supervise`]) after which it was started again.
+    pub restarts: usize,
+    /// Log file prefix.
+    name: String,
 }
+
+/// The executor image the cluster dispatcher is given (the fake API runs no pods).
+pub const EXEC_IMAGE: &str = "jobico/wasm-exec:chaos";
+
+/// What the dispatcher says when it ends itself so that a fresh start campaigns again.
+pub const DESIGNED_EXIT: &str = "exiting so a fresh start campaigns again";
 
 impl Up {
     /// An `Up` (not started) running `bin` in `repo` against `nats_url`, logs under `logs`.
@@ -50,10 +62,13 @@ impl Up {
             nats_url: nats_url.to_owned(),
             ack_wait_secs,
             args: Vec::new(),
+            env: Vec::new(),
             incarnations: 0,
             killed: Vec::new(),
             child: None,
             crashes: 0,
+            restarts: 0,
+            name: "up".into(),
         }
     }
 
@@ -80,7 +95,69 @@ impl Up {
             .to_vec(),
         );
         up.ready = "serving";
+        up.name = "ingress".into();
         up
+    }
+
+    /// The cluster dispatcher binary `jobico-dispatcher` as replica `identity`, against
+    /// `nats_url` and the Kubernetes API of `kubeconfig`; started once connected to NATS (it
+    /// campaigns for the lease from then on).
+    pub fn dispatcher(
+        bin: &Path,
+        logs: &Path,
+        nats_url: &str,
+        kubeconfig: &Path,
+        identity: &str,
+        ack_wait_secs: u64,
+    ) -> Self {
+        let mut up = Self::new(bin, logs, logs, nats_url, ack_wait_secs);
+        up.command = Some(
+            [
+                "--nats",
+                nats_url,
+                "--exec-image",
+                EXEC_IMAGE,
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--identity",
+                identity,
+                "--ack-wait-secs",
+                &ack_wait_secs.to_string(),
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        up.env = vec![("KUBECONFIG".into(), kubeconfig.display().to_string())];
+        up.ready = "connected to NATS";
+        up.name = identity.to_owned();
+        up
+    }
+
+    /// The output of the running (or last) incarnation.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.logs.join(format!(
+            "{}-{}.log",
+            self.name,
+            self.incarnations.saturating_sub(1)
+        )))
+        .unwrap_or_default()
+    }
+
+    /// As Kubernetes restarts a container: an incarnation that ended by itself is started
+    /// again. An exit the process explains as designed ([`DESIGNED_EXIT`]: it lost the lease,
+    /// or could not renew it) counts in [`Up::restarts`]; any other is a crash. True when it
+    /// had ended.
+    pub fn supervise(&mut self) -> anyhow::Result<bool> {
+        let crashes = self.crashes;
+        if self.check() {
+            return Ok(false);
+        }
+        if self.crashes > crashes && self.log().contains(DESIGNED_EXIT) {
+            self.crashes = crashes;
+            self.restarts += 1;
+        }
+        self.start()?;
+        Ok(true)
     }
 
     /// The base URL, the same for every incarnation.
@@ -95,7 +172,9 @@ impl Up {
 
     /// Starts a new incarnation and waits until it serves.
     pub fn start(&mut self) -> anyhow::Result<()> {
-        let log = self.logs.join(format!("up-{}.log", self.incarnations));
+        let log = self
+            .logs
+            .join(format!("{}-{}.log", self.name, self.incarnations));
         self.incarnations += 1;
         self.killed.push(false);
         let out = std::fs::File::create(&log).context("cannot create the log file")?;
@@ -118,7 +197,11 @@ impl Up {
             .args(&command)
             .args(&self.args)
             .current_dir(&self.repo)
-            .env("JOBICO_LOG", "info")
+            .env(
+                "JOBICO_LOG",
+                std::env::var("JOBICO_CHAOS_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out.try_clone()?))
             .stderr(Stdio::from(out))
@@ -143,7 +226,11 @@ impl Up {
                 );
             }
             if Instant::now() > deadline {
-                bail!("jobico up did not get ready within {START_TIMEOUT:?}");
+                bail!(
+                    "{} did not get ready within {START_TIMEOUT:?}:\n{}",
+                    self.bin.display(),
+                    std::fs::read_to_string(&log)?
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -188,8 +275,8 @@ impl Up {
     pub fn runs(&self) -> HashMap<String, Vec<usize>> {
         let mut runs: HashMap<String, Vec<usize>> = HashMap::new();
         for n in 0..self.incarnations {
-            let text =
-                std::fs::read_to_string(self.logs.join(format!("up-{n}.log"))).unwrap_or_default();
+            let text = std::fs::read_to_string(self.logs.join(format!("{}-{n}.log", self.name)))
+                .unwrap_or_default();
             for line in text.lines() {
                 if !(line.contains("] succeeded in") || line.contains("] failed (")) {
                     continue;

@@ -52,6 +52,12 @@ pub struct Args {
     /// before it is dead-lettered.
     #[arg(long, env = "JOBICO_ORPHAN_GRACE_SECS", default_value_t = ORPHAN_GRACE.as_secs())]
     pub orphan_grace_secs: u64,
+    /// Seconds an event may stay unacknowledged before NATS hands it out again: how soon the
+    /// events a killed dispatcher held are dispatched by the next one (a live dispatcher keeps
+    /// its events with progress acks). Applied to each event type's consumer at start.
+    #[arg(long, env = "JOBICO_ACK_WAIT_SECS", default_value_t = ACK_WAIT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub ack_wait_secs: u64,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -80,7 +86,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     controller::check_crd(&client).await?;
     let nats = nats_auth
         .options("jobico-dispatcher", DISPATCHER_INBOX)
-        .connect(&args.nats)
+        .connect(jobico_store::Servers(&args.nats))
         .await
         .with_context(|| format!("connecting to NATS at {} with {nats_auth}", args.nats))?;
     tracing::info!(url = %args.nats, identity = %nats_auth, "connected to NATS");
@@ -113,7 +119,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         backend.clone(),
         metrics.clone(),
         retry,
-        ACK_WAIT,
+        std::time::Duration::from_secs(args.ack_wait_secs),
         args.streams.settings(),
     )
     .await
@@ -190,6 +196,7 @@ mod tests {
             Args::try_parse_from(["jobico-dispatcher", "--exec-image", "wasm-exec:1"]).unwrap();
         assert_eq!(args.exec_image, "wasm-exec:1");
         assert_eq!(args.admin_listen.port(), 9090);
+        assert_eq!(args.ack_wait_secs, ACK_WAIT.as_secs());
         assert!(!args.nats_auth.is_set());
         let args = Args::try_parse_from([
             "jobico-dispatcher",

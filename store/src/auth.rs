@@ -194,6 +194,31 @@ impl NatsAuth {
     }
 }
 
+/// A `--nats` value: one server URL, or several separated by commas (the seed servers of a
+/// cluster; the client learns the others from them), e.g. `nats://a:4222,nats://b:4222`.
+#[derive(Debug, Clone, Copy)]
+pub struct Servers<'a>(pub &'a str);
+
+impl async_nats::ToServerAddrs for Servers<'_> {
+    type Iter = std::vec::IntoIter<async_nats::ServerAddr>;
+    fn to_server_addrs(&self) -> std::io::Result<Self::Iter> {
+        let servers = self
+            .0
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(str::parse)
+            .collect::<std::io::Result<Vec<async_nats::ServerAddr>>>()?;
+        if servers.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no NATS server URL given",
+            ));
+        }
+        Ok(servers.into_iter())
+    }
+}
+
 /// Who the process connects as, for logs: never a secret.
 impl fmt::Display for NatsAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -21,7 +21,7 @@ use jobico_common::{EventState, EventStatus};
 pub mod auth;
 pub mod streams;
 
-pub use auth::{NatsAuth, NatsAuthArgs, NatsAuthError};
+pub use auth::{NatsAuth, NatsAuthArgs, NatsAuthError, Servers};
 pub use streams::{Retention, StreamArgs, StreamError, StreamSettings};
 
 /// Attempts of a compare-and-set write before giving up; more than two writers rarely race.
@@ -237,7 +237,10 @@ impl StateStore {
             match self.write_at(&key, entry.as_ref(), &next).await {
                 Ok(_) => return Ok(outcome),
                 // Someone wrote in between: read again and decide again.
-                Err(message) => tracing::debug!(key, message, "state write raced, retrying"),
+                Err(WriteError::Raced(message)) => {
+                    tracing::debug!(key, message, "state write raced, retrying")
+                }
+                Err(WriteError::Failed(message)) => return Err(StateError { key, message }),
             }
         }
         Err(StateError {
@@ -280,7 +283,10 @@ impl StateStore {
             next.job = Some(job.to_owned());
             match self.write_at(&key, entry.as_ref(), &next).await {
                 Ok(revision) => return Ok(Claim::Claimed { revision }),
-                Err(message) => tracing::debug!(key, message, "state claim raced, retrying"),
+                Err(WriteError::Raced(message)) => {
+                    tracing::debug!(key, message, "state claim raced, retrying")
+                }
+                Err(WriteError::Failed(message)) => return Err(StateError { key, message }),
             }
         }
         Err(StateError {
@@ -327,28 +333,42 @@ impl StateStore {
     }
 
     /// Writes `next` only if the record is still as read: an update at `read`'s revision, or a
-    /// create when there was no record. Returns the new revision; an error means someone wrote
-    /// in between (or NATS failed).
+    /// create when there was no record. Returns the new revision.
     async fn write_at(
         &self,
         key: &str,
         read: Option<&kv::Entry>,
         next: &EventStatus,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, WriteError> {
         let body = serde_json::to_vec(next).expect("a status serialises");
         match read {
             Some(entry) => self
                 .kv
                 .update(key, body.into(), entry.revision)
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(|e| match e.kind() {
+                    kv::UpdateErrorKind::WrongLastRevision => WriteError::Raced(e.to_string()),
+                    _ => WriteError::Failed(e.to_string()),
+                }),
             None => self
                 .kv
                 .create(key, body.into())
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(|e| match e.kind() {
+                    kv::CreateErrorKind::AlreadyExists => WriteError::Raced(e.to_string()),
+                    _ => WriteError::Failed(e.to_string()),
+                }),
         }
     }
+}
+
+/// Why a conditional write did not happen.
+enum WriteError {
+    /// Someone wrote in between: read again and decide again.
+    Raced(String),
+    /// NATS failed (no stream leader during an election, a timeout): tried again by the
+    /// caller, later, rather than at once.
+    Failed(String),
 }
 
 /// A stored record, or `None` (logged) when it is unreadable: it is then overwritten.

@@ -10,6 +10,11 @@
 //! the test's, whatever the file says. The server's log is kept ([`NatsServer::log`]), so a
 //! test can show what was refused (`Publish Violation`, `Subscription Violation`) or that
 //! nothing was.
+//!
+//! [`kube_api::KubeApi`] is a fake Kubernetes API server over real HTTP with fault injection,
+//! for binaries that reach a cluster through a kubeconfig.
+
+pub mod kube_api;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -221,6 +226,46 @@ impl NatsServer {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// Starts a JetStream cluster of `n` servers named `n0`, `n1`, ... on loopback, routed to
+    /// each other, and waits until they are all up (JetStream elects its meta leader shortly
+    /// after: the first requests may get a 503 from JetStream, as from any cluster).
+    pub fn cluster(n: usize) -> Vec<Self> {
+        let route_ports: Vec<u16> = (0..n)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+                    .expect("cannot bind a loopback port")
+            })
+            .collect();
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        route_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                Self::start_with_config(
+                    &format!(
+                        "server_name: n{i}\ncluster {{\n  name: jobico-test\n  listen: 127.0.0.1:{port}\n  routes: [{routes}]\n}}\n"
+                    ),
+                    &[],
+                )
+            })
+            .collect()
+    }
+
+    /// The server's name in a [`NatsServer::cluster`] (`n<i>`), from its configuration.
+    pub fn name(&self) -> Option<String> {
+        let config = std::fs::read_to_string(self.config.as_ref()?).ok()?;
+        config
+            .lines()
+            .find_map(|l| l.strip_prefix("server_name: "))
+            .map(str::to_owned)
     }
 }
 
