@@ -1,9 +1,14 @@
-//! The `jobico` command: local mode (`jobico up`) and manifest tooling.
+//! The `jobico` command: local mode (`jobico up`), manifest tooling, and the cluster user's
+//! day (`module push`, `send`, `status`, `logs`).
 
 pub mod durable;
 pub mod embedded;
+pub mod kube_client;
 pub mod local_backend;
 pub mod local_exec;
+pub mod logs;
+pub mod push;
+pub mod send;
 pub mod up;
 
 use std::path::PathBuf;
@@ -36,6 +41,13 @@ enum Command {
         #[command(subcommand)]
         command: ModuleCommand,
     },
+    /// Send one event to the cluster's ingress (PUT /execute/NAMESPACE/EVENT) with a token
+    /// the cluster issues for a ServiceAccount (or --token); prints the ids.
+    Send(send::SendArgs),
+    /// Print an event's recorded state (GET /events/NAMESPACE/ID).
+    Status(send::StatusArgs),
+    /// Print the module output of one event, from the pod of the Job that ran it.
+    Logs(logs::LogsArgs),
     /// Compile WebAssembly text (.wat) to a binary module (.wasm).
     Wat2wasm {
         /// The .wat file.
@@ -59,6 +71,10 @@ enum ModuleCommand {
         #[arg(short, long, default_value = "default")]
         namespace: String,
     },
+    /// Put modules into the ConfigMap a Job resource reads them from (its `spec.modules`, or
+    /// `<resource>-modules`), creating or updating it in the cluster; other modules in it are
+    /// kept. Refused when the ConfigMap would exceed Kubernetes' 1 MiB.
+    Push(push::PushArgs),
 }
 
 impl Cli {
@@ -80,6 +96,19 @@ impl Cli {
                         namespace,
                     },
             } => module_config_map(&name, &namespace, &files).map(|yaml| print!("{yaml}")),
+            Command::Module {
+                command: ModuleCommand::Push(args),
+            } => args.run(),
+            Command::Send(args) => {
+                send::block_on(send::send(&args)).map(|answer| println!("{answer}"))
+            }
+            Command::Status(args) => send::block_on(send::status(&args)).map(|state| {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&state).unwrap_or_default()
+                )
+            }),
+            Command::Logs(args) => args.run(),
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -92,13 +121,14 @@ impl Cli {
 }
 
 /// Kubernetes refuses ConfigMaps over 1 MiB (all keys and values together).
-const MAX_CONFIG_MAP_BYTES: usize = 1 << 20;
+pub const MAX_CONFIG_MAP_BYTES: usize = 1 << 20;
 
-/// The YAML of ConfigMap `namespace/name` holding `files` as modules (`.wat` compiled to
-/// `.wasm` and stored under the `.wasm` name).
-pub fn module_config_map(name: &str, namespace: &str, files: &[PathBuf]) -> anyhow::Result<String> {
-    use k8s_openapi::ByteString;
-    use k8s_openapi::api::core::v1::ConfigMap;
+/// The modules in `files` by the key a module ConfigMap holds them under: `.wasm` files as
+/// they are, `.wat` compiled and keyed by the `.wasm` name. Anything else (a precompiled
+/// `.cwasm`, an ELF file, text) is refused.
+pub fn module_entries(
+    files: &[PathBuf],
+) -> anyhow::Result<std::collections::BTreeMap<String, k8s_openapi::ByteString>> {
     let mut binary = std::collections::BTreeMap::new();
     for file in files {
         let bytes =
@@ -122,23 +152,53 @@ pub fn module_config_map(name: &str, namespace: &str, files: &[PathBuf]) -> anyh
             );
         };
         let key = key.with_context(|| format!("{} has no file name", file.display()))?;
-        binary.insert(key, ByteString(wasm));
+        binary.insert(key, k8s_openapi::ByteString(wasm));
     }
-    let size: usize = binary.iter().map(|(k, v)| k.len() + v.0.len()).sum();
+    Ok(binary)
+}
+
+/// Bytes a ConfigMap's keys and values take, as Kubernetes counts them against its 1 MiB.
+pub fn config_map_bytes(map: &k8s_openapi::api::core::v1::ConfigMap) -> usize {
+    let binary: usize = map
+        .binary_data
+        .iter()
+        .flatten()
+        .map(|(k, v)| k.len() + v.0.len())
+        .sum();
+    let text: usize = map
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    binary + text
+}
+
+/// Refuses a ConfigMap Kubernetes would refuse for its size, saying what to do.
+pub fn check_config_map_size(map: &k8s_openapi::api::core::v1::ConfigMap) -> anyhow::Result<()> {
+    let size = config_map_bytes(map);
     if size > MAX_CONFIG_MAP_BYTES {
         anyhow::bail!(
-            "the modules take {size} bytes, more than the {MAX_CONFIG_MAP_BYTES} a ConfigMap may hold"
+            "the modules take {size} bytes, more than the {MAX_CONFIG_MAP_BYTES} a ConfigMap may hold: shrink the module (wasm-opt -Oz, strip its custom sections) or split the modules over resources with their own `spec.modules` ConfigMap"
         );
     }
+    Ok(())
+}
+
+/// The YAML of ConfigMap `namespace/name` holding `files` as modules (`.wat` compiled to
+/// `.wasm` and stored under the `.wasm` name).
+pub fn module_config_map(name: &str, namespace: &str, files: &[PathBuf]) -> anyhow::Result<String> {
+    use k8s_openapi::api::core::v1::ConfigMap;
     let map = ConfigMap {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             name: Some(name.to_owned()),
             namespace: Some(namespace.to_owned()),
             ..Default::default()
         },
-        binary_data: Some(binary),
+        binary_data: Some(module_entries(files)?),
         ..Default::default()
     };
+    check_config_map_size(&map)?;
     let mut value = serde_json::to_value(&map).context("serialising the ConfigMap")?;
     value["apiVersion"] = "v1".into();
     value["kind"] = "ConfigMap".into();

@@ -97,7 +97,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         client.clone(),
         LeaseConfig::new(&args.lease_namespace, &args.lease_name, &args.identity),
     );
-    if !elector.acquire(&shutdown).await {
+    if !elector.acquire(&shutdown).await? {
         return Ok(());
     }
     metrics.leader.set(1);

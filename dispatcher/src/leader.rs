@@ -47,6 +47,34 @@ impl LeaseConfig {
     }
 }
 
+/// The Lease cannot be created: its namespace does not exist (run out of cluster, or with a
+/// `--lease-namespace` that names no namespace). Retrying would wait forever.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the namespace {namespace} of the leader Lease does not exist: create it (`kubectl create namespace {namespace}`) or pass --lease-namespace (JOBICO_LEASE_NAMESPACE) naming the dispatcher's own namespace"
+)]
+pub struct NoLeaseNamespace {
+    /// The namespace asked for.
+    pub namespace: String,
+}
+
+/// Whether a create failed because its namespace does not exist (the API server answers 404
+/// `namespaces "<ns>" not found`; nothing else makes a create 404).
+fn namespace_missing(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 404)
+}
+
+/// Why one attempt on the Lease failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    /// The Lease's namespace does not exist.
+    #[error("the Lease's namespace does not exist: {0}")]
+    NoNamespace(#[source] kube::Error),
+    /// Any other API failure (tried again).
+    #[error(transparent)]
+    Kube(kube::Error),
+}
+
 /// Takes and keeps the Lease.
 #[derive(Clone)]
 pub struct Elector {
@@ -83,10 +111,15 @@ impl Elector {
     }
 
     /// One attempt to take or renew the Lease. `Ok(true)` when this replica holds it.
-    pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
+    pub async fn try_acquire(&self) -> Result<bool, AcquireError> {
         let me = &self.config.identity;
         let duration = i32::try_from(self.config.duration.as_secs()).unwrap_or(i32::MAX);
-        let current = match self.api.get_opt(&self.config.name).await? {
+        let current = match self
+            .api
+            .get_opt(&self.config.name)
+            .await
+            .map_err(AcquireError::Kube)?
+        {
             Some(lease) => lease,
             None => {
                 let lease = Lease {
@@ -107,7 +140,8 @@ impl Elector {
                 return match self.api.create(&Self::params(), &lease).await {
                     Ok(_) => Ok(true),
                     Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(false),
-                    Err(e) => Err(e),
+                    Err(e) if namespace_missing(&e) => Err(AcquireError::NoNamespace(e)),
+                    Err(e) => Err(AcquireError::Kube(e)),
                 };
             }
         };
@@ -146,12 +180,13 @@ impl Elector {
         {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(s)) if s.is_conflict() => Ok(false),
-            Err(e) => Err(e),
+            Err(e) => Err(AcquireError::Kube(e)),
         }
     }
 
-    /// Waits until this replica holds the Lease; `false` if `shutdown` came first.
-    pub async fn acquire(&self, shutdown: &CancellationToken) -> bool {
+    /// Waits until this replica holds the Lease; `Ok(false)` if `shutdown` came first. A Lease
+    /// namespace that does not exist is an error at once, saying how to fix it.
+    pub async fn acquire(&self, shutdown: &CancellationToken) -> Result<bool, NoLeaseNamespace> {
         loop {
             match self.try_acquire().await {
                 Ok(true) => {
@@ -160,13 +195,20 @@ impl Elector {
                         identity = self.config.identity,
                         "became leader"
                     );
-                    return true;
+                    return Ok(true);
                 }
                 Ok(false) => {}
-                Err(error) => tracing::warn!(%error, "cannot read or write the lease"),
+                Err(AcquireError::NoNamespace(_)) => {
+                    return Err(NoLeaseNamespace {
+                        namespace: self.config.namespace.clone(),
+                    });
+                }
+                Err(AcquireError::Kube(error)) => {
+                    tracing::warn!(%error, "cannot read or write the lease")
+                }
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return false,
+                _ = shutdown.cancelled() => return Ok(false),
                 _ = tokio::time::sleep(self.config.retry) => {}
             }
         }

@@ -255,3 +255,32 @@ async fn created_jobs_complete_when_it_plays_the_job_controller() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_lease_namespace_is_named_with_the_fix_instead_of_retried_in_silence() {
+    use jobico_dispatcher::leader::{Elector, LeaseConfig};
+    let fake = KubeApi::start();
+    fake.require_namespaces();
+    let elector = Elector::new(
+        client(&fake).await,
+        LeaseConfig::new("jobico-system", "jobico-dispatcher", "replica-0"),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let error = tokio::time::timeout(Duration::from_secs(10), elector.acquire(&shutdown))
+        .await
+        .expect("the missing namespace ends the campaign at once")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("jobico-system"), "{error}");
+    assert!(
+        error.contains("kubectl create namespace jobico-system"),
+        "{error}"
+    );
+    assert!(error.contains("--lease-namespace"), "{error}");
+
+    fake.apply(
+        "namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "jobico-system"}}),
+    );
+    assert!(elector.acquire(&shutdown).await.unwrap());
+}

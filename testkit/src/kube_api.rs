@@ -119,6 +119,8 @@ struct Target {
     namespace: Option<String>,
     name: Option<String>,
     status: bool,
+    /// A subresource served by its own handler: `log` (pods) or `token` (service accounts).
+    action: Option<String>,
 }
 
 impl Target {
@@ -145,9 +147,10 @@ impl Target {
             [plural, name, sub] => ((*plural).to_owned(), None, owned(name), owned(sub)),
             _ => return None,
         };
-        let status = match sub.as_deref() {
-            None => false,
-            Some("status") => true,
+        let (status, action) = match sub.as_deref() {
+            None => (false, None),
+            Some("status") => (true, None),
+            Some(action @ ("log" | "token")) => (false, Some(action.to_owned())),
             Some(_) => return None,
         };
         Some(Self {
@@ -156,6 +159,7 @@ impl Target {
             namespace,
             name,
             status,
+            action,
         })
     }
 
@@ -286,6 +290,12 @@ struct Shared {
     /// Faults answered, by code (`504 after commit` for those served first).
     faults_served: Mutex<BTreeMap<String, usize>>,
     run_jobs: Mutex<Option<Duration>>,
+    /// Whether creates need their namespace to exist, as on a real cluster.
+    require_namespaces: std::sync::atomic::AtomicBool,
+    /// Pod logs, by (namespace, pod).
+    logs: Mutex<BTreeMap<(String, String), String>>,
+    /// Token requests served: (namespace, service account, the request body).
+    token_requests: Mutex<Vec<(String, String, Value)>>,
     /// The newest resource version, for watches waiting for more.
     version: Option<tokio::sync::watch::Sender<u64>>,
 }
@@ -457,6 +467,33 @@ impl KubeApi {
         self.shared.faults.lock().expect("faults lock").push(fault);
     }
 
+    /// From now on a create in a namespace needs that `v1` Namespace object to exist (put one in
+    /// place with [`KubeApi::apply`]), else it is answered 404 `namespaces "<ns>" not found`,
+    /// as a real API server answers.
+    pub fn require_namespaces(&self) {
+        self.shared
+            .require_namespaces
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sets the log of pod `namespace/pod` (what `GET .../pods/<pod>/log` answers).
+    pub fn set_pod_log(&self, namespace: &str, pod: &str, text: &str) {
+        self.shared
+            .logs
+            .lock()
+            .expect("logs lock")
+            .insert((namespace.into(), pod.into()), text.into());
+    }
+
+    /// The TokenRequests served: (namespace, service account, request body).
+    pub fn token_requests(&self) -> Vec<(String, String, Value)> {
+        self.shared
+            .token_requests
+            .lock()
+            .expect("tokens lock")
+            .clone()
+    }
+
     /// Faults answered so far, by code (`"504 after commit"` for those answered after
     /// serving the request).
     pub fn faults_served(&self) -> BTreeMap<String, usize> {
@@ -548,6 +585,7 @@ async fn serve(req: HttpRequest, body: web::Bytes, shared: web::Data<Arc<Shared>
     let query = query(&req);
     let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
     let verb = match (req.method().as_str(), target.name.is_some()) {
+        ("POST", true) if target.action.is_some() => "create",
         ("GET", true) => "get",
         ("GET", false) if watch => "watch",
         ("GET", false) => "list",
@@ -560,6 +598,10 @@ async fn serve(req: HttpRequest, body: web::Bytes, shared: web::Data<Arc<Shared>
     let mut counted = target.resource();
     if target.status {
         counted.push_str("/status");
+    }
+    if let Some(action) = &target.action {
+        counted.push('/');
+        counted.push_str(action);
     }
     *shared
         .requests
@@ -614,14 +656,19 @@ async fn serve(req: HttpRequest, body: web::Bytes, shared: web::Data<Arc<Shared>
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let response = match verb {
-        "get" => get(&shared, &target),
-        "list" => list(&shared, &target, &query),
-        "watch" => return watch_stream(shared.get_ref().clone(), target, &query),
-        "create" => create(&shared, &target, &body),
-        "update" => update(&shared, &target, &body),
-        "patch" => patch(&shared, &target, &body, &content_type),
-        _ => delete(&shared, &target),
+    let response = match (verb, target.action.as_deref()) {
+        ("get", Some("log")) => pod_log(&shared, &target),
+        ("create", Some("token")) => token(&shared, &target, &body),
+        (_, Some(action)) => failure(405, &format!("{verb} of {action} is not supported")),
+        _ => match verb {
+            "get" => get(&shared, &target),
+            "list" => list(&shared, &target, &query),
+            "watch" => return watch_stream(shared.get_ref().clone(), target, &query),
+            "create" => create(&shared, &target, &body),
+            "update" => update(&shared, &target, &body),
+            "patch" => patch(&shared, &target, &body, &content_type),
+            _ => delete(&shared, &target),
+        },
     };
     match fault {
         Some(fault) => injected(&fault),
@@ -649,6 +696,45 @@ fn get(shared: &Shared, target: &Target) -> HttpResponse {
         Some(object) => answer(200, object),
         None => not_found(target, name),
     }
+}
+
+/// `GET .../pods/<pod>/log`: the text set with [`KubeApi::set_pod_log`] (empty if none) for a
+/// pod that exists.
+fn pod_log(shared: &Shared, target: &Target) -> HttpResponse {
+    let name = target.name.clone().unwrap_or_default();
+    if target.plural != "pods" || current(shared, target).is_none() {
+        return not_found(target, &name);
+    }
+    let namespace = target.namespace.clone().unwrap_or_default();
+    let text = shared
+        .logs
+        .lock()
+        .expect("logs lock")
+        .get(&(namespace, name))
+        .cloned()
+        .unwrap_or_default();
+    HttpResponse::Ok().content_type("text/plain").body(text)
+}
+
+/// `POST .../serviceaccounts/<name>/token`: a TokenRequest for a service account that exists,
+/// answered with a token naming it.
+fn token(shared: &Shared, target: &Target, body: &[u8]) -> HttpResponse {
+    let name = target.name.clone().unwrap_or_default();
+    if target.plural != "serviceaccounts" || current(shared, target).is_none() {
+        return not_found(target, &name);
+    }
+    let mut request = match parse_body(body) {
+        Ok(request) => request,
+        Err(message) => return failure(400, &message),
+    };
+    let namespace = target.namespace.clone().unwrap_or_default();
+    let mut tokens = shared.token_requests.lock().expect("tokens lock");
+    tokens.push((namespace.clone(), name.clone(), request.clone()));
+    request["status"] = json!({
+        "token": format!("fake-token.{namespace}.{name}.{}", tokens.len()),
+        "expirationTimestamp": now(),
+    });
+    answer(201, &request)
 }
 
 fn list(shared: &Shared, target: &Target, query: &BTreeMap<String, String>) -> HttpResponse {
@@ -700,6 +786,26 @@ fn create(shared: &Arc<Shared>, target: &Target, body: &[u8]) -> HttpResponse {
     let run_jobs = *shared.run_jobs.lock().expect("run_jobs lock");
     let created = {
         let mut store = shared.store.lock().expect("store lock");
+        if let Some(namespace) = &target.namespace
+            && shared
+                .require_namespaces
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            let key = Key {
+                resource: resource("v1", "namespaces"),
+                namespace: String::new(),
+                name: namespace.clone(),
+            };
+            if !store.objects.contains_key(&key) {
+                let mut body = status(
+                    404,
+                    "NotFound",
+                    &format!("namespaces \"{namespace}\" not found"),
+                );
+                body["details"] = json!({"name": namespace, "kind": "namespaces"});
+                return answer(404, &body);
+            }
+        }
         let name = match object["metadata"]["name"].as_str() {
             Some(name) => name.to_owned(),
             None => match object["metadata"]["generateName"].as_str() {

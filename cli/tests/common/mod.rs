@@ -63,6 +63,11 @@ impl Up {
         up
     }
 
+    /// The base URL it serves on.
+    pub fn base(&self) -> String {
+        self.base.clone()
+    }
+
     /// Waits for a line matching `pred`, returning it.
     pub fn wait_for(&mut self, pred: impl Fn(&str) -> bool) -> String {
         if let Some(line) = self.seen.iter().find(|l| pred(l)) {
