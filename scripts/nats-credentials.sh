@@ -4,6 +4,8 @@
 #
 #   jobico-nats-apiserver   key `password`: NATS user jobico-apiserver (the ingress)
 #   jobico-nats-dispatcher  key `password`: NATS user jobico-dispatcher
+#   jobico-nats-routes      key `password`: the route user NATS servers of one cluster join
+#                           each other with (deploy/production/; unused by a single server)
 #
 # NATS reads both from its environment (deploy/nats.yaml); each component mounts only its own.
 # Each password is 40 random letters and digits from /dev/urandom (~238 bits), starting with a
@@ -11,7 +13,7 @@
 #
 #   scripts/nats-credentials.sh [--namespace NS]   create the Secrets that do not exist yet
 #                                                  (existing ones are kept: safe to re-run)
-#   scripts/nats-credentials.sh --rotate           replace both with new passwords, then run
+#   scripts/nats-credentials.sh --rotate           replace them with new passwords, then run
 #       kubectl -n jobico-system rollout restart statefulset/nats deployment/jobico-apiserver deployment/jobico-dispatcher
 #   scripts/nats-credentials.sh --stdout           print the Secrets as YAML, apply nothing
 #                                                  (for GitOps: encrypt them, e.g. sealed-secrets)
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
         --namespace) namespace="$2"; shift 2 ;;
         --rotate) mode=rotate; shift ;;
         --stdout) mode=stdout; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -62,7 +64,7 @@ YAML
 }
 
 first=1
-for pair in jobico-nats-apiserver:jobico-apiserver jobico-nats-dispatcher:jobico-dispatcher; do
+for pair in jobico-nats-apiserver:jobico-apiserver jobico-nats-dispatcher:jobico-dispatcher jobico-nats-routes:jobico-route; do
     name="${pair%%:*}"
     user="${pair#*:}"
     case "$mode" in

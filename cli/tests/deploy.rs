@@ -18,37 +18,11 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, PodTemplateSpec};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use serde::Deserialize;
 
-/// Every object of every YAML file below deploy/ (kustomization.yaml aside), with its file.
+/// Every object of every YAML file below deploy/ (kustomization.yaml aside), with its file;
+/// the production overlay's patches are checked by tests/production.rs.
 fn objects() -> Vec<(PathBuf, serde_yaml::Value)> {
-    let mut files = Vec::new();
-    let mut dirs = vec![repo().join("deploy")];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path.extension().is_some_and(|e| e == "yaml")
-                && path.file_name().unwrap() != "kustomization.yaml"
-            {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    let mut objects = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        for document in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_yaml::Value::deserialize(document)
-                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            if !value.is_null() {
-                objects.push((file.clone(), value));
-            }
-        }
-    }
-    objects
+    common::yaml_objects(&repo().join("deploy"), &["production"])
 }
 
 /// Parses `value` as `T`, failing on any field `T` does not have or reads otherwise (a

@@ -220,6 +220,44 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Every object of every YAML file below `dir` (kustomization.yaml aside, and not below the
+/// subdirectories named in `skip`), with its file, in file order.
+pub fn yaml_objects(dir: &Path, skip: &[&str]) -> Vec<(PathBuf, serde_yaml::Value)> {
+    use serde::Deserialize;
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if !skip
+                    .iter()
+                    .any(|s| path.file_name().is_some_and(|n| n == *s))
+                {
+                    dirs.push(path);
+                }
+            } else if path.extension().is_some_and(|e| e == "yaml")
+                && path.file_name().unwrap() != "kustomization.yaml"
+            {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    let mut objects = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            if !value.is_null() {
+                objects.push((file.clone(), value));
+            }
+        }
+    }
+    objects
+}
+
 /// The lines saying how an event ended: one per run.
 pub fn runs(lines: &[String]) -> Vec<&String> {
     lines
