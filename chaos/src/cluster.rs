@@ -24,7 +24,7 @@ use crate::up::Up;
 use crate::{Profile, Rng, Row};
 
 /// The batch Jobs resource.
-const JOBS: &str = "batch/v1/jobs";
+pub(crate) const JOBS: &str = "batch/v1/jobs";
 
 /// How soon NATS hands out again what a killed dispatcher held.
 const ACK_WAIT_SECS: u64 = 3;
@@ -36,14 +36,14 @@ const RUN_TIME: Duration = Duration::from_millis(50);
 const DRAIN_DEADLINE: Duration = Duration::from_secs(150);
 
 /// A nats-server, a fake API server holding `samples/ev1.yaml`, and the cluster ingress.
-struct Cluster {
+pub(crate) struct Cluster {
     nats: Vec<NatsServer>,
     nats_url: String,
     /// Replicas of the streams and buckets (the NATS servers' count).
     replicas: usize,
-    js: jetstream::Context,
-    api: KubeApi,
-    ingress: Up,
+    pub(crate) js: jetstream::Context,
+    pub(crate) api: KubeApi,
+    pub(crate) ingress: Up,
     dispatcher_bin: PathBuf,
     logs: PathBuf,
 }
@@ -52,6 +52,16 @@ impl Cluster {
     /// With one NATS server, or (`nodes` > 1) a JetStream cluster whose streams and buckets
     /// have a replica on each node.
     async fn start(env: &Env, nodes: usize) -> anyhow::Result<Self> {
+        Self::start_with(env, nodes, |_| {}).await
+    }
+
+    /// [`Cluster::start`] with the Jobico `Job` resource of the sample edited by `edit` first
+    /// (its batching, say).
+    pub(crate) async fn start_with(
+        env: &Env,
+        nodes: usize,
+        edit: impl Fn(&mut Value),
+    ) -> anyhow::Result<Self> {
         let nats = if nodes > 1 {
             tokio::task::block_in_place(|| NatsServer::cluster(nodes))
         } else {
@@ -73,7 +83,10 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let api = KubeApi::start();
-        for (plural, object) in sample_objects(&env.repo.join("samples/ev1.yaml"))? {
+        for (plural, mut object) in sample_objects(&env.repo.join("samples/ev1.yaml"))? {
+            if object["apiVersion"] == "jobico.coeux.dev/v1" {
+                edit(&mut object);
+            }
             api.apply(&plural, object);
         }
         api.run_jobs(Some(RUN_TIME));
@@ -101,7 +114,7 @@ impl Cluster {
     }
 
     /// A dispatcher replica named `identity` (not started).
-    fn dispatcher(&self, identity: &str) -> Up {
+    pub(crate) fn dispatcher(&self, identity: &str) -> Up {
         let mut up = Up::dispatcher(
             &self.dispatcher_bin,
             &self.logs,
@@ -207,14 +220,14 @@ impl Cluster {
         Ok(())
     }
 
-    fn stop(&mut self, row: &mut Row) {
+    pub(crate) fn stop(&mut self, row: &mut Row) {
         self.ingress.stop();
         row.crashes += self.ingress.crashes;
     }
 }
 
 /// Whether the state record of `default/ev1/<id>` says succeeded.
-async fn succeeded(kv: &jetstream::kv::Store, id: &str) -> bool {
+pub(crate) async fn succeeded(kv: &jetstream::kv::Store, id: &str) -> bool {
     let key = jobico_common::subject::state_key("default", "ev1", id);
     match kv.get(key).await {
         Ok(Some(bytes)) => serde_json::from_slice::<EventStatus>(&bytes)
@@ -259,7 +272,7 @@ fn sample_objects(path: &Path) -> anyhow::Result<Vec<(String, Value)>> {
 }
 
 /// Waits until the log of `replica` says it leads.
-async fn until_leader(replica: &Up, within: Duration) -> anyhow::Result<()> {
+pub(crate) async fn until_leader(replica: &Up, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     while !replica.log().contains("became leader") {
         anyhow::ensure!(

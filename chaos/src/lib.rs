@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+pub mod burst;
 pub mod clients;
 pub mod cluster;
 pub mod hostile;

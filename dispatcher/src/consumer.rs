@@ -284,6 +284,9 @@ async fn consume<B: Backend>(
     // Signalled when a batch finishes, so a consumer at its cap pulls again at once rather
     // than at the next poll (the poll stays for Jobs the backend sees finish).
     let finished = Arc::new(tokio::sync::Notify::new());
+    // Wakes every batch gathering events while others are dispatched (adaptive batching); no
+    // permit is kept, so a batch never stops gathering for a completion it did not wait for.
+    let completed = Arc::new(tokio::sync::Notify::new());
     // Stream sequences of the messages this consumer holds. A redelivery of one of them (its
     // ack wait passed during a NATS outage, with the first copy still in the client's buffer
     // or being dispatched) is dropped rather than dispatched beside it: the first copy's ack
@@ -356,10 +359,24 @@ async fn consume<B: Backend>(
         let mut bytes = batch[0].payload.len();
         let deadline = tokio::time::Instant::now() + max_wait;
         while batch.len() < max_events {
+            // Messages already here always join (biased: they are looked at first). With
+            // `maxWaitMillis: 0` (adaptive) the batch waits for no timer: it goes as soon as
+            // nothing more is here, unless another batch of this consumer is being dispatched,
+            // in which case it gathers until that one finishes (a create round trip) or it is
+            // full. So a lone event goes at once and a burst packs itself into full batches.
+            // Armed before in_flight is read, so a batch finishing in between still wakes it.
+            let completion = completed.notified();
+            tokio::pin!(completion);
+            completion.as_mut().enable();
+            let gathering =
+                max_wait.is_zero() && in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0;
             let next = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep_until(deadline) => break,
                 next = messages.next() => next,
+                _ = &mut completion, if gathering => break,
+                _ = std::future::ready(()), if max_wait.is_zero() && !gathering => break,
+                _ = tokio::time::sleep_until(deadline), if !max_wait.is_zero() => break,
             };
             match next {
                 Some(Ok(message)) if !take(&message) => {}
@@ -381,6 +398,7 @@ async fn consume<B: Backend>(
         let shutdown = shutdown.clone();
         let in_flight = in_flight.clone();
         let finished = finished.clone();
+        let completed = completed.clone();
         let sequences: Vec<u64> = batch
             .iter()
             .filter_map(|m| m.info().ok().map(|i| i.stream_sequence))
@@ -398,6 +416,7 @@ async fn consume<B: Backend>(
                 drop(held);
                 in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 finished.notify_one();
+                completed.notify_waiters();
                 drop(permit);
             }
             .in_current_span(),

@@ -217,6 +217,71 @@ async fn events_are_grouped_up_to_max_events() {
 }
 
 #[tokio::test]
+async fn with_no_wait_a_backlog_fills_whole_batches_and_a_lone_event_goes_at_once() {
+    let (_server, js) = nats().await;
+    let backend = Arc::new(Recording::default());
+    // Job creates take a while, as against a real API server: events pile up meanwhile.
+    *backend.delay.lock().unwrap() = Some(Duration::from_millis(20));
+    publish(&js, "default", "ev1", "w", 1000).await;
+    let (_ctx, token, handle) =
+        start(&js, backend.clone(), with_batch(50, 0), consumer::ACK_WAIT).await;
+    eventually(30, "1000 events dispatched", || async {
+        backend.calls().iter().map(Vec::len).sum::<usize>() == 1000
+    })
+    .await;
+    let sizes: Vec<usize> = backend.calls().iter().map(Vec::len).collect();
+    // The first pull may hand over a few messages before the rest arrive; after that every
+    // batch is full. 20 Jobs is the least possible.
+    assert!(
+        sizes.len() <= 24,
+        "{} Jobs for 1000 events with maxEvents 50: {sizes:?}",
+        sizes.len()
+    );
+    // Events arriving one by one while Jobs are being created are packed as well: each batch
+    // gathers what arrives during the creates in flight.
+    let before = backend.calls().len();
+    let trickle: Vec<_> = (0..8)
+        .map(|task| {
+            let js = js.clone();
+            tokio::spawn(async move {
+                for i in 0..125 {
+                    publish(&js, "default", "ev1", &format!("t{task}-{i}"), 1).await;
+                }
+            })
+        })
+        .collect();
+    for task in trickle {
+        task.await.unwrap();
+    }
+    eventually(30, "the trickle dispatched", || async {
+        backend.calls().iter().map(Vec::len).sum::<usize>() == 2000
+    })
+    .await;
+    let trickled: Vec<usize> = backend.calls()[before..].iter().map(Vec::len).collect();
+    assert!(
+        trickled.len() <= 40,
+        "{} Jobs for 1000 events arriving one by one: {trickled:?}",
+        trickled.len()
+    );
+    // Idle again: one event gets a Job of its own, without waiting for company.
+    let before = backend.calls().len();
+    let sent = std::time::Instant::now();
+    publish(&js, "default", "ev1", "lone", 1).await;
+    eventually(10, "the lone event dispatched", || async {
+        backend.calls().len() == before + 1
+    })
+    .await;
+    assert!(
+        sent.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(backend.calls().last().unwrap(), &["lone-0".to_owned()]);
+    token.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
 async fn transient_failures_keep_the_events_and_permanent_ones_dead_letter_with_the_reason() {
     let (_server, js) = nats().await;
     let backend = Arc::new(Recording::default());

@@ -157,7 +157,9 @@ pub struct BatchSpec {
     /// Most events in one Kubernetes Job.
     #[schemars(range(min = 1, max = 100))]
     pub max_events: u32,
-    /// Longest wait, in milliseconds, for a batch to fill before it is dispatched (default 1000).
+    /// Longest wait, in milliseconds, for a batch to fill before it is dispatched (default
+    /// 1000). 0 is adaptive: no wait when the consumer is idle (a lone event goes at once),
+    /// while Jobs are being created the next batch gathers what arrives meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 60000))]
     pub max_wait_millis: Option<u32>,

@@ -16,7 +16,8 @@
 //! Faults are injected per verb and resource ([`Fault`]): an answer instead of the request, or
 //! after it committed (a `504` for a create that happened), for a number of requests or a
 //! time window, with `Retry-After` on 429s. Requests are counted by verb and resource
-//! ([`KubeApi::requests`]), and every committed create is kept ([`KubeApi::created`]).
+//! ([`KubeApi::requests`], [`KubeApi::writes`]), and every committed create is kept
+//! ([`KubeApi::created`]). Writes can be given a latency ([`KubeApi::write_latency`]).
 //!
 //! With [`KubeApi::run_jobs`] it also plays the Job controller and kubelet for `batch/v1`
 //! Jobs: each created Job is marked `Complete` after a delay (no pods are made).
@@ -290,6 +291,9 @@ struct Shared {
     /// Faults answered, by code (`504 after commit` for those served first).
     faults_served: Mutex<BTreeMap<String, usize>>,
     run_jobs: Mutex<Option<Duration>>,
+    /// How long each write (create, update, patch, delete) takes before it is served, as a
+    /// real API server's round trip to etcd does.
+    write_latency: Mutex<Option<Duration>>,
     /// Whether creates need their namespace to exist, as on a real cluster.
     require_namespaces: std::sync::atomic::AtomicBool,
     /// Pod logs, by (namespace, pod).
@@ -465,6 +469,22 @@ impl KubeApi {
     /// Adds a fault; the first live fault matching a request decides its answer.
     pub fn inject(&self, fault: Fault) {
         self.shared.faults.lock().expect("faults lock").push(fault);
+    }
+
+    /// From now on every write waits `latency` before it is served (`None`: at once).
+    pub fn write_latency(&self, latency: Option<Duration>) {
+        *self.shared.write_latency.lock().expect("latency lock") = latency;
+    }
+
+    /// Writes served so far (create, update, patch, delete), by resource.
+    pub fn writes(&self) -> BTreeMap<String, usize> {
+        let mut writes = BTreeMap::new();
+        for ((verb, resource), n) in self.requests() {
+            if matches!(verb.as_str(), "create" | "update" | "patch" | "delete") {
+                *writes.entry(resource).or_default() += n;
+            }
+        }
+        writes
     }
 
     /// From now on a create in a namespace needs that `v1` Namespace object to exist (put one in
@@ -649,6 +669,12 @@ async fn serve(req: HttpRequest, body: web::Bytes, shared: web::Data<Arc<Shared>
         && !fault.after_commit
     {
         return injected(fault);
+    }
+    if matches!(verb, "create" | "update" | "patch" | "delete") {
+        let latency = *shared.write_latency.lock().expect("latency lock");
+        if let Some(latency) = latency {
+            actix_web::rt::time::sleep(latency).await;
+        }
     }
     let content_type = req
         .headers()
