@@ -165,7 +165,17 @@ async fn nats_ceiling(js: &jetstream::Context, events: usize, size: usize) -> f6
 }
 
 async fn run(batch: u32, events: usize) {
-    let (_server, js) = support::nats().await;
+    // Limits retention (not the default work queue): the ceiling's consumer and the
+    // dispatcher's both read the same messages.
+    let server = jobico_testkit::NatsServer::start();
+    let js = jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let streams = jobico_store::StreamSettings {
+        retention: jobico_store::Retention::Limits,
+        ..Default::default()
+    };
+    jobico_store::streams::ensure(&js, "default", &streams)
+        .await
+        .unwrap();
     let (client, cluster) = FakeCluster::start();
     let mut owner = (*support::sample("ev1.yaml")).clone();
     if batch > 1 {
@@ -177,15 +187,21 @@ async fn run(batch: u32, events: usize) {
     }
     let prefix = format!("b{batch}");
     publish(&js, &prefix, events).await;
-    // The stream's retention is limits: the ceiling's consumer reads the same messages.
     let nats_ceiling = nats_ceiling(&js, events, batch as usize).await;
     let owner = Arc::new(owner);
     let api_ceiling = api_ceiling(&batches(&owner, &prefix, events, batch as usize)).await;
     let metrics = Arc::new(Metrics::new());
     let backend = KubeBackend::new(client, Renderer::new("ghcr.io/coeux/wasm-exec:0.1.0"));
-    let ctx = Dispatcher::connect(js.clone(), backend, metrics.clone(), RetryPolicy::default())
-        .await
-        .unwrap();
+    let ctx = Dispatcher::connect_with(
+        js.clone(),
+        backend,
+        metrics.clone(),
+        RetryPolicy::default(),
+        consumer::ACK_WAIT,
+        streams,
+    )
+    .await
+    .unwrap();
     let token = CancellationToken::new();
     let cpu = cpu_time();
     let started = Instant::now();

@@ -254,3 +254,51 @@ fn yaml_line_breaks_and_controls_survive_the_round_trip() {
         );
     }
 }
+
+#[test]
+fn the_direct_default_job_is_exactly_what_the_default_template_renders() {
+    let renderer = Renderer::new(IMAGE);
+    let mut owners = vec![sample("ev1.yaml"), sample("ev2.yaml")];
+    let mut custom = (*sample("ev1.yaml")).clone();
+    custom.metadata.namespace = Some("team-a".into());
+    custom.spec.modules = Some("shared-modules".into());
+    custom.spec.backoff_limit = Some(0);
+    custom.spec.active_deadline_seconds = Some(60);
+    custom.spec.ttl_seconds_after_finished = Some(120);
+    custom.spec.resources =
+        Some(serde_json::from_value(json!({"limits": {"cpu": "1", "memory": "256Mi"}})).unwrap());
+    custom.spec.events[0].limits = Some(EventLimits {
+        memory_mib: Some(32),
+        timeout_millis: Some(500),
+        fuel: Some(7),
+    });
+    custom.spec.events[0].env = vec![EnvVar {
+        name: "QUOTE".into(),
+        value: "\"}\n- evil: yes".into(),
+    }];
+    owners.push(std::sync::Arc::new(custom));
+    for owner in &owners {
+        let mut batches = vec![
+            batch(owner, &["0190c5a1-7b7e-7c3e-9f00-000000000001"]),
+            batch(owner, &["a1", "b2", "c3"]),
+        ];
+        let mut big = batch(owner, &["big-1"]);
+        big.events = vec![record(
+            owner.metadata.namespace.as_deref().unwrap(),
+            &owner.spec.events[0].name,
+            "big-1",
+            json!({"firstName": "\"}\n{{x}}", "lastName": "é".repeat(150_000)}),
+        )];
+        batches.push(big);
+        for b in &batches {
+            let direct = renderer.render(b, None).unwrap();
+            let templated = renderer.render(b, Some(DEFAULT_TEMPLATE)).unwrap();
+            assert_eq!(
+                serde_json::to_value(&direct).unwrap(),
+                serde_json::to_value(&templated).unwrap(),
+                "{:?}",
+                b.ids()
+            );
+        }
+    }
+}

@@ -1181,7 +1181,12 @@ mod tests {
             (t.resource().as_str(), t.name.as_deref()),
             ("v1/namespaces", Some("jobico-system"))
         );
-        assert!(Target::parse("/apis/batch/v1/namespaces/a/jobs/b/log").is_none());
+        assert!(Target::parse("/apis/batch/v1/namespaces/a/jobs/b/scale").is_none());
+        let t = Target::parse("/api/v1/namespaces/a/pods/p/log").unwrap();
+        assert_eq!(
+            (t.name.as_deref(), t.action.as_deref()),
+            (Some("p"), Some("log"))
+        );
         assert!(Target::parse("/healthz").is_none());
     }
 
