@@ -75,6 +75,24 @@ pub struct UpArgs {
     /// to each event type's consumer in NATS at start.
     #[arg(long, env = "JOBICO_ACK_WAIT_SECS", default_value_t = ACK_WAIT.as_secs(), requires = "nats")]
     pub ack_wait_secs: u64,
+    /// Compiled modules kept between starts, keyed by the module's digest and the runtime's
+    /// version, configuration and CPU (wasm-exec's cache: an entry loads only if its MAC
+    /// verifies and the directory is this user's alone). Default: $XDG_CACHE_HOME/jobico/modules,
+    /// else ~/.cache/jobico/modules.
+    #[arg(long, env = "JOBICO_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Compile every module at each start, keeping nothing.
+    #[arg(long, conflicts_with = "cache_dir")]
+    pub no_cache: bool,
+}
+
+/// Where `jobico up` keeps compiled modules unless told otherwise.
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("jobico").join("modules"))
 }
 
 /// Runs local mode until SIGTERM or Ctrl-C.
@@ -133,8 +151,19 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let runtime = wasm_exec::Runtime::new(wasm_exec::RuntimeConfig::default())
-        .context("cannot start the WebAssembly runtime")?;
+    let cache_dir = match (args.no_cache, &args.cache_dir) {
+        (true, _) => None,
+        (false, Some(dir)) => Some(dir.clone()),
+        (false, None) => default_cache_dir(),
+    };
+    if let Some(dir) = &cache_dir {
+        tracing::info!(dir = %dir.display(), "compiled modules are cached");
+    }
+    let runtime = wasm_exec::Runtime::new(wasm_exec::RuntimeConfig {
+        cache_dir,
+        ..wasm_exec::RuntimeConfig::default()
+    })
+    .context("cannot start the WebAssembly runtime")?;
     let (modules, failures) = tokio::task::block_in_place(|| {
         Modules::prepare(&runtime, &events, &manifest, &existing_dirs(&module_dirs))
     });

@@ -184,3 +184,47 @@ fn precompiled_modules_are_refused_in_local_mode() {
     assert!(status.success());
     assert_eq!(runs(&lines).len(), 1, "only ev1 ran");
 }
+
+#[test]
+fn a_restart_loads_compiled_modules_from_the_cache_instead_of_compiling() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().join("modules");
+    let dir_arg = dir.display().to_string();
+    let env = [("JOBICO_LOG", "info,wasm_exec::cache=debug")];
+    let first = Up::start_with_env(&repo(), &["--cache-dir", &dir_arg], &env);
+    let (_, lines) = first.stop();
+    assert!(
+        !lines.iter().any(|l| l.contains("found in cache")),
+        "nothing was cached yet: {lines:?}"
+    );
+    let entries = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "cwasm")
+        })
+        .count();
+    assert!(entries >= 1, "the first start cached its modules");
+
+    let mut second = Up::start_with_env(&repo(), &["--cache-dir", &dir_arg], &env);
+    second.wait_for(|l| l.contains("compiled module found in cache"));
+    // And it still runs events.
+    let (status, body) = second.put(
+        "/execute/default/ev1",
+        r#"{"firstName":"Ada","lastName":"Lovelace"}"#,
+    );
+    assert_eq!(status, 202, "{body}");
+    let id = body["ids"][0].as_str().unwrap().to_string();
+    second
+        .wait_for(|l| l.starts_with(&format!("[default/ev1 {id}]")) && l.contains("succeeded in"));
+    // --no-cache compiles again, keeping nothing.
+    let third = Up::start_with_env(&repo(), &["--no-cache"], &env);
+    let (_, lines) = third.stop();
+    assert!(
+        !lines.iter().any(|l| l.contains("found in cache")),
+        "{lines:?}"
+    );
+}

@@ -25,7 +25,13 @@ pub struct Up {
 
 impl Up {
     pub fn start(dir: &Path, args: &[&str]) -> Self {
+        Self::start_with_env(dir, args, &[])
+    }
+
+    /// [`Up::start`] with environment variables set for the process.
+    pub fn start_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_jobico"))
+            .envs(env.iter().copied())
             .arg("up")
             .args(["--listen", "127.0.0.1:0", "--http-workers", "2"])
             .args(args)
