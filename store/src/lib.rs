@@ -260,6 +260,16 @@ impl StateStore {
         job: &str,
     ) -> Result<Claim, StateError> {
         let key = state_key(namespace, event, id);
+        // An event's first claim finds no record (its `accepted` state is the stream message):
+        // a create, one round trip, settles it without reading first. A record that exists
+        // makes the create fail, and the read-decide-write loop below takes over.
+        let mut first = status(namespace, event, id, EventState::Dispatched);
+        first.job = Some(job.to_owned());
+        match self.write_at(&key, None, &first).await {
+            Ok(revision) => return Ok(Claim::Claimed { revision }),
+            Err(WriteError::Raced(_)) => {}
+            Err(WriteError::Failed(message)) => return Err(StateError { key, message }),
+        }
         for _ in 0..CAS_ATTEMPTS {
             let (entry, current) = self.read(&key).await?;
             if let (Some(current), Some(entry)) = (&current, &entry) {
