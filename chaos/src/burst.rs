@@ -70,10 +70,11 @@ async fn measure(
     let mut dispatcher = cluster.dispatcher("dispatcher-0");
     tokio::task::block_in_place(|| dispatcher.start())?;
     until_leader(&dispatcher, Duration::from_secs(30)).await?;
+    // The ingress opened (or created) the state bucket before it served.
     let kv = cluster
         .js
         .get_key_value(jobico_common::subject::STATE_BUCKET)
-        .await;
+        .await?;
     let base = cluster.ingress.base();
     let deadline = || Instant::now() + Duration::from_secs(60);
     // Lone events, the consumer idle between them.
@@ -83,15 +84,6 @@ async fn measure(
         let started = Instant::now();
         let sent = send_to(&base, "default/ev1", vec![key.clone()], 1, deadline()).await;
         anyhow::ensure!(sent.acked.contains(&key), "lone event {key} not accepted");
-        let kv = match &kv {
-            Ok(kv) => kv.clone(),
-            Err(_) => {
-                cluster
-                    .js
-                    .get_key_value(jobico_common::subject::STATE_BUCKET)
-                    .await?
-            }
-        };
         while !succeeded(&kv, &key).await {
             anyhow::ensure!(
                 started.elapsed() < Duration::from_secs(60),
@@ -106,10 +98,6 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     lone.sort();
-    let kv = cluster
-        .js
-        .get_key_value(jobico_common::subject::STATE_BUCKET)
-        .await?;
     // The burst.
     let jobs_before = cluster.api.created(JOBS).len();
     let writes_before = cluster.api.writes();

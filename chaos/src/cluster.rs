@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use jobico_common::{EventState, EventStatus};
-use jobico_dispatcher::backend::keys;
+use jobico_dispatcher::kubernetes::job_ids;
 use jobico_testkit::NatsServer;
 use jobico_testkit::kube_api::{Fault, KubeApi, resource};
 use serde_json::{Value, json};
@@ -182,11 +182,9 @@ impl Cluster {
         tokio::time::sleep(Duration::from_secs(ACK_WAIT_SECS * 2)).await;
         let mut jobs_per_event: HashMap<String, usize> = HashMap::new();
         for job in self.api.created(JOBS) {
-            let ids = job["metadata"]["annotations"][keys::EVENT_IDS]
-                .as_str()
-                .unwrap_or_default();
-            for id in ids.split(',').filter(|id| !id.is_empty()) {
-                *jobs_per_event.entry(id.to_owned()).or_default() += 1;
+            let job = serde_json::from_value(job)?;
+            for id in job_ids(&job) {
+                *jobs_per_event.entry(id).or_default() += 1;
             }
         }
         row.attempted = sent.attempted;
@@ -223,6 +221,18 @@ impl Cluster {
     pub(crate) fn stop(&mut self, row: &mut Row) {
         self.ingress.stop();
         row.crashes += self.ingress.crashes;
+    }
+
+    /// [`Cluster::settle`], then the ingress stopped: the scenario's row.
+    async fn finish(
+        mut self,
+        sent: &Sent,
+        replicas: &mut [Up],
+        mut row: Row,
+    ) -> anyhow::Result<Row> {
+        self.settle(sent, replicas, &mut row).await?;
+        self.stop(&mut row);
+        Ok(row)
     }
 }
 
@@ -290,7 +300,7 @@ pub(crate) async fn until_leader(replica: &Up, within: Duration) -> anyhow::Resu
 /// unacked is dispatched again after the ack wait; the Job names and the state records keep
 /// that to one Job per event.
 pub async fn kill_dispatcher(env: &Env, profile: &Profile, rng: &mut Rng) -> anyhow::Result<Row> {
-    let mut cluster = Cluster::start(env, 1).await?;
+    let cluster = Cluster::start(env, 1).await?;
     let mut dispatcher = cluster.dispatcher("dispatcher-0");
     tokio::task::block_in_place(|| dispatcher.start())?;
     let sending = send_in_background(
@@ -306,16 +316,14 @@ pub async fn kill_dispatcher(env: &Env, profile: &Profile, rng: &mut Rng) -> any
         })?;
     }
     let sent = sending.await?;
-    let mut row = Row {
+    let row = Row {
         name: format!("kill -9 the dispatcher x{}", profile.kills),
         note: "cluster path: fake API".into(),
         ..Default::default()
     };
     cluster
-        .settle(&sent, std::slice::from_mut(&mut dispatcher), &mut row)
-        .await?;
-    cluster.stop(&mut row);
-    Ok(row)
+        .finish(&sent, std::slice::from_mut(&mut dispatcher), row)
+        .await
 }
 
 /// The Kubernetes API failing under the dispatcher while events flow: Job creates answered
@@ -385,7 +393,7 @@ pub async fn api_faults(env: &Env, profile: &Profile, rng: &mut Rng) -> anyhow::
 /// dispatch at once for a while), then the new leader is killed with SIGKILL and the other
 /// takes over once the Lease expires (15 s).
 pub async fn leader_change(env: &Env, profile: &Profile, rng: &mut Rng) -> anyhow::Result<Row> {
-    let mut cluster = Cluster::start(env, 1).await?;
+    let cluster = Cluster::start(env, 1).await?;
     let mut replicas = [
         cluster.dispatcher("dispatcher-a"),
         cluster.dispatcher("dispatcher-b"),
@@ -426,14 +434,12 @@ pub async fn leader_change(env: &Env, profile: &Profile, rng: &mut Rng) -> anyho
         cluster.leader().unwrap_or_default()
     );
     let sent = sending.await?;
-    let mut row = Row {
+    let row = Row {
         name: "two dispatchers, lease handed over, then the leader killed".into(),
         note: format!("cluster path: fake API; {leaders}"),
         ..Default::default()
     };
-    cluster.settle(&sent, &mut replicas, &mut row).await?;
-    cluster.stop(&mut row);
-    Ok(row)
+    cluster.finish(&sent, &mut replicas, row).await
 }
 
 /// A 3-node JetStream cluster with every stream and bucket on all three: the leader of the
@@ -478,14 +484,12 @@ pub async fn kill_stream_leader(
     tokio::time::sleep(Duration::from_millis(rng.range(2000, 4000))).await;
     tokio::task::block_in_place(|| cluster.nats[index].restart());
     let sent = sending.await?;
-    let mut row = Row {
+    let row = Row {
         name: "3-node NATS (R3): stream leader kill -9, restart".into(),
         note: format!("cluster path: fake API; killed {leader}"),
         ..Default::default()
     };
     cluster
-        .settle(&sent, std::slice::from_mut(&mut dispatcher), &mut row)
-        .await?;
-    cluster.stop(&mut row);
-    Ok(row)
+        .finish(&sent, std::slice::from_mut(&mut dispatcher), row)
+        .await
 }

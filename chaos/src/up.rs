@@ -317,13 +317,7 @@ impl Drop for Up {
     }
 }
 
-/// A loopback port nothing listens on now (bound and released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("cannot bind a loopback port")
-}
+pub use jobico_testkit::free_port;
 
 /// Peak resident memory of process `pid` in KiB (`VmHWM`), if readable.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {

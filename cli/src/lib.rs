@@ -99,10 +99,8 @@ impl Cli {
             Command::Module {
                 command: ModuleCommand::Push(args),
             } => args.run(),
-            Command::Send(args) => {
-                send::block_on(send::send(&args)).map(|answer| println!("{answer}"))
-            }
-            Command::Status(args) => send::block_on(send::status(&args)).map(|state| {
+            Command::Send(args) => block_on(send::send(&args)).map(|answer| println!("{answer}")),
+            Command::Status(args) => block_on(send::status(&args)).map(|state| {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&state).unwrap_or_default()
@@ -118,6 +116,17 @@ impl Cli {
             }
         }
     }
+}
+
+/// Runs `future` on a runtime of its own (the cluster commands are one request or a few).
+pub fn block_on<T>(
+    future: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(future)
 }
 
 /// Kubernetes refuses ConfigMaps over 1 MiB (all keys and values together).

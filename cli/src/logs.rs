@@ -2,7 +2,8 @@
 //! inside a batch (wasm-exec tags every output line with its event id).
 
 use anyhow::Context;
-use jobico_dispatcher::backend::keys;
+use jobico_dispatcher::kubernetes::job_ids;
+use jobico_dispatcher::tracker;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, LogParams};
@@ -11,7 +12,7 @@ use crate::kube_client::{KubeArgs, split_ref};
 use crate::push::explain;
 
 /// The executor container of the dispatcher's Jobs.
-const CONTAINER: &str = jobico_dispatcher::tracker::CONTAINER;
+const CONTAINER: &str = tracker::CONTAINER;
 
 /// Arguments of `jobico logs`.
 #[derive(Debug, clap::Args)]
@@ -21,15 +22,6 @@ pub struct LogsArgs {
     /// The cluster.
     #[command(flatten)]
     pub kube: KubeArgs,
-}
-
-/// Whether Job `job` holds event `id` (its `event-ids` annotation, in batch order).
-fn holds(job: &Job, id: &str) -> bool {
-    job.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(keys::EVENT_IDS))
-        .is_some_and(|ids| ids.split(',').any(|held| held == id))
 }
 
 /// The lines of `log` that belong to event `id` (`<id> <stream> <line>`).
@@ -48,12 +40,15 @@ pub async fn logs(args: &LogsArgs) -> anyhow::Result<Vec<String>> {
     let (namespace, id) = split_ref(&args.target, "default");
     let client = args.kube.client().await?;
     let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
-    let managed = format!("{}={}", keys::MANAGED_BY, keys::MANAGER);
     let listed = jobs
-        .list(&ListParams::default().labels(&managed))
+        .list(&ListParams::default().labels(&tracker::selector()))
         .await
         .map_err(|e| explain(e, &format!("listing the Jobs of namespace {namespace}")))?;
-    let holding: Vec<&Job> = listed.items.iter().filter(|job| holds(job, id)).collect();
+    let holding: Vec<&Job> = listed
+        .items
+        .iter()
+        .filter(|job| job_ids(job).iter().any(|held| held == id))
+        .collect();
     anyhow::ensure!(
         !holding.is_empty(),
         "no Job in {namespace} holds event {id}: it has not been dispatched yet, or its Job was removed after ttlSecondsAfterFinished (`jobico status {namespace}/{id}` shows its recorded outcome)"
@@ -62,7 +57,7 @@ pub async fn logs(args: &LogsArgs) -> anyhow::Result<Vec<String>> {
     let mut lines = Vec::new();
     for job in holding {
         let name = job.metadata.name.clone().unwrap_or_default();
-        let selector = format!("batch.kubernetes.io/job-name={name}");
+        let selector = format!("{}={name}", tracker::JOB_NAME_LABEL);
         let listed = pods
             .list(&ListParams::default().labels(&selector))
             .await
@@ -92,7 +87,7 @@ pub async fn logs(args: &LogsArgs) -> anyhow::Result<Vec<String>> {
 impl LogsArgs {
     /// Runs the command, printing the event's lines.
     pub fn run(&self) -> anyhow::Result<()> {
-        for line in crate::send::block_on(logs(self)).context("jobico logs")? {
+        for line in crate::block_on(logs(self)).context("jobico logs")? {
             println!("{line}");
         }
         Ok(())

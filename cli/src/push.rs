@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use jobico_model::Job as JobicoJob;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
@@ -136,11 +135,7 @@ pub fn explain(error: kube::Error, doing: &str) -> anyhow::Error {
 impl PushArgs {
     /// Runs the command, printing what was pushed.
     pub fn run(&self) -> anyhow::Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the async runtime")?;
-        for line in runtime.block_on(push(self))? {
+        for line in crate::block_on(push(self))? {
             println!("{line}");
         }
         Ok(())

@@ -252,14 +252,3 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<serde_json::Value> {
         _ => Err(refused(status, &body, retry_after.as_deref())),
     }
 }
-
-/// Runs `future` on a runtime of its own (the commands are one request or a few).
-pub fn block_on<T>(
-    future: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<T> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?
-        .block_on(future)
-}

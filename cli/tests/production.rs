@@ -242,15 +242,7 @@ async fn the_production_nats_configuration_forms_an_authenticated_r3_cluster() {
     let data = config.data.unwrap();
     let nats: StatefulSet = one(&objects, "StatefulSet", "nats");
     let container = nats.spec.unwrap().template.spec.unwrap().containers[0].clone();
-    let route_ports: Vec<u16> = (0..3)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let route_ports: Vec<u16> = (0..3).map(|_| jobico_testkit::free_port()).collect();
     let secrets: BTreeMap<&str, String> = [
         ("jobico-nats-apiserver", password(1)),
         ("jobico-nats-dispatcher", password(2)),

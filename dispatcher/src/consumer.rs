@@ -281,11 +281,12 @@ async fn consume<B: Backend>(
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BATCHES));
     let gate = Gate::default();
     let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    // Signalled when a batch finishes, so a consumer at its cap pulls again at once rather
-    // than at the next poll (the poll stays for Jobs the backend sees finish).
-    let finished = Arc::new(tokio::sync::Notify::new());
-    // Wakes every batch gathering events while others are dispatched (adaptive batching); no
-    // permit is kept, so a batch never stops gathering for a completion it did not wait for.
+    // Signalled (to every waiter, keeping no permit) when a batch finishes: a consumer at its
+    // cap pulls again at once rather than at the next poll (the poll stays for Jobs the backend
+    // sees finish), and a batch gathering events while others are dispatched (adaptive
+    // batching) goes. Each waiter arms its wait before reading the state it waits on, so a
+    // batch finishing in between still wakes it, and none wakes for a completion it did not
+    // wait for.
     let completed = Arc::new(tokio::sync::Notify::new());
     // Stream sequences of the messages this consumer holds. A redelivery of one of them (its
     // ack wait passed during a NATS outage, with the first copy still in the client's buffer
@@ -307,13 +308,19 @@ async fn consume<B: Backend>(
     let result = 'pull: loop {
         while tasks.try_join_next().is_some() {}
         if let Some(cap) = cap {
-            while ctx.backend.active(&namespace, event)
-                + in_flight.load(std::sync::atomic::Ordering::Relaxed)
-                >= cap
-            {
+            loop {
+                let completion = completed.notified();
+                tokio::pin!(completion);
+                completion.as_mut().enable();
+                if ctx.backend.active(&namespace, event)
+                    + in_flight.load(std::sync::atomic::Ordering::Relaxed)
+                    < cap
+                {
+                    break;
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'pull Ok(()),
-                    _ = finished.notified() => {}
+                    _ = &mut completion => {}
                     _ = tokio::time::sleep(CAP_POLL) => {}
                 }
             }
@@ -364,7 +371,6 @@ async fn consume<B: Backend>(
             // nothing more is here, unless another batch of this consumer is being dispatched,
             // in which case it gathers until that one finishes (a create round trip) or it is
             // full. So a lone event goes at once and a burst packs itself into full batches.
-            // Armed before in_flight is read, so a batch finishing in between still wakes it.
             let completion = completed.notified();
             tokio::pin!(completion);
             completion.as_mut().enable();
@@ -397,7 +403,6 @@ async fn consume<B: Backend>(
         let event = event.to_owned();
         let shutdown = shutdown.clone();
         let in_flight = in_flight.clone();
-        let finished = finished.clone();
         let completed = completed.clone();
         let sequences: Vec<u64> = batch
             .iter()
@@ -415,7 +420,6 @@ async fn consume<B: Backend>(
                 }
                 drop(held);
                 in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                finished.notify_one();
                 completed.notify_waiters();
                 drop(permit);
             }

@@ -67,9 +67,9 @@ fn namespace_missing(error: &kube::Error) -> bool {
 /// Why one attempt on the Lease failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AcquireError {
-    /// The Lease's namespace does not exist.
-    #[error("the Lease's namespace does not exist: {0}")]
-    NoNamespace(#[source] kube::Error),
+    /// The Lease's namespace does not exist (not worth retrying).
+    #[error(transparent)]
+    NoNamespace(NoLeaseNamespace),
     /// Any other API failure (tried again).
     #[error(transparent)]
     Kube(kube::Error),
@@ -140,7 +140,11 @@ impl Elector {
                 return match self.api.create(&Self::params(), &lease).await {
                     Ok(_) => Ok(true),
                     Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(false),
-                    Err(e) if namespace_missing(&e) => Err(AcquireError::NoNamespace(e)),
+                    Err(e) if namespace_missing(&e) => {
+                        Err(AcquireError::NoNamespace(NoLeaseNamespace {
+                            namespace: self.config.namespace.clone(),
+                        }))
+                    }
                     Err(e) => Err(AcquireError::Kube(e)),
                 };
             }
@@ -198,11 +202,7 @@ impl Elector {
                     return Ok(true);
                 }
                 Ok(false) => {}
-                Err(AcquireError::NoNamespace(_)) => {
-                    return Err(NoLeaseNamespace {
-                        namespace: self.config.namespace.clone(),
-                    });
-                }
+                Err(AcquireError::NoNamespace(missing)) => return Err(missing),
                 Err(AcquireError::Kube(error)) => {
                     tracing::warn!(%error, "cannot read or write the lease")
                 }

@@ -28,7 +28,7 @@ use crate::trust::Signer;
 /// The executor container's name in the default template.
 pub const CONTAINER: &str = "wasm-exec";
 /// Label Kubernetes puts on a Job's pods.
-const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
+pub const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
 
 /// Where an object's events belong: namespace, event name, owning resource, Job name, ids.
 #[derive(Debug, Clone, PartialEq)]

@@ -263,9 +263,9 @@ impl StateStore {
         // An event's first claim finds no record (its `accepted` state is the stream message):
         // a create, one round trip, settles it without reading first. A record that exists
         // makes the create fail, and the read-decide-write loop below takes over.
-        let mut first = status(namespace, event, id, EventState::Dispatched);
-        first.job = Some(job.to_owned());
-        match self.write_at(&key, None, &first).await {
+        let mut next = status(namespace, event, id, EventState::Dispatched);
+        next.job = Some(job.to_owned());
+        match self.write_at(&key, None, &next).await {
             Ok(revision) => return Ok(Claim::Claimed { revision }),
             Err(WriteError::Raced(_)) => {}
             Err(WriteError::Failed(message)) => return Err(StateError { key, message }),
@@ -289,8 +289,6 @@ impl StateStore {
                     });
                 }
             }
-            let mut next = status(namespace, event, id, EventState::Dispatched);
-            next.job = Some(job.to_owned());
             match self.write_at(&key, entry.as_ref(), &next).await {
                 Ok(revision) => return Ok(Claim::Claimed { revision }),
                 Err(WriteError::Raced(message)) => {

@@ -25,6 +25,15 @@ use std::time::{Duration, Instant};
 /// only matters on a very loaded machine.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A loopback port nothing listens on now (bound and released; a later bind by someone else
+/// may take it, so use it at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("cannot bind a loopback port")
+}
+
 /// The nats-server binary to run.
 pub fn nats_server_bin() -> PathBuf {
     std::env::var_os("NATS_SERVER_BIN")
@@ -232,14 +241,7 @@ impl NatsServer {
     /// each other, and waits until they are all up (JetStream elects its meta leader shortly
     /// after: the first requests may get a 503 from JetStream, as from any cluster).
     pub fn cluster(n: usize) -> Vec<Self> {
-        let route_ports: Vec<u16> = (0..n)
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .map(|a| a.port())
-                    .expect("cannot bind a loopback port")
-            })
-            .collect();
+        let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes = route_ports
             .iter()
             .map(|p| format!("nats-route://127.0.0.1:{p}"))
