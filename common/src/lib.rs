@@ -7,6 +7,7 @@
 //! kube nor wasmtime so that every binary, including the small `wasm-exec` image, can use it.
 
 pub mod envelope;
+pub mod executor;
 pub mod id;
 pub mod shutdown;
 pub mod state;

@@ -22,6 +22,8 @@
 //!   tenant's module read, and print, Secrets of the namespace that the tenant itself may not
 //!   read (the module gets granted directories through the arguments the template writes);
 //! - no legacy AppArmor annotation asking for `unconfined`;
+//! - no operator-only `wasm-exec` flag in the arguments (`--trust-precompiled` would load a
+//!   `.cwasm` from a ConfigMap as native code: see [`jobico_common::executor`]);
 //! - environment values written out (no `valueFrom`, `envFrom`), so the size of the process's
 //!   environment is known here: every string within `MAX_ARG_STRLEN` and all together within
 //!   [`MAX_EXEC_ENV_BYTES`];
@@ -33,6 +35,7 @@
 use std::fmt;
 
 use jobico_common::envelope::{MAX_ARG_STRLEN, MAX_EXEC_ENV_BYTES};
+use jobico_common::executor::operator_only_flag;
 use jobico_common::state::exit;
 use k8s_openapi::api::batch::v1::{
     Job as BatchJob, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
@@ -523,10 +526,21 @@ fn check_container_security(
     }
 }
 
-/// The container's arguments and environment must fit one `execve`.
+/// The container's arguments must not pass an operator-only flag, and with its environment
+/// must fit one `execve`.
 fn check_exec_strings(v: &mut Violations, path: &str, container: &Container) {
+    let args = container.args.as_deref().unwrap_or_default();
+    let flags = args.iter().take_while(|arg| *arg != "--");
+    for (i, arg) in flags.enumerate() {
+        if let Some(flag) = operator_only_flag(arg) {
+            v.push(
+                format!("{path}.args[{i}]"),
+                format!("must not pass {flag}: the operator's alone (it loads native code)"),
+            );
+        }
+    }
     let mut total = 0;
-    for (i, arg) in container.args.iter().flatten().enumerate() {
+    for (i, arg) in args.iter().enumerate() {
         let bytes = arg.len() + 1;
         total += bytes + EXEC_STRING_OVERHEAD - 1;
         v.require(

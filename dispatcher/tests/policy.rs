@@ -316,6 +316,22 @@ fn every_hostile_template_is_refused() {
             "spec.parallelism".into(),
         ),
         (
+            "native code: the operator-only --trust-precompiled",
+            edited(
+                "          args: {{json args}}\n",
+                "          args: [\"run\", \"--trust-precompiled\", \"/jobico/module/x.cwasm\"]\n",
+            ),
+            format!("{CONTAINER}.args[1]"),
+        ),
+        (
+            "native code: --trust-precompiled before the subcommand",
+            edited(
+                "          args: {{json args}}\n",
+                "          args: [\"--trust-precompiled=true\", \"run\"]\n",
+            ),
+            format!("{CONTAINER}.args[0]"),
+        ),
+        (
             "a manual selector",
             edited(
                 "  backoffLimit:",

@@ -284,6 +284,34 @@ fn compile(args: &CompileArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+    use jobico_common::executor::OPERATOR_ONLY_FLAGS;
+
+    /// The dispatcher's pod policy refuses these flags by name in a Job's arguments: each must
+    /// be a real flag here, settable from the command line only, and never by an abbreviation.
+    #[test]
+    fn operator_only_flags_exist_have_no_env_and_no_abbreviation() {
+        let command = Cli::command();
+        let run = command.find_subcommand("run").expect("run").clone();
+        for scope in [&command, &run] {
+            for flag in OPERATOR_ONLY_FLAGS {
+                let long = flag.trim_start_matches("--");
+                let arg = scope
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(long))
+                    .unwrap_or_else(|| panic!("{flag} is a flag of {}", scope.get_name()));
+                assert!(arg.get_env().is_none(), "{flag} has no env fallback");
+            }
+        }
+        for flag in OPERATOR_ONLY_FLAGS {
+            let prefix = &flag[..flag.len() - 2];
+            assert!(
+                Cli::try_parse_from(["wasm-exec", "run", prefix, "m.wasm"]).is_err(),
+                "{prefix} must not stand for {flag}"
+            );
+            assert!(Cli::try_parse_from(["wasm-exec", "run", flag, "m.wasm"]).is_ok());
+        }
+    }
 
     #[test]
     fn guest_env_values_keep_their_commas() {
