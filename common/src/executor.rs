@@ -1,10 +1,20 @@
-//! The executor's command-line contract with the Jobs that start it.
+//! The executor's contract with the Jobs that start it: the flags a Job may not pass, and
+//! the compiled module the dispatcher hands it.
 //!
 //! A Job's arguments are written by its template, and a resource's template is written by the
 //! tenant. So the flags that only the operator may pass (they decide whether native code is
 //! loaded) are listed here, refused in every rendered Job by the dispatcher's pod policy and
 //! defined by `wasm-exec` under these names (its tests check both: that each is a real flag
 //! and that clap infers no abbreviation of it).
+//!
+//! The compiled module ([`ArtifactRef`]) travels in the environment variables
+//! [`ARTIFACT_VARS`], which the dispatcher writes into every Job after its template has
+//! rendered, replacing whatever the template wrote under those names: so the digest the
+//! executor checks the downloaded code against is always the dispatcher's.
+
+use std::fmt;
+
+use sha2::{Digest as _, Sha256};
 
 /// `wasm-exec` flags a Job may not pass: `--trust-precompiled` loads a `.cwasm` file as
 /// native code, unchecked.
@@ -19,9 +29,168 @@ pub fn operator_only_flag(arg: &str) -> Option<&'static str> {
     })
 }
 
+/// Where the executor fetches the compiled module (an `http://` URL of the dispatcher's
+/// artifact server).
+pub const ARTIFACT_URL_VAR: &str = "JOBICO_ARTIFACT_URL";
+/// The SHA-256 of the compiled bytes, in hex: the executor loads nothing else.
+pub const ARTIFACT_DIGEST_VAR: &str = "JOBICO_ARTIFACT_DIGEST";
+/// The SHA-256 of the WebAssembly module it was compiled from, in hex: the executor uses the
+/// artifact only for that module.
+pub const ARTIFACT_MODULE_VAR: &str = "JOBICO_ARTIFACT_MODULE";
+/// The bearer token the artifact server asks for (it grants this namespace this artifact).
+pub const ARTIFACT_TOKEN_VAR: &str = "JOBICO_ARTIFACT_TOKEN";
+/// Every variable of an [`ArtifactRef`]: a Job carries all of them or none.
+pub const ARTIFACT_VARS: [&str; 4] = [
+    ARTIFACT_URL_VAR,
+    ARTIFACT_DIGEST_VAR,
+    ARTIFACT_MODULE_VAR,
+    ARTIFACT_TOKEN_VAR,
+];
+
+/// A SHA-256 digest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Sha256Digest(pub [u8; 32]);
+
+impl Sha256Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(Sha256::digest(bytes).into())
+    }
+
+    /// Parses 64 lowercase hex digits.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let valid = text.len() == 64
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !valid {
+            return Err(format!(
+                "{text:?} is not a SHA-256 digest (64 lowercase hex digits)"
+            ));
+        }
+        let mut digest = [0; 32];
+        for (i, byte) in digest.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("checked hex");
+        }
+        Ok(Self(digest))
+    }
+}
+
+impl fmt::Display for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{self}")
+    }
+}
+
+/// A compiled module the dispatcher made for a Job: where to fetch it, what it must hash to,
+/// which module it was compiled from, and the token that lets this Job fetch it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ArtifactRef {
+    /// Where to GET it.
+    pub url: String,
+    /// SHA-256 of the compiled bytes.
+    pub digest: Sha256Digest,
+    /// SHA-256 of the module it was compiled from.
+    pub module: Sha256Digest,
+    /// Bearer token for the artifact server.
+    pub token: String,
+}
+
+impl fmt::Debug for ArtifactRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ArtifactRef")
+            .field("url", &self.url)
+            .field("digest", &self.digest)
+            .field("module", &self.module)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ArtifactRef {
+    /// The environment entries that carry it, in [`ARTIFACT_VARS`] order.
+    pub fn env(&self) -> [(&'static str, String); 4] {
+        [
+            (ARTIFACT_URL_VAR, self.url.clone()),
+            (ARTIFACT_DIGEST_VAR, self.digest.to_string()),
+            (ARTIFACT_MODULE_VAR, self.module.to_string()),
+            (ARTIFACT_TOKEN_VAR, self.token.clone()),
+        ]
+    }
+
+    /// Reads it from the environment through `lookup`: `None` when none of its variables is
+    /// set, an error when only some are or one is malformed.
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, String> {
+        let values: Vec<Option<String>> = ARTIFACT_VARS.iter().map(|name| lookup(name)).collect();
+        if values.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let mut values = values.into_iter().zip(ARTIFACT_VARS).map(|(value, name)| {
+            value.ok_or_else(|| {
+                format!("{name} is not set, though other JOBICO_ARTIFACT_ variables are")
+            })
+        });
+        let mut next = || values.next().expect("four variables");
+        let url = next()?;
+        if !url.starts_with("http://") {
+            return Err(format!("{ARTIFACT_URL_VAR} {url:?} is not an http:// URL"));
+        }
+        let digest =
+            Sha256Digest::parse(&next()?).map_err(|e| format!("{ARTIFACT_DIGEST_VAR}: {e}"))?;
+        let module =
+            Sha256Digest::parse(&next()?).map_err(|e| format!("{ARTIFACT_MODULE_VAR}: {e}"))?;
+        let token = next()?;
+        Ok(Some(Self {
+            url,
+            digest,
+            module,
+            token,
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn artifact_refs_round_trip_through_the_environment() {
+        let artifact = ArtifactRef {
+            url: "http://jobico-artifacts.jobico-system:8083/v1/artifacts/ns/x".into(),
+            digest: Sha256Digest::of(b"code"),
+            module: Sha256Digest::of(b"wasm"),
+            token: "t0k3n".into(),
+        };
+        let env: std::collections::HashMap<_, _> = artifact.env().into_iter().collect();
+        let read = ArtifactRef::from_env(|name| env.get(name).cloned()).unwrap();
+        assert_eq!(read, Some(artifact));
+        assert_eq!(ArtifactRef::from_env(|_| None).unwrap(), None);
+        let partial = ArtifactRef::from_env(|name| {
+            env.get(name)
+                .filter(|_| name != ARTIFACT_TOKEN_VAR)
+                .cloned()
+        });
+        assert!(partial.unwrap_err().contains(ARTIFACT_TOKEN_VAR));
+        let bad = ArtifactRef::from_env(|name| {
+            if name == ARTIFACT_DIGEST_VAR {
+                Some("ABC".into())
+            } else {
+                env.get(name).cloned()
+            }
+        });
+        assert!(bad.unwrap_err().contains("not a SHA-256"));
+        let digest = Sha256Digest::of(b"x");
+        assert_eq!(Sha256Digest::parse(&digest.to_string()), Ok(digest));
+        assert!(Sha256Digest::parse(&digest.to_string().to_uppercase()).is_err());
+    }
 
     #[test]
     fn a_flag_is_found_alone_or_with_a_value() {

@@ -202,6 +202,36 @@ pub struct RunSummary {
     pub omitted: usize,
     /// Per-event outcomes, in event order.
     pub outcomes: Vec<EventOutcome>,
+    /// How the module was made ready to run, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<ModuleLoad>,
+}
+
+/// Where the executor's compiled code came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModuleSource {
+    /// The dispatcher's artifact, fetched and verified.
+    Artifact,
+    /// The executor's own verified cache directory.
+    Cache,
+    /// Compiled from the WebAssembly in this process.
+    Compiled,
+    /// An operator's `--trust-precompiled` file.
+    Precompiled,
+}
+
+/// How the module was made ready: from where, how long it took, and why not from the
+/// artifact when the Job named one that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleLoad {
+    /// Where the code came from.
+    pub source: ModuleSource,
+    /// Milliseconds from reading the module to having it ready.
+    pub millis: u64,
+    /// Why the artifact the Job named was not used, if it named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_refused: Option<String>,
 }
 
 impl RunSummary {
@@ -217,6 +247,7 @@ impl RunSummary {
             error: None,
             omitted: 0,
             outcomes: outcomes.to_vec(),
+            module: None,
         }
     }
 
@@ -379,6 +410,9 @@ pub struct TerminationMessage {
     /// Outcomes that fit, in event order: failures are kept before successes.
     #[serde(default)]
     pub outcomes: Vec<ListedOutcome>,
+    /// How the module was made ready to run, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<ModuleLoad>,
 }
 
 /// The digest of a batch's ids, in order: the first 16 hex digits of SHA-256 over each id's
@@ -418,6 +452,7 @@ impl TerminationMessage {
             states: ran.then(|| States(summary.outcomes.iter().map(|o| o.ending()).collect())),
             omitted: summary.outcomes.len(),
             outcomes: Vec::new(),
+            module: summary.module.clone(),
         };
         let listed: Vec<ListedOutcome> = summary
             .outcomes

@@ -86,20 +86,20 @@ impl ModuleCache {
         self.dir.join(format!("{}.cwasm", Self::key(engine, bytes)))
     }
 
-    /// Returns the verified cached compilation of `bytes`, compiling and storing it when
-    /// there is none (or none that verifies).
+    /// Returns the verified cached compilation of `bytes` (and `true`), compiling and storing
+    /// it when there is none or none that verifies (and `false`).
     pub(crate) fn load_or_compile(
         &self,
         engine: &Engine,
         name: &str,
         bytes: &[u8],
-    ) -> Result<wasmtime::Module, Error> {
+    ) -> Result<(wasmtime::Module, bool), Error> {
         let key = Self::key(engine, bytes);
         let path = self.dir.join(format!("{key}.cwasm"));
         match self.load(engine, name, &key, &path) {
             Ok(Some(module)) => {
                 tracing::debug!(module = name, path = %path.display(), "compiled module found in cache");
-                return Ok(module);
+                return Ok((module, true));
             }
             Ok(None) => {}
             Err(reason) => {
@@ -110,7 +110,7 @@ impl ModuleCache {
         if let Err(reason) = self.store(&key, &path, &module) {
             tracing::warn!(module = name, path = %path.display(), reason, "cannot write cache entry");
         }
-        Ok(module)
+        Ok((module, false))
     }
 
     /// The entry for `key`: `None` when there is none, an error saying why it is refused.

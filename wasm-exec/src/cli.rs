@@ -11,6 +11,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use jobico_common::ExecEvent;
 use jobico_common::envelope::{EVENTS_PARTS_VAR, EVENTS_VAR, join_events};
+use jobico_common::executor::ArtifactRef;
+use jobico_common::summary::{ModuleLoad, ModuleSource};
 use jobico_common::telemetry::LogArgs;
 
 use crate::limits::{parse_bytes, parse_duration};
@@ -154,8 +156,8 @@ pub fn run(args: &RunArgs) -> u8 {
         Ok(events) => events,
         Err(error) => return fail(args, 0, &error),
     };
-    let module = match load(args) {
-        Ok(module) => module,
+    let (module, load) = match load(args) {
+        Ok(loaded) => loaded,
         Err(error) => return fail(args, events.len(), &error),
     };
     let limits = Limits {
@@ -174,10 +176,14 @@ pub fn run(args: &RunArgs) -> u8 {
         .iter()
         .map(|event| module.run(event, &limits, &capabilities, &mut sink))
         .collect();
-    finish(args, &RunSummary::new(&outcomes))
+    let mut summary = RunSummary::new(&outcomes);
+    summary.module = Some(load);
+    finish(args, &summary)
 }
 
-fn load(args: &RunArgs) -> anyhow::Result<crate::Module> {
+/// The module, from the dispatcher's artifact when the Job names one that verifies (see
+/// [`crate::artifact`]), else from the cache or compiled; and how it was loaded.
+fn load(args: &RunArgs) -> anyhow::Result<(crate::Module, ModuleLoad)> {
     for dir in &args.dirs {
         if !dir.host.is_dir() {
             bail!(
@@ -193,10 +199,20 @@ fn load(args: &RunArgs) -> anyhow::Result<crate::Module> {
         cache_dir: args.cache_dir.clone(),
         ..RuntimeConfig::default()
     })?;
+    let artifact = ArtifactRef::from_env(|name| std::env::var(name).ok())
+        .map_err(|e| anyhow::anyhow!("the Job's artifact: {e}"))?;
+    let started = std::time::Instant::now();
     let loaded = if args.trust_precompiled {
-        runtime.load_trusted_precompiled_file(path)
+        runtime.load_trusted_precompiled_file(path).map(|module| {
+            let load = ModuleLoad {
+                source: ModuleSource::Precompiled,
+                millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                artifact_refused: None,
+            };
+            (module, load)
+        })
     } else {
-        runtime.load_file(path)
+        runtime.load_file_with_artifact(path, artifact.as_ref())
     };
     loaded
         .map_err(|error| match error {

@@ -26,14 +26,39 @@ pub(crate) struct Engine {
     _ticker: mpsc::Sender<()>,
 }
 
-/// The code-generation settings every engine shares: what a `.cwasm` depends on.
-fn base_config() -> Config {
+/// The target triple of this architecture and operating system, without any CPU feature
+/// beyond the architecture's baseline: code compiled for it loads on every machine of the
+/// architecture (wasmtime accepts features an artifact does not use).
+fn portable_target() -> String {
+    // wasmtime runs code only for a target equal to the host's triple, environment included.
+    let environment = if cfg!(target_env = "gnu") {
+        "-gnu"
+    } else if cfg!(target_env = "musl") {
+        "-musl"
+    } else {
+        ""
+    };
+    format!(
+        "{}-unknown-{}{environment}",
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    )
+}
+
+/// The code-generation settings every engine shares: what a `.cwasm` depends on. A
+/// `portable` engine compiles for the architecture's baseline instead of this CPU.
+fn base_config(portable: bool) -> Result<Config, Error> {
     let mut config = Config::new();
+    if portable {
+        config
+            .target(&portable_target())
+            .map_err(|e| Error::Engine { source: boxed(e) })?;
+    }
     config.epoch_interruption(true);
     // Fuel metering is always compiled in so that compiled modules do not depend on whether a
     // run sets `--fuel`; unlimited runs start with u64::MAX fuel.
     config.consume_fuel(true);
-    config
+    Ok(config)
 }
 
 fn pooling_config(instances: u32) -> PoolingAllocationConfig {
@@ -55,14 +80,21 @@ fn pooling_config(instances: u32) -> PoolingAllocationConfig {
 impl Engine {
     /// An engine for `instances` concurrent instances (at least one), with the pooling
     /// allocator when `pooling` (falling back to on-demand allocation if its reservation
-    /// fails), and an epoch advancing every `epoch_tick`.
-    pub(crate) fn new(instances: u32, pooling: bool, epoch_tick: Duration) -> Result<Self, Error> {
+    /// fails), an epoch advancing every `epoch_tick`, and code for this CPU or (`portable`)
+    /// for its architecture's baseline.
+    pub(crate) fn new(
+        instances: u32,
+        pooling: bool,
+        epoch_tick: Duration,
+        portable: bool,
+    ) -> Result<Self, Error> {
         let instances = instances.max(1);
         let on_demand = || {
-            wasmtime::Engine::new(&base_config()).map_err(|e| Error::Engine { source: boxed(e) })
+            wasmtime::Engine::new(&base_config(portable)?)
+                .map_err(|e| Error::Engine { source: boxed(e) })
         };
         let wasm = if pooling {
-            let mut config = base_config();
+            let mut config = base_config(portable)?;
             config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config(
                 instances,
             )));
@@ -114,7 +146,8 @@ impl Engine {
     }
 
     /// Loads compiled code that the caller has established as trusted: an entry of our own
-    /// verified cache, or a file the operator vouched for (`--trust-precompiled`).
+    /// verified cache, the dispatcher's verified artifact, or a file the operator vouched for
+    /// (`--trust-precompiled`).
     #[allow(unsafe_code)]
     pub(crate) fn deserialize_trusted(
         &self,
@@ -122,10 +155,12 @@ impl Engine {
         bytes: &[u8],
     ) -> Result<wasmtime::Module, Error> {
         // SAFETY: compiled code is native code that runs outside the WebAssembly sandbox, so
-        // only trusted bytes may come here: the two callers are the cache, after checking the
-        // entry's owner, permissions and MAC (see `cache`), and `wasm-exec run
-        // --trust-precompiled`, an operator's explicit statement about a file. wasmtime still
-        // checks the header, version and engine settings.
+        // only trusted bytes may come here: the callers are the cache, after checking the
+        // entry's owner, permissions and MAC (see `cache`); the dispatcher's artifact, after
+        // checking it hashes to the digest the dispatcher wrote into the Job and was compiled
+        // from the module at hand (see `artifact`); and `wasm-exec run --trust-precompiled`,
+        // an operator's explicit statement about a file. wasmtime still checks the header,
+        // version, engine settings and CPU features.
         unsafe { wasmtime::Module::deserialize(&self.wasm, bytes) }.map_err(|e| {
             Error::Deserialize {
                 name: name.to_owned(),

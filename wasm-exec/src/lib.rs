@@ -22,6 +22,7 @@
 //! and JobicoK8S's jobicolet modules.
 
 mod abi;
+pub mod artifact;
 mod cache;
 pub mod cli;
 mod engine;

@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use jobico_common::executor::ArtifactRef;
+use jobico_common::summary::{ModuleLoad, ModuleSource};
 
 use wasmtime::Linker;
 
@@ -13,9 +16,10 @@ use crate::host::HostState;
 use crate::module::Module;
 use crate::{Error, abi, jobicolet};
 
-/// Engine-wide settings. Only `max_concurrent_instances`, `pooling`, `epoch_tick` and
-/// `cache_dir` may vary: everything that affects generated code is fixed, so a `.cwasm` made by
-/// `wasm-exec compile` loads in every `Runtime` of the same build on the same CPU.
+/// Engine-wide settings. Only `max_concurrent_instances`, `pooling`, `epoch_tick`,
+/// `cache_dir` and `portable` may vary: everything else that affects generated code is fixed,
+/// so a `.cwasm` made by `wasm-exec compile` loads in every `Runtime` of the same build on the
+/// same CPU, and one made by a `portable` runtime on every CPU of the architecture.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeConfig {
     /// Instances that may run at once; further [`Module::run`] calls wait for a free slot.
@@ -28,6 +32,10 @@ pub struct RuntimeConfig {
     pub epoch_tick: Duration,
     /// Directory of compiled modules keyed by module digest and engine settings.
     pub cache_dir: Option<PathBuf>,
+    /// Compile for the architecture's baseline rather than this CPU's features, so that the
+    /// code loads on any machine of the architecture (the dispatcher's artifacts, which run
+    /// on whichever node the pod lands on).
+    pub portable: bool,
 }
 
 /// Enough parallel events for local mode on a developer machine; one per pod otherwise.
@@ -42,6 +50,7 @@ impl Default for RuntimeConfig {
             pooling: true,
             epoch_tick: DEFAULT_EPOCH_TICK,
             cache_dir: None,
+            portable: false,
         }
     }
 }
@@ -67,6 +76,14 @@ impl std::fmt::Debug for Runtime {
             .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
+}
+
+/// Most characters of the reason an artifact was refused kept in the summary: enough for a
+/// URL and an error, little against the termination message's 4 KiB.
+const MAX_REFUSAL_TEXT: usize = 300;
+
+fn millis(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// WASI errno `NOTSUP`.
@@ -98,6 +115,7 @@ impl Runtime {
             config.max_concurrent_instances,
             config.pooling,
             config.epoch_tick,
+            config.portable,
         )?;
         let mut linker = Linker::new(engine.wasm());
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |state: &mut HostState| &mut state.wasi)
@@ -133,13 +151,81 @@ impl Runtime {
     /// ([`Error::Precompiled`]). With a cache directory the compilation is looked up there
     /// first, and stored there after a miss.
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<Module, Error> {
-        let module = match &self.inner.cache {
+        self.load_bytes_from(name, bytes).map(|(module, _)| module)
+    }
+
+    /// [`Runtime::load_bytes`], saying whether the code came from the cache or was compiled.
+    fn load_bytes_from(&self, name: &str, bytes: &[u8]) -> Result<(Module, ModuleSource), Error> {
+        let (module, source) = match &self.inner.cache {
             Some(cache) if !is_precompiled(bytes) => {
-                cache.load_or_compile(&self.inner.engine, name, bytes)?
+                match cache.load_or_compile(&self.inner.engine, name, bytes)? {
+                    (module, true) => (module, ModuleSource::Cache),
+                    (module, false) => (module, ModuleSource::Compiled),
+                }
             }
-            _ => self.inner.engine.compile(name, bytes)?,
+            _ => (
+                self.inner.engine.compile(name, bytes)?,
+                ModuleSource::Compiled,
+            ),
         };
-        self.prepare(name.to_owned(), module)
+        Ok((self.prepare(name.to_owned(), module)?, source))
+    }
+
+    /// [`Runtime::load_with_artifact`] for a module file.
+    pub fn load_file_with_artifact(
+        &self,
+        path: impl AsRef<Path>,
+        artifact: Option<&ArtifactRef>,
+    ) -> Result<(Module, ModuleLoad), Error> {
+        let path = path.as_ref();
+        let bytes = read(path)?;
+        self.load_with_artifact(&display_name(path), &bytes, artifact)
+    }
+
+    /// Loads WebAssembly `bytes` from the dispatcher's compiled `artifact` when it can be
+    /// verified (see [`crate::artifact`]) and loads; otherwise as [`Runtime::load_bytes`]
+    /// does (the cache, or compiling), with the reason the artifact was refused. Without an
+    /// artifact, the same as `load_bytes`. The [`ModuleLoad`] says which happened.
+    pub fn load_with_artifact(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        artifact: Option<&ArtifactRef>,
+    ) -> Result<(Module, ModuleLoad), Error> {
+        let started = Instant::now();
+        let mut refused = None;
+        if let Some(artifact) = artifact {
+            let loaded = crate::artifact::fetch(artifact, bytes).and_then(|code| {
+                let module = self
+                    .inner
+                    .engine
+                    .deserialize_trusted(name, &code)
+                    .map_err(|e| format!("it does not load: {}", crate::error::chain(&e)))?;
+                self.prepare(name.to_owned(), module)
+                    .map_err(|e| crate::error::chain(&e))
+            });
+            match loaded {
+                Ok(module) => {
+                    let load = ModuleLoad {
+                        source: ModuleSource::Artifact,
+                        millis: millis(started),
+                        artifact_refused: None,
+                    };
+                    return Ok((module, load));
+                }
+                Err(reason) => {
+                    tracing::warn!(module = name, artifact = ?artifact.digest, reason, "artifact refused, compiling the module instead");
+                    refused = Some(jobico_common::summary::cut(&reason, MAX_REFUSAL_TEXT));
+                }
+            }
+        }
+        let (module, source) = self.load_bytes_from(name, bytes)?;
+        let load = ModuleLoad {
+            source,
+            millis: millis(started),
+            artifact_refused: refused,
+        };
+        Ok((module, load))
     }
 
     /// Loads a precompiled module file (`wasm-exec compile` output) as native code, without
