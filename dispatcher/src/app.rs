@@ -10,6 +10,7 @@ use jobico_common::telemetry::LogArgs;
 use jobico_store::{NatsAuthArgs, StreamArgs};
 
 use crate::admin::{self, Readiness};
+use crate::artifacts::{ArtifactSettings, Artifacts};
 use crate::consumer::{ACK_WAIT, Dispatcher, RetryPolicy};
 use crate::consumers::{ConsumerSet, ORPHAN_GRACE};
 use crate::controller::{self, Context};
@@ -58,9 +59,35 @@ pub struct Args {
     #[arg(long, env = "JOBICO_ACK_WAIT_SECS", default_value_t = ACK_WAIT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     pub ack_wait_secs: u64,
+    /// Base URL at which executor pods reach this dispatcher's artifact server (for example
+    /// `http://jobico-artifacts.jobico-system.svc:8083`). With it, every module is compiled
+    /// once, here, and pods load the compiled code; without it, every pod compiles its module.
+    #[arg(long, env = "JOBICO_ARTIFACTS_URL", value_name = "URL", value_parser = parse_http_url)]
+    pub artifacts_url: Option<String>,
+    /// Address of the artifact server (used with --artifacts-url).
+    #[arg(long, env = "JOBICO_ARTIFACTS_LISTEN", default_value = "0.0.0.0:8083")]
+    pub artifacts_listen: SocketAddr,
+    /// Most bytes of compiled modules kept in the NATS object store `jobico-artifacts` (a
+    /// 3.4 MB module compiles to about 35 MB).
+    #[arg(long, env = "JOBICO_ARTIFACT_STORE_BYTES", default_value_t = DEFAULT_ARTIFACT_STORE_BYTES)]
+    pub artifact_store_bytes: i64,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Room for about a hundred compiled modules of a few MB.
+const DEFAULT_ARTIFACT_STORE_BYTES: i64 = 4 << 30;
+/// How long a compiled module is kept: one no event ran for that long is compiled again
+/// when it is needed.
+const ARTIFACT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+fn parse_http_url(text: &str) -> Result<String, String> {
+    if text.starts_with("http://") && text.len() > "http://".len() {
+        Ok(text.trim_end_matches('/').to_owned())
+    } else {
+        Err("must be an http:// URL (executor pods speak plain HTTP inside the cluster)".into())
+    }
 }
 
 /// Runs the dispatcher until SIGTERM / Ctrl-C or until leadership is lost.
@@ -93,6 +120,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(nats);
     readiness.set(true);
 
+    // Loaded before the election: standby replicas serve artifacts too (the Service sends
+    // pods to any ready replica).
+    let signer = Signer::load_or_create(&js)
+        .await
+        .context("loading the Job signing key")?;
+    let mut artifact_server = None;
+    let artifacts = match &args.artifacts_url {
+        Some(base_url) => {
+            let settings = ArtifactSettings {
+                base_url: base_url.clone(),
+                max_bytes: args.artifact_store_bytes,
+                max_age: ARTIFACT_MAX_AGE,
+                replicas: args.streams.settings().replicas,
+            };
+            let artifacts = Arc::new(
+                Artifacts::open(&js, signer.clone(), &settings)
+                    .await
+                    .context("opening the artifact store")?,
+            );
+            let listener = tokio::net::TcpListener::bind(args.artifacts_listen)
+                .await
+                .with_context(|| format!("binding the artifact port {}", args.artifacts_listen))?;
+            artifact_server = Some(tokio::spawn(
+                artifacts.clone().serve(listener, shutdown.clone()),
+            ));
+            tracing::info!(listen = %args.artifacts_listen, url = %base_url, "serving compiled modules");
+            Some(artifacts)
+        }
+        None => None,
+    };
+
     let elector = Elector::new(
         client.clone(),
         LeaseConfig::new(&args.lease_namespace, &args.lease_name, &args.identity),
@@ -107,12 +165,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     jobico_store::streams::retire_legacy(&js)
         .await
         .context("checking for the event stream of an earlier release")?;
-    let signer = Signer::load_or_create(&js)
-        .await
-        .context("loading the Job signing key")?;
-    let backend = Arc::new(
-        KubeBackend::new(client.clone(), Renderer::new(&args.exec_image)).with_signer(signer),
-    );
+    let mut backend =
+        KubeBackend::new(client.clone(), Renderer::new(&args.exec_image)).with_signer(signer);
+    if let Some(artifacts) = artifacts {
+        backend = backend.with_artifacts(artifacts);
+    }
+    let backend = Arc::new(backend);
     let retry = RetryPolicy::default();
     let dispatcher = Dispatcher::connect_with(
         js,
@@ -183,6 +241,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     elector.release().await;
     shutdown.cancel();
     let _ = admin.await;
+    if let Some(server) = artifact_server {
+        let _ = server.await;
+    }
     Ok(())
 }
 

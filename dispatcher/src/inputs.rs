@@ -37,14 +37,8 @@ pub fn module_problem(
     let binary = map
         .binary_data
         .as_ref()
-        .and_then(|d| d.get(&spec.wasm))
-        .map(|b| b.0.as_slice());
-    let text = map
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&spec.wasm))
-        .map(String::as_bytes);
-    match binary.or(text) {
+        .is_some_and(|d| d.contains_key(&spec.wasm));
+    match module_bytes(spec, map) {
         None => Some(format!(
             "event {:?}: module ConfigMap {namespace}/{name} has no key {:?} (resource {resource} names it in spec.events[].wasm); {provide}",
             spec.name, spec.wasm
@@ -53,12 +47,28 @@ pub fn module_problem(
             "event {:?}: {namespace}/{name} key {:?} is a precompiled native module, which is never run; provide the .wasm",
             spec.name, spec.wasm
         )),
-        Some(bytes) if binary.is_some() && !bytes.starts_with(WASM_MAGIC) => Some(format!(
+        Some(bytes) if binary && !bytes.starts_with(WASM_MAGIC) => Some(format!(
             "event {:?}: {namespace}/{name} key {:?} is not a WebAssembly module (no \\0asm header)",
             spec.name, spec.wasm
         )),
         Some(_) => None,
     }
+}
+
+/// The module of `spec` in its module ConfigMap: the binary key (what `jobico module
+/// configmap` writes), else a text key (WAT).
+pub fn module_bytes<'a>(spec: &EventSpec, map: &'a ConfigMap) -> Option<&'a [u8]> {
+    let binary = map
+        .binary_data
+        .as_ref()
+        .and_then(|d| d.get(&spec.wasm))
+        .map(|b| b.0.as_slice());
+    let text = map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&spec.wasm))
+        .map(String::as_bytes);
+    binary.or(text)
 }
 
 /// What is wrong with the schema of `spec` given its ConfigMap (`None` when it does not

@@ -10,6 +10,7 @@ use k8s_openapi::api::batch::v1::Job as BatchJob;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
 
+use crate::artifacts::{Artifacts, Compiled};
 use crate::backend::{Backend, Batch, DispatchError, Dispatched, keys};
 use crate::inputs;
 use crate::render::{DEFAULT_TEMPLATE_KEY, RenderError, Renderer};
@@ -76,12 +77,21 @@ impl ActiveJobs {
     }
 }
 
+/// What the module check found: what keeps the module from running, and its artifact.
+#[derive(Debug, Clone, Default)]
+struct ModuleCheck {
+    problem: Option<String>,
+    compiled: Option<Compiled>,
+}
+
 /// Creates Kubernetes Jobs.
 pub struct KubeBackend {
     client: kube::Client,
     renderer: Renderer,
     templates: Mutex<HashMap<TemplateKey, (Instant, String)>>,
-    modules: Mutex<HashMap<ModuleKey, (Instant, Option<String>)>>,
+    modules: Mutex<HashMap<ModuleKey, (Instant, ModuleCheck)>>,
+    artifacts: Option<Arc<Artifacts>>,
+    module_check_ttl: Duration,
     claim_settle: Duration,
     signer: Signer,
     /// Active Jobs, for concurrency caps.
@@ -177,6 +187,8 @@ impl KubeBackend {
             renderer,
             templates: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
+            artifacts: None,
+            module_check_ttl: MODULE_CHECK_TTL,
             claim_settle: CLAIM_SETTLE,
             signer: Signer::ephemeral(),
             active: ActiveJobs::default(),
@@ -190,9 +202,22 @@ impl KubeBackend {
         self
     }
 
+    /// The same backend handing its Jobs the dispatcher's compiled modules.
+    pub fn with_artifacts(mut self, artifacts: Arc<Artifacts>) -> Self {
+        self.artifacts = Some(artifacts);
+        self
+    }
+
     /// The signer of this backend's Jobs.
     pub fn signer(&self) -> &Signer {
         &self.signer
+    }
+
+    /// The same backend reusing a module check for `ttl` instead of [`MODULE_CHECK_TTL`]
+    /// (tests use zero, to see each change at once).
+    pub fn with_module_check_ttl(mut self, ttl: Duration) -> Self {
+        self.module_check_ttl = ttl;
+        self
     }
 
     /// The same backend with another [`Backend::claim_settle`] (tests use a short one).
@@ -201,19 +226,19 @@ impl KubeBackend {
         self
     }
 
-    /// What keeps the batch's module from running (see [`inputs::module_problem`]), from a
-    /// check at most [`MODULE_CHECK_TTL`] old.
-    async fn module_problem(&self, batch: &Batch) -> Result<Option<String>, DispatchError> {
+    /// What keeps the batch's module from running (see [`inputs::module_problem`]) and its
+    /// compiled artifact, from a check at most [`MODULE_CHECK_TTL`] old.
+    async fn module_check(&self, batch: &Batch) -> Result<ModuleCheck, DispatchError> {
         let Some(spec) = batch.spec() else {
-            return Ok(None);
+            return Ok(ModuleCheck::default());
         };
         let namespace = batch.namespace().to_owned();
         let name = batch.owner.modules_config_map();
         let key = (namespace.clone(), name.clone(), spec.wasm.clone());
-        if let Some((at, problem)) = self.modules.lock().expect("module cache").get(&key)
-            && at.elapsed() < MODULE_CHECK_TTL
+        if let Some((at, check)) = self.modules.lock().expect("module cache").get(&key)
+            && at.elapsed() < self.module_check_ttl
         {
-            return Ok(problem.clone());
+            return Ok(check.clone());
         }
         let map = bounded(
             &format!("reading ConfigMap {namespace}/{name}"),
@@ -221,11 +246,18 @@ impl KubeBackend {
         )
         .await?;
         let problem = inputs::module_problem(&batch.owner, spec, map.as_ref());
+        let compiled = match (&problem, &self.artifacts, &map) {
+            (None, Some(artifacts), Some(map)) => {
+                inputs::module_bytes(spec, map).and_then(|bytes| artifacts.request(bytes))
+            }
+            _ => None,
+        };
+        let check = ModuleCheck { problem, compiled };
         self.modules
             .lock()
             .expect("module cache")
-            .insert(key, (Instant::now(), problem.clone()));
-        Ok(problem)
+            .insert(key, (Instant::now(), check.clone()));
+        Ok(check)
     }
 
     /// The resource's own template source, if it names one (read from its ConfigMap, cached
@@ -332,10 +364,18 @@ pub fn render_failure(error: RenderError) -> DispatchError {
 impl Backend for KubeBackend {
     async fn dispatch(&self, batch: &Batch) -> Result<Dispatched, DispatchError> {
         let template = self.template(batch).await?;
+        let artifact = match &self.artifacts {
+            Some(artifacts) => self
+                .module_check(batch)
+                .await?
+                .compiled
+                .map(|compiled| artifacts.reference(batch.namespace(), &compiled)),
+            None => None,
+        };
         // The pod policy runs inside `render`, on the typed Job about to be created.
         let mut job = self
             .renderer
-            .render(batch, template.as_deref())
+            .render_with_artifact(batch, template.as_deref(), artifact.as_ref())
             .map_err(render_failure)?;
         self.signer.sign_job(&mut job);
         let name = batch.job_name();
@@ -391,7 +431,7 @@ impl Backend for KubeBackend {
     }
 
     async fn ready(&self, batch: &Batch) -> Result<(), DispatchError> {
-        match self.module_problem(batch).await? {
+        match self.module_check(batch).await?.problem {
             Some(reason) => Err(DispatchError::Held { reason }),
             None => Ok(()),
         }

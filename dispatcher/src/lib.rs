@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod artifacts;
 pub mod backend;
 pub mod consumer;
 pub mod consumers;

@@ -12,10 +12,12 @@ use std::sync::Mutex;
 
 use handlebars::{Context, Handlebars, Helper, HelperResult, Output, RenderContext};
 use jobico_common::envelope::{EnvEntry, EventsTooLarge, MAX_EVENTS_BYTES, split_events};
+use jobico_common::executor::{ARTIFACT_VARS, ArtifactRef};
 use jobico_common::state::exit;
 use jobico_common::{EventId, EventRecord, id::MAX_EVENT_ID_LEN};
 use jobico_model::{EventSpec, Job as JobicoJob};
 use k8s_openapi::api::batch::v1::Job as BatchJob;
+use k8s_openapi::api::core::v1::EnvVar;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -320,6 +322,18 @@ impl Renderer {
     /// the dispatcher relies on to the Job and its pod template (when a custom template
     /// leaves them out), and checks the result against [`policy::check`].
     pub fn render(&self, batch: &Batch, template: Option<&str>) -> Result<BatchJob, RenderError> {
+        self.render_with_artifact(batch, template, None)
+    }
+
+    /// [`Renderer::render`], with the executor told to load `artifact` (the module compiled by
+    /// the dispatcher). The artifact variables are the dispatcher's alone: whatever the
+    /// template wrote under those names is removed (see [`jobico_common::executor`]).
+    pub fn render_with_artifact(
+        &self,
+        batch: &Batch,
+        template: Option<&str>,
+        artifact: Option<&ArtifactRef>,
+    ) -> Result<BatchJob, RenderError> {
         let context = self.context(batch)?;
         let mut job = match template {
             // The default template's Job, built straight from the context: what rendering
@@ -358,6 +372,7 @@ impl Renderer {
                 .get_or_insert_with(Default::default)
                 .extend(context.annotations.clone());
         }
+        set_artifact(&mut job, artifact);
         let owner = OwnerReference {
             api_version: context.owner["apiVersion"].clone(),
             kind: context.owner["kind"].clone(),
@@ -396,6 +411,27 @@ impl Renderer {
         template
             .render(&self.registry, &data)
             .map_err(RenderError::Template)
+    }
+}
+
+/// Removes every artifact variable from the Job's containers and gives the executor
+/// container `artifact`'s.
+fn set_artifact(job: &mut BatchJob, artifact: Option<&ArtifactRef>) {
+    let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else {
+        return;
+    };
+    for container in &mut pod.containers {
+        if let Some(env) = container.env.as_mut() {
+            env.retain(|var| !ARTIFACT_VARS.contains(&var.name.as_str()));
+        }
+        if let Some(artifact) = artifact.filter(|_| container.name == policy::EXEC_CONTAINER) {
+            let env = container.env.get_or_insert_with(Vec::new);
+            env.extend(artifact.env().into_iter().map(|(name, value)| EnvVar {
+                name: name.to_owned(),
+                value: Some(value),
+                value_from: None,
+            }));
+        }
     }
 }
 

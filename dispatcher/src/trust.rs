@@ -9,6 +9,9 @@
 //! such a Job (by uid) and that run the executor image; the event ids always come from the
 //! signed Job, never from the pod. A Job squatting a name the dispatcher would use is never
 //! taken for its own.
+//!
+//! The same key makes the tokens with which executor pods fetch compiled modules from the
+//! artifact server ([`Signer::artifact_token`]): one namespace, one artifact.
 
 use async_nats::jetstream::{self, kv};
 use hmac::{Hmac, Mac};
@@ -23,6 +26,8 @@ pub const SIGNATURE: &str = "jobico.coeux.dev/signature";
 pub const KEY_BUCKET: &str = "jobico-dispatcher";
 /// Key of the signing key in [`KEY_BUCKET`].
 const KEY_NAME: &str = "job-signing-key";
+/// First part of an artifact token's MAC: keeps tokens and Job signatures apart.
+const ARTIFACT_TOKEN_DOMAIN: &str = "artifact:";
 /// Bytes of the signing key: the HMAC-SHA256 block-size-independent recommendation (≥ 32).
 pub const KEY_BYTES: usize = 32;
 
@@ -95,14 +100,40 @@ impl Signer {
     }
 
     fn mac(&self, namespace: &str, name: &str, event: &str, ids: &str) -> Hmac<Sha256> {
+        self.mac_of(&[namespace, name, event, ids])
+    }
+
+    fn mac_of(&self, parts: &[&str]) -> Hmac<Sha256> {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any size");
-        // NUL never occurs in a namespace, name, event name or id list.
-        for part in [namespace, name, event, ids] {
+        // NUL never occurs in a namespace, name, event name, id list or artifact name.
+        for part in parts {
             mac.update(part.as_bytes());
             mac.update(&[0]);
         }
         mac
+    }
+
+    /// The token that lets the executor pods of `namespace` fetch artifact `name` from the
+    /// artifact server. Its first part, `artifact:`, can begin no namespace (no `:` in a DNS
+    /// label), so no token is ever a Job's signature.
+    pub fn artifact_token(&self, namespace: &str, name: &str) -> String {
+        hex::encode(
+            self.mac_of(&[ARTIFACT_TOKEN_DOMAIN, namespace, name])
+                .finalize()
+                .into_bytes(),
+        )
+    }
+
+    /// Whether `token` is [`Signer::artifact_token`] for `namespace` and `name` (compared in
+    /// constant time).
+    pub fn verify_artifact_token(&self, namespace: &str, name: &str, token: &str) -> bool {
+        let Ok(token) = hex::decode(token) else {
+            return false;
+        };
+        self.mac_of(&[ARTIFACT_TOKEN_DOMAIN, namespace, name])
+            .verify_slice(&token)
+            .is_ok()
     }
 
     /// The signature of Job `namespace/name` running events `ids` (the comma-separated
@@ -173,6 +204,18 @@ mod tests {
                 "labels": {"event": "ev1"}, "annotations": {"jobico.coeux.dev/event-ids": ids}}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn artifact_tokens_grant_one_namespace_one_artifact() {
+        let signer = Signer::ephemeral();
+        let token = signer.artifact_token("team-a", "abc.0123");
+        assert!(signer.verify_artifact_token("team-a", "abc.0123", &token));
+        assert!(!signer.verify_artifact_token("team-b", "abc.0123", &token));
+        assert!(!signer.verify_artifact_token("team-a", "abd.0123", &token));
+        assert!(!Signer::ephemeral().verify_artifact_token("team-a", "abc.0123", &token));
+        assert!(!signer.verify_artifact_token("team-a", "abc.0123", "zz"));
+        assert!(!signer.verify_artifact_token("team-a", "abc.0123", ""));
     }
 
     #[test]

@@ -407,3 +407,60 @@ fn a_template_that_copies_the_events_fails_the_largest_batch() {
     let message = check_template(&renderer, &owner, Some(&copy)).unwrap_err();
     assert!(message.starts_with("event \"ev1\": "), "{message}");
 }
+
+#[test]
+fn the_artifact_variables_are_the_dispatchers_whatever_the_template_writes() {
+    use jobico_common::executor::{ARTIFACT_VARS, ArtifactRef, Sha256Digest};
+    let owner = sample("ev1.yaml");
+    let renderer = Renderer::new(IMAGE);
+    // A template pointing the executor at the tenant's own server and code.
+    let hostile = edited(
+        "          env: {{json env}}\n",
+        "          env:\n            - {name: JOBICO_ARTIFACT_URL, value: \"http://evil.example/x\"}\n            - {name: JOBICO_ARTIFACT_DIGEST, value: \"0000000000000000000000000000000000000000000000000000000000000000\"}\n            - {name: JOBICO_ARTIFACT_MODULE, value: \"1111111111111111111111111111111111111111111111111111111111111111\"}\n            - {name: JOBICO_ARTIFACT_TOKEN, value: \"t\"}\n            - {name: JOBICO_EVENTS, value: \"[]\"}\n            - {name: JOBICO_MODULE, value: \"/jobico/module/echo.wasm\"}\n",
+    );
+    let artifact_env = |job: &k8s_openapi::api::batch::v1::Job| -> Vec<(String, String)> {
+        job.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .env
+            .iter()
+            .flatten()
+            .filter(|v| ARTIFACT_VARS.contains(&v.name.as_str()))
+            .map(|v| (v.name.clone(), v.value.clone().unwrap_or_default()))
+            .collect()
+    };
+    let without = renderer
+        .render(&batch(&owner, &["e1"]), Some(&hostile))
+        .unwrap();
+    assert_eq!(
+        artifact_env(&without),
+        [],
+        "the template's variables are removed"
+    );
+    let ours = ArtifactRef {
+        url: "http://jobico-artifacts.jobico-system.svc:8083/v1/artifacts/default/m.t".into(),
+        digest: Sha256Digest::of(b"code"),
+        module: Sha256Digest::of(b"module"),
+        token: "token".into(),
+    };
+    let expected: Vec<(String, String)> = ours
+        .env()
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v))
+        .collect();
+    for template in [None, Some(hostile.as_str())] {
+        let job = renderer
+            .render_with_artifact(&batch(&owner, &["e1"]), template, Some(&ours))
+            .unwrap();
+        assert_eq!(
+            artifact_env(&job),
+            expected,
+            "only the dispatcher's, once each"
+        );
+    }
+}

@@ -53,7 +53,7 @@ pub struct ModuleCache {
 }
 
 /// Feeds `Hash` data into SHA-256 (stable, unlike `DefaultHasher`).
-struct ShaHasher(Sha256);
+pub(crate) struct ShaHasher(pub(crate) Sha256);
 
 impl Hasher for ShaHasher {
     fn finish(&self) -> u64 {

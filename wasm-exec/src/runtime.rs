@@ -250,6 +250,16 @@ impl Runtime {
         Some(cache.entry_path(&self.inner.engine, bytes))
     }
 
+    /// 16 hex digits naming everything compiled code depends on (wasmtime version,
+    /// code-generation settings, CPU features): code compiled by runtimes with the same tag
+    /// is interchangeable.
+    pub fn compatibility_tag(&self) -> String {
+        use sha2::Digest;
+        let mut hasher = crate::cache::ShaHasher(sha2::Sha256::new());
+        self.inner.engine.compatibility_hash(&mut hasher);
+        hex::encode(&hasher.0.finalize()[..8])
+    }
+
     /// Compiles `bytes` (binary or WAT) and returns the `.cwasm` bytes, after checking that the
     /// module fits a guest ABI and links.
     pub fn precompile(&self, name: &str, bytes: &[u8]) -> Result<Vec<u8>, Error> {

@@ -189,3 +189,181 @@ fn a_missing_part_is_a_host_error_that_names_it() {
         "{error}"
     );
 }
+
+async fn kube_client(api: &jobico_testkit::kube_api::KubeApi) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    config.default_retry = false;
+    kube::Client::try_from(config).unwrap()
+}
+
+/// The summary line of a pod's stdout.
+fn summary_of(stdout: &str) -> RunSummary {
+    serde_json::from_str(stdout.lines().last().expect("a summary line")).unwrap()
+}
+
+/// The whole cluster path of a compiled module: the dispatcher's module check starts the
+/// compilation (into a real JetStream object store), the Jobs it creates through the fake
+/// Kubernetes API name the artifact once it exists, and the pod started with such a Job's
+/// environment fetches it from the dispatcher's artifact server and runs it without compiling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_load_the_module_the_dispatcher_compiled() {
+    use jobico_common::summary::ModuleSource;
+    use jobico_dispatcher::artifacts::{ArtifactSettings, Artifacts};
+    use jobico_dispatcher::backend::Backend;
+    use jobico_dispatcher::kubernetes::KubeBackend;
+    use jobico_dispatcher::trust::Signer;
+
+    let nats = jobico_testkit::NatsServer::start();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let api = jobico_testkit::kube_api::KubeApi::start();
+    let (owner, config_maps) = sample();
+    for map in &config_maps {
+        api.apply("configmaps", serde_json::to_value(map).unwrap());
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let settings = ArtifactSettings {
+        base_url: format!("http://{}", listener.local_addr().unwrap()),
+        max_bytes: 1 << 30,
+        max_age: std::time::Duration::from_secs(3600),
+        replicas: 1,
+    };
+    let signer = Signer::ephemeral();
+    let artifacts = Arc::new(
+        Artifacts::open(&js, signer.clone(), &settings)
+            .await
+            .unwrap(),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(artifacts.clone().serve(listener, shutdown.clone()));
+    let backend = KubeBackend::new(
+        kube_client(&api).await,
+        Renderer::new("ghcr.io/coeux/wasm-exec:test"),
+    )
+    .with_signer(signer)
+    .with_artifacts(artifacts.clone())
+    .with_module_check_ttl(std::time::Duration::ZERO);
+
+    let data = json!({"firstName": "Ada", "lastName": "Lovelace"});
+    let run = |id: &str| {
+        let batch = batch(&owner, &[(id.to_owned(), data.clone())]);
+        let backend = &backend;
+        async move {
+            backend.ready(&batch).await.unwrap();
+            backend.dispatch(&batch).await.unwrap();
+        }
+    };
+    // The first batch finds no artifact: its Job has none, and its pod compiles.
+    run("first").await;
+    let jobs = |api: &jobico_testkit::kube_api::KubeApi| -> Vec<BatchJob> {
+        api.created(&jobico_testkit::kube_api::resource("batch/v1", "jobs"))
+            .into_iter()
+            .map(|job| serde_json::from_value(job).unwrap())
+            .collect()
+    };
+    let first = jobs(&api).pop().unwrap();
+    let env_names = |job: &BatchJob| -> Vec<String> {
+        job.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|v| v.name.clone())
+            .collect()
+    };
+    assert!(
+        !env_names(&first)
+            .iter()
+            .any(|n| n.starts_with("JOBICO_ARTIFACT"))
+    );
+    let (code, stdout, _) = start_pod(&first, &config_maps);
+    assert_eq!(code, Some(EXIT_OK.into()), "{stdout}");
+    assert_eq!(
+        summary_of(&stdout).module.unwrap().source,
+        ModuleSource::Compiled
+    );
+
+    // Meanwhile the dispatcher compiles the module: later Jobs name the artifact.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut n = 0;
+    let job = loop {
+        n += 1;
+        run(&format!("later-{n}")).await;
+        let job = jobs(&api).pop().unwrap();
+        if env_names(&job).iter().any(|n| n == "JOBICO_ARTIFACT_URL") {
+            break job;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no artifact after 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let (code, stdout, message) = start_pod(&job, &config_maps);
+    assert_eq!(code, Some(EXIT_OK.into()), "{stdout}");
+    let summary = summary_of(&stdout);
+    assert_eq!(summary.succeeded, 1);
+    let load = summary.module.unwrap();
+    assert_eq!(load.source, ModuleSource::Artifact, "{load:?}");
+    // The termination message (what the state tracker reads) says so too.
+    let written: RunSummary = serde_json::from_str(&message).unwrap();
+    assert_eq!(written.module.unwrap().source, ModuleSource::Artifact);
+
+    // The token is per namespace and artifact: the same Job moved to another namespace's
+    // URL is refused by the server, and its pod compiles instead.
+    let mut moved = job.clone();
+    let pod = moved.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+    for var in pod.containers[0].env.iter_mut().flatten() {
+        if var.name == "JOBICO_ARTIFACT_URL" {
+            let url = var.value.take().unwrap();
+            var.value = Some(url.replace("/v1/artifacts/default/", "/v1/artifacts/other/"));
+        }
+    }
+    let (code, stdout, _) = start_pod(&moved, &config_maps);
+    assert_eq!(code, Some(EXIT_OK.into()), "{stdout}");
+    let load = summary_of(&stdout).module.unwrap();
+    assert_eq!(load.source, ModuleSource::Compiled);
+    let refused = load.artifact_refused.unwrap_or_else(|| panic!("{stdout}"));
+    assert!(refused.contains("401"), "{refused}");
+
+    // Another replica (or the next process) finds the artifact in the store, compiling nothing.
+    let again = Arc::new(
+        Artifacts::open(&js, Signer::ephemeral(), &settings)
+            .await
+            .unwrap(),
+    );
+    let module = config_maps
+        .iter()
+        .find_map(|m| m.binary_data.as_ref()?.get("echo.wasm"))
+        .unwrap()
+        .0
+        .clone();
+    assert_eq!(again.request(&module), None, "looked up in the background");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let found = loop {
+        if let Some(found) = again.request(&module) {
+            break found;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(again.compilations(), 0, "found, not compiled");
+    assert_eq!(
+        artifacts.compilations(),
+        1,
+        "compiled once for all those batches"
+    );
+    assert_eq!(Some(found), artifacts.request(&module));
+    shutdown.cancel();
+}
