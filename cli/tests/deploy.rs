@@ -330,7 +330,7 @@ fn ports(
 }
 
 #[test]
-fn only_the_ingress_and_the_dispatcher_reach_nats_and_executors_reach_nothing() {
+fn only_the_ingress_and_the_dispatcher_reach_nats_and_executors_reach_only_the_artifact_server() {
     let policies = of_kind::<NetworkPolicy>("NetworkPolicy");
     let system: Vec<&NetworkPolicy> = policies
         .iter()
@@ -437,11 +437,68 @@ fn only_the_ingress_and_the_dispatcher_reach_nats_and_executors_reach_nothing() 
             .unwrap()
             .contains(&"Egress".to_owned())
     );
-    assert_eq!(
-        spec.egress,
-        Some(vec![]),
-        "executor pods may reach something"
-    );
+    // Egress: the dispatcher pods on their artifact port, and DNS; nothing else.
+    let artifact_port = pod_spec(
+        &named(deployments.clone(), "jobico-dispatcher")
+            .spec
+            .unwrap()
+            .template,
+    )
+    .containers[0]
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("artifacts"))
+        .unwrap()
+        .container_port;
+    let system_namespace = BTreeMap::from([(
+        "kubernetes.io/metadata.name".to_owned(),
+        "jobico-system".to_owned(),
+    )]);
+    let dns = BTreeMap::from([("k8s-app".to_owned(), "kube-dns".to_owned())]);
+    let rules = spec.egress.as_deref().expect("egress rules");
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    for rule in rules {
+        let peers = rule.to.as_deref().expect("every rule names its peers");
+        assert!(!peers.is_empty());
+        for peer in peers {
+            assert!(peer.ip_block.is_none(), "{peer:?}");
+            let pods = peer.pod_selector.as_ref().expect("a pod selector");
+            let namespaces = peer
+                .namespace_selector
+                .as_ref()
+                .expect("a namespace selector");
+            let ports = ports(rule.ports.as_ref());
+            if selects(pods, &dispatcher) {
+                assert!(selects(namespaces, &system_namespace) && !selects(pods, &apiserver));
+                assert_eq!(ports, [artifact_port], "only the artifact port");
+            } else {
+                assert!(selects(pods, &dns) && !selects(pods, &nats), "{peer:?}");
+                assert_eq!(ports, [53, 53], "only DNS");
+            }
+        }
+    }
+    // And the dispatcher admits executor pods of any namespace on that port only.
+    let any_namespace = BTreeMap::from([(
+        "kubernetes.io/metadata.name".to_owned(),
+        "team-a".to_owned(),
+    )]);
+    assert!(system.iter().any(|p| {
+        let spec = p.spec.as_ref().unwrap();
+        selects(spec.pod_selector.as_ref().unwrap(), &dispatcher)
+            && spec.ingress.iter().flatten().any(|r| {
+                ports(r.ports.as_ref()) == [artifact_port]
+                    && r.from.iter().flatten().any(|peer| {
+                        peer.namespace_selector
+                            .as_ref()
+                            .is_some_and(|n| selects(n, &any_namespace))
+                            && peer
+                                .pod_selector
+                                .as_ref()
+                                .is_some_and(|s| selects(s, &executor_labels))
+                    })
+            })
+    }));
 }
 
 /// The labels of the pods of a Job the dispatcher renders for the samples' ev1.

@@ -5,6 +5,9 @@
 
 mod common;
 
+use jobico_dispatcher::artifacts::{
+    ArtifactSettings, Artifacts, BUCKET as ARTIFACT_BUCKET, Compiled,
+};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -149,6 +152,18 @@ impl Backend for Scripted {
 }
 
 /// The state of `default/ev1/<id>` as the ingress reads it.
+/// The artifact of `module`, once compiled (or found).
+async fn wait_for_artifact(artifacts: &Arc<Artifacts>, module: &[u8]) -> Compiled {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(compiled) = artifacts.request(module) {
+            return compiled;
+        }
+        assert!(Instant::now() < deadline, "no artifact");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn state(ingress: &JetStreamPublisher, id: &str) -> Option<EventState> {
     match ingress.status("default", Some("ev1"), id).await.unwrap() {
         StatusLookup::Found(status) => Some(status.state),
@@ -328,6 +343,42 @@ async fn only_jobico_users_connect_and_each_does_its_work_and_nothing_more() {
         .delete_consumer(&consumer_name("default", "ev1"))
         .await
         .unwrap();
+    // Compiled modules: the dispatcher creates the object store, compiles and stores one,
+    // a second replica finds it, and the artifact server reads it back for a pod.
+    let settings = ArtifactSettings {
+        base_url: String::new(),
+        max_bytes: 1 << 30,
+        max_age: Duration::from_secs(3600),
+        replicas: 1,
+    };
+    let module = std::fs::read(repo().join("samples/echo.wasm")).unwrap();
+    let artifacts = Arc::new(
+        Artifacts::open(&js, signer.clone(), &settings)
+            .await
+            .unwrap(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let serving = CancellationToken::new();
+    tokio::spawn(artifacts.clone().serve(listener, serving.clone()));
+    let compiled = wait_for_artifact(&artifacts, &module).await;
+    assert_eq!(artifacts.compilations(), 1);
+    let replica = Arc::new(
+        Artifacts::open(&js, signer.clone(), &settings)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(wait_for_artifact(&replica, &module).await, compiled);
+    assert_eq!(replica.compilations(), 0, "found in the store");
+    let mut reference = artifacts.reference("default", &compiled);
+    reference.url = reference.url.replacen("/v1/", &format!("{base}/v1/"), 1);
+    let fetched =
+        tokio::task::spawn_blocking(move || wasm_exec::artifact::fetch(&reference, &module))
+            .await
+            .unwrap();
+    assert!(fetched.is_ok(), "{fetched:?}: {:?}", violations(&server));
+    serving.cancel();
+
     assert_eq!(
         violations(&server),
         Vec::<String>::new(),
@@ -366,6 +417,16 @@ async fn only_jobico_users_connect_and_each_does_its_work_and_nothing_more() {
         .unwrap();
     let _snooping = client.subscribe("jobico.>").await.unwrap();
     wait_for_log(&server, "Subscription Violation - Subject \"jobico.>\"").await;
+
+    // No reading compiled modules (only the dispatcher serves them, per namespace).
+    let store = js.get_object_store(ARTIFACT_BUCKET).await;
+    match store {
+        Ok(store) => assert!(
+            store.get(&compiled.name).await.is_err(),
+            "the ingress read an artifact"
+        ),
+        Err(_) => {}
+    }
 
     // With the dispatcher's: no events of its own making, no deleting or purging an event
     // stream.
