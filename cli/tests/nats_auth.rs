@@ -419,6 +419,16 @@ async fn only_jobico_users_connect_and_each_does_its_work_and_nothing_more() {
     wait_for_log(&server, "Subscription Violation - Subject \"jobico.>\"").await;
 
     // No reading compiled modules (only the dispatcher serves them, per namespace).
+    let artifact_stream = js
+        .get_stream_no_info(format!("OBJ_{ARTIFACT_BUCKET}"))
+        .await
+        .unwrap();
+    for sequence in 1..=3 {
+        assert!(
+            artifact_stream.get_raw_message(sequence).await.is_err(),
+            "the ingress read message {sequence} of the artifact store"
+        );
+    }
     if let Ok(store) = js.get_object_store(ARTIFACT_BUCKET).await {
         assert!(
             store.get(&compiled.name).await.is_err(),
