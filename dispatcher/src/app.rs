@@ -167,8 +167,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context("checking for the event stream of an earlier release")?;
     let mut backend =
         KubeBackend::new(client.clone(), Renderer::new(&args.exec_image)).with_signer(signer);
-    if let Some(artifacts) = artifacts {
-        backend = backend.with_artifacts(artifacts);
+    if let Some(artifacts) = &artifacts {
+        backend = backend.with_artifacts(artifacts.clone());
     }
     let backend = Arc::new(backend);
     let retry = RetryPolicy::default();
@@ -185,16 +185,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Everything below stops on `work`: a signal, or the lease lost.
     let work = shutdown.child_token();
     let consumers = Arc::new(ConsumerSet::new(dispatcher.clone(), work.clone()));
-    let ctx = Arc::new(
-        Context::new(
-            client.clone(),
-            consumers.clone(),
-            Some(args.identity.clone()),
-        )
-        .with_templates(Arc::new(TemplateChecker::new(Renderer::new(
-            &args.exec_image,
-        )))),
-    );
+    let mut ctx = Context::new(
+        client.clone(),
+        consumers.clone(),
+        Some(args.identity.clone()),
+    )
+    .with_templates(Arc::new(TemplateChecker::new(Renderer::new(
+        &args.exec_image,
+    ))));
+    if let Some(artifacts) = artifacts {
+        ctx = ctx.with_artifacts(artifacts);
+    }
+    let ctx = Arc::new(ctx);
     let mut tracker = tokio::spawn(tracker::run(
         client.clone(),
         tracker::TrackerConfig {

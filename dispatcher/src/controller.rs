@@ -18,6 +18,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::artifacts::Artifacts;
 use crate::backend::Backend;
 use crate::consumers::{Conflict, ConsumerSet};
 use crate::inputs;
@@ -74,6 +75,8 @@ pub struct Context<B> {
     pub recorder: Recorder,
     /// Checks each resource's template before its events are consumed, when set.
     pub templates: Option<Arc<TemplateChecker>>,
+    /// Compiles each resource's modules when it is reconciled, when set.
+    pub artifacts: Option<Arc<Artifacts>>,
 }
 
 impl<B> std::fmt::Debug for Context<B> {
@@ -98,7 +101,15 @@ impl<B: Backend> Context<B> {
             client,
             consumers,
             templates: None,
+            artifacts: None,
         }
+    }
+
+    /// Starts compiling every usable module of a resource when it is reconciled, so that its
+    /// first events already find the compiled code.
+    pub fn with_artifacts(mut self, artifacts: Arc<Artifacts>) -> Self {
+        self.artifacts = Some(artifacts);
+        self
     }
 
     /// Checks every resource's template with `templates` (rendering as the Jobs are) before
@@ -283,9 +294,14 @@ async fn apply<B: Backend>(
             requeue = ERROR_REQUEUE;
             tracing::warn!(namespace, name, message, "invalid template, holding events");
         } else {
-            let missing = inputs::problems(&ctx.client, &cr)
-                .await
-                .map_err(Error::Kube)?;
+            let missing = inputs::problems(&ctx.client, &cr, |module| {
+                // Compiled before the first event needs it.
+                if let Some(artifacts) = &ctx.artifacts {
+                    artifacts.request(module);
+                }
+            })
+            .await
+            .map_err(Error::Kube)?;
             if !missing.is_empty() {
                 (ready, reason, message) = (
                     false,

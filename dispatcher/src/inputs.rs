@@ -107,16 +107,25 @@ pub async fn config_map(
         .await
 }
 
-/// Every problem with the modules and schemas of `owner`'s events (empty when all are there).
+/// Every problem with the modules and schemas of `owner`'s events (empty when all are there);
+/// each usable module is handed to `usable_module` (the controller starts compiling it).
 pub async fn problems(
     client: &kube::Client,
     owner: &JobicoJob,
+    mut usable_module: impl FnMut(&[u8]),
 ) -> Result<Vec<String>, kube::Error> {
     let namespace = owner.metadata.namespace.as_deref().unwrap_or_default();
     let modules = config_map(client, namespace, &owner.modules_config_map()).await?;
     let mut problems = Vec::new();
     for spec in &owner.spec.events {
-        problems.extend(module_problem(owner, spec, modules.as_ref()));
+        match module_problem(owner, spec, modules.as_ref()) {
+            Some(problem) => problems.push(problem),
+            None => {
+                if let Some(bytes) = modules.as_ref().and_then(|m| module_bytes(spec, m)) {
+                    usable_module(bytes);
+                }
+            }
+        }
         if !spec.schema.is_optional() {
             let schema = config_map(client, namespace, spec.schema.config_map_name()).await?;
             problems.extend(schema_problem(owner, spec, schema.as_ref()));
