@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/nats-server-env.sh
 source scripts/nats-server-env.sh
-exec cargo bench -p jobico-dispatcher --bench artifacts -- "${1:-5}"
+exec cargo bench -p jobico-dispatcher --features winch --bench artifacts -- "${1:-5}"

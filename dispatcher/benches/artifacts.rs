@@ -8,6 +8,11 @@
 //! artifact: compiling the module in a fresh runtime; (pod-artifact) what each pod pays with
 //! one: the GET from the artifact server (which streams it out of NATS), the digest checks and
 //! loading the code, through wasm-exec's own client and loader.
+//!
+//! Then wasmtime's baseline compiler, Winch, against Cranelift (what wasm-exec uses), with
+//! wasm-exec's settings (fuel and epochs): the time to compile each module, and the time a
+//! compute-bound export takes to run, compiled each way — the trade-off for a pod that has to
+//! compile its module (one without an artifact yet).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -140,4 +145,74 @@ async fn main() {
         );
     }
     shutdown.cancel();
+    compare_winch(runs);
+}
+
+/// An engine with wasm-exec's code-generation settings and the given compiler.
+fn engine(strategy: wasmtime::Strategy) -> wasmtime::Engine {
+    let mut config = wasmtime::Config::new();
+    config.strategy(strategy);
+    config.epoch_interruption(true);
+    config.consume_fuel(true);
+    wasmtime::Engine::new(&config).unwrap()
+}
+
+/// A compute-bound function: `n` rounds of integer mixing.
+const SPIN: &str = r#"(module (func (export "spin") (param $n i32) (result i32) (local $x i32)
+  (local.set $x (i32.const 1))
+  (block $done (loop $next
+    (br_if $done (i32.eqz (local.get $n)))
+    (local.set $x (i32.add (i32.mul (local.get $x) (i32.const 1103515245)) (i32.const 12345)))
+    (local.set $x (i32.xor (local.get $x) (i32.shr_u (local.get $x) (i32.const 7))))
+    (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+    (br $next)))
+  (local.get $x)))"#;
+
+fn compare_winch(runs: usize) {
+    let cranelift = engine(wasmtime::Strategy::Cranelift);
+    let winch = engine(wasmtime::Strategy::Winch);
+    let compile = |engine: &wasmtime::Engine, bytes: &[u8]| {
+        let started = Instant::now();
+        for _ in 0..runs {
+            wasmtime::Module::new(engine, bytes).unwrap();
+        }
+        started.elapsed() / runs as u32
+    };
+    println!();
+    println!("| module | Cranelift compile | Winch compile | Cranelift/Winch |");
+    println!("|---:|---:|---:|---:|");
+    for kb in [400, 3000] {
+        let module = generated_module(kb);
+        let (c, w) = (compile(&cranelift, &module), compile(&winch, &module));
+        println!(
+            "| {:.0} KB | {:.0} ms | {:.0} ms | {:.1}x |",
+            module.len() as f64 / 1024.0,
+            millis(c),
+            millis(w),
+            c.as_secs_f64() / w.as_secs_f64()
+        );
+    }
+    let spin = wat::parse_str(SPIN).unwrap();
+    let rounds = 100_000_000;
+    let run = |engine: &wasmtime::Engine| {
+        let module = wasmtime::Module::new(engine, &spin).unwrap();
+        let mut store = wasmtime::Store::new(engine, ());
+        store.set_fuel(u64::MAX).unwrap();
+        store.set_epoch_deadline(u64::MAX);
+        let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        let spin = instance
+            .get_typed_func::<i32, i32>(&mut store, "spin")
+            .unwrap();
+        let started = Instant::now();
+        let result = spin.call(&mut store, rounds).unwrap();
+        (started.elapsed(), result)
+    };
+    let ((c, cr), (w, wr)) = (run(&cranelift), run(&winch));
+    assert_eq!(cr, wr, "both compilers compute the same");
+    println!(
+        "compute-bound export, {rounds} rounds: Cranelift {:.0} ms, Winch {:.0} ms (Winch/Cranelift {:.1}x)",
+        millis(c),
+        millis(w),
+        w.as_secs_f64() / c.as_secs_f64()
+    );
 }
