@@ -83,6 +83,12 @@ const DEFAULT_ARTIFACT_STORE_BYTES: i64 = 4 << 30;
 const ARTIFACT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 fn parse_http_url(text: &str) -> Result<String, String> {
+    if text.len() > crate::artifacts::MAX_BASE_URL_BYTES {
+        return Err(format!(
+            "is longer than {} bytes",
+            crate::artifacts::MAX_BASE_URL_BYTES
+        ));
+    }
     if text.starts_with("http://") && text.len() > "http://".len() {
         Ok(text.trim_end_matches('/').to_owned())
     } else {

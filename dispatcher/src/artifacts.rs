@@ -41,6 +41,9 @@ use crate::trust::Signer;
 pub const BUCKET: &str = "jobico-artifacts";
 /// The artifact server's path prefix: `/v1/artifacts/<namespace>/<name>`.
 pub const PATH_PREFIX: &str = "/v1/artifacts/";
+/// Longest `--artifacts-url`: the template check counts the artifact variables at this size
+/// against the `execve` bound.
+pub const MAX_BASE_URL_BYTES: usize = 400;
 /// Object metadata key holding the compiled bytes' SHA-256 in hex.
 const DIGEST_KEY: &str = "sha256";
 /// How long after a failed compilation (or store) it is tried again: a module that does not
@@ -55,6 +58,9 @@ const CONCURRENT_COMPILATIONS: usize = 1;
 /// Downloads served at once: each streams from NATS in 128 KiB chunks, so this bounds the
 /// memory and the NATS consumers held; a pod that waits only delays its start.
 const CONCURRENT_DOWNLOADS: usize = 32;
+/// How long a client may take to send its request head: a connection that sends nothing
+/// gives its download slot back this soon.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a download may take before the connection is dropped.
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -316,6 +322,8 @@ impl Artifacts {
                     async move { Ok::<_, Infallible>(this.answer(&request, peer).await) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 let _ = tokio::time::timeout(DOWNLOAD_TIMEOUT, connection).await;
             });

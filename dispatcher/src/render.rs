@@ -528,8 +528,9 @@ pub fn check_template(
         sizes.dedup();
         for size in sizes {
             let batch = probe(owner, &spec.name, size);
+            // With an artifact, as most Jobs will have: its variables count in the execve bound.
             renderer
-                .render(&batch, template)
+                .render_with_artifact(&batch, template, Some(&probe_artifact()))
                 .map_err(|e| format!("event {:?}: {e}", spec.name))?;
         }
     }
@@ -583,6 +584,23 @@ impl TemplateChecker {
 
 /// A batch of `size` events of `event` with the longest ids and, together, the most events
 /// text a Job carries, made of `"` characters (each doubles when escaped, twice over).
+/// Bytes of artifact URL the template check allows for: the longest base URL, the path, a
+/// 63-character namespace, `/` and an object name (64 hex digits, `.`, a 16-digit tag).
+const PROBE_ARTIFACT_URL_BYTES: usize =
+    crate::artifacts::MAX_BASE_URL_BYTES + crate::artifacts::PATH_PREFIX.len() + 63 + 1 + 81;
+
+/// An artifact reference at least as large as any the dispatcher writes into a Job.
+fn probe_artifact() -> ArtifactRef {
+    use jobico_common::executor::Sha256Digest;
+    ArtifactRef {
+        url: format!("http://{}", "a".repeat(PROBE_ARTIFACT_URL_BYTES - 7)),
+        digest: Sha256Digest([0; 32]),
+        module: Sha256Digest([0; 32]),
+        // Hex of HMAC-SHA256.
+        token: "0".repeat(64),
+    }
+}
+
 fn probe(owner: &std::sync::Arc<JobicoJob>, event: &str, size: usize) -> Batch {
     let id = |i: usize| {
         let digits = format!("{i}");
