@@ -83,12 +83,15 @@ fn serve(publisher: Arc<dyn Publisher>, validate: bool) -> (String, Cancellation
     (url, stop)
 }
 
-/// `clients` concurrent HTTP clients sending single events for `seconds`, on `load`.
+/// `clients` concurrent HTTP clients sending single events for `seconds`, on `load`: each as
+/// fast as it can, or with `rate` events/s in all, each client on a fixed schedule, latency
+/// counted from the time a request was due (so a server falling behind shows in it).
 async fn http_load(
     load: &tokio::runtime::Handle,
     url: &str,
     clients: usize,
     seconds: Duration,
+    rate: Option<f64>,
 ) -> Figures {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
@@ -99,10 +102,19 @@ async fn http_load(
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
             let (client, url) = (client.clone(), url.to_string());
+            let interval = rate.map(|rate| Duration::from_secs_f64(clients as f64 / rate));
             load.spawn(async move {
                 let mut latencies = Vec::new();
+                let mut due = Instant::now();
                 while Instant::now() < deadline {
-                    let sent = Instant::now();
+                    if interval.is_some() {
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    let sent = match interval {
+                        Some(_) => due,
+                        None => Instant::now(),
+                    };
+                    due += interval.unwrap_or_default();
                     let response = client
                         .put(&url)
                         .header("content-type", "application/json")
@@ -247,13 +259,14 @@ async fn main() {
         "{:<40} {:>7} {:>9} {:>15} {:>8} {:>8} {:>11}",
         "run", "clients", "events/s", "range", "p50", "p99", "vs lower"
     );
+    let mut ingress_max = 0.0;
     for clients in [1, 64] {
         let (mut http, mut raw, mut ingress) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
-            http.push(http_load(&load, &ceiling_url, clients, seconds).await);
+            http.push(http_load(&load, &ceiling_url, clients, seconds, None).await);
             raw.push(nats_load(&load, &context, clients, seconds).await);
             purge(&context).await;
-            ingress.push(http_load(&load, &full_url, clients, seconds).await);
+            ingress.push(http_load(&load, &full_url, clients, seconds, None).await);
             purge(&context).await;
         }
         let runs = [
@@ -272,7 +285,34 @@ async fn main() {
                 100.0 * f.per_second / lower
             );
         }
+        let (http, nats, ingress) = (&runs[0].1.0, &runs[1].1.0, &runs[2].1.0);
+        if clients == 1 {
+            let over = ingress.p50.as_secs_f64() - http.p50.as_secs_f64() - nats.p50.as_secs_f64();
+            println!(
+                "one client: ingress p50 is {:.0} µs above the HTTP and NATS round trips together (target: at most 30 µs)",
+                over * 1e6
+            );
+        } else {
+            ingress_max = ingress.per_second;
+        }
     }
+    // Latency below saturation: 64 clients sending at half the rate the ingress reached.
+    let half = ingress_max / 2.0;
+    let mut paced = Vec::new();
+    for _ in 0..rounds {
+        paced.push(http_load(&load, &full_url, 64, seconds, Some(half)).await);
+        purge(&context).await;
+    }
+    let (f, low, high) = median(paced);
+    println!(
+        "{:<40} {:>7} {:>9.0} {:>15} {:>6.2}ms {:>6.2}ms   (paced at {half:.0}/s, half the maximum; target p99 at most 5 ms)",
+        "ingress at half its maximum rate",
+        64,
+        f.per_second,
+        format!("{low:.0}-{high:.0}"),
+        f.p50.as_secs_f64() * 1e3,
+        f.p99.as_secs_f64() * 1e3,
+    );
     load_runtime.shutdown_background();
     stop_full.cancel();
     stop_ceiling.cancel();
