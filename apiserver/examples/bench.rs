@@ -85,7 +85,8 @@ fn serve(publisher: Arc<dyn Publisher>, validate: bool) -> (String, Cancellation
 
 /// `clients` concurrent HTTP clients sending single events for `seconds`, on `load`: each as
 /// fast as it can, or with `rate` events/s in all, each client on a fixed schedule, latency
-/// counted from the time a request was due (so a server falling behind shows in it).
+/// counted from the time a request was due when the client is behind it (so a server falling
+/// behind shows in it).
 async fn http_load(
     load: &tokio::runtime::Handle,
     url: &str,
@@ -107,12 +108,17 @@ async fn http_load(
                 let mut latencies = Vec::new();
                 let mut due = Instant::now();
                 while Instant::now() < deadline {
-                    if interval.is_some() {
-                        tokio::time::sleep_until(due.into()).await;
-                    }
+                    // Counted from when it was due if the client is late (the server held
+                    // it up), else from when the client's timer woke it (tokio's timers are
+                    // coarse: that lateness is the load generator's, not the server's).
+                    let now = Instant::now();
                     let sent = match interval {
+                        Some(_) if now < due => {
+                            tokio::time::sleep_until(due.into()).await;
+                            Instant::now()
+                        }
                         Some(_) => due,
-                        None => Instant::now(),
+                        None => now,
                     };
                     due += interval.unwrap_or_default();
                     let response = client

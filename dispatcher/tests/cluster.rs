@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use jobico_common::EventState;
 use jobico_common::summary::{ErrorKind, EventOutcome, RunSummary, Status};
+use jobico_dispatcher::artifacts::{ArtifactSettings, Artifacts};
 use jobico_dispatcher::backend::{Backend, Batch, DispatchError, Dispatched};
 use jobico_dispatcher::consumers::{Conflict, ConsumerSet};
 use jobico_dispatcher::controller::{self, Context};
@@ -38,10 +39,16 @@ impl Backend for Nothing {
 const CR_PATH: &str = "/apis/jobico.coeux.dev/v1/namespaces/default/jobs/job-for-ev1";
 
 /// The samples' module and schema ConfigMaps.
+/// The sample's module, `samples/echo.wasm`.
+fn echo_wasm() -> Vec<u8> {
+    std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../samples/echo.wasm")).unwrap()
+}
+
 fn sample_config_maps() -> (Value, Value) {
+    let echo = serde_json::to_value(k8s_openapi::ByteString(echo_wasm())).unwrap();
     (
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "job-for-ev1-modules"},
-               "binaryData": {"echo.wasm": "AGFzbQEAAAA="}}),
+               "binaryData": {"echo.wasm": echo}}),
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "schema-ev1"},
                "data": {"schema-ev1.json": "{}"}}),
     )
@@ -77,7 +84,7 @@ fn with_finalizer(mut cr: JobicoJob) -> Arc<JobicoJob> {
 async fn reconcile_adds_the_finalizer_then_applies_status_starts_consumers_and_emits_an_event() {
     let (_server, js) = nats().await;
     let dispatcher = Dispatcher::connect(
-        js,
+        js.clone(),
         Nothing,
         Arc::new(Metrics::new()),
         RetryPolicy::default(),
@@ -87,11 +94,21 @@ async fn reconcile_adds_the_finalizer_then_applies_status_starts_consumers_and_e
     let shutdown = CancellationToken::new();
     let consumers = Arc::new(ConsumerSet::new(dispatcher, shutdown.clone()));
     let (client, mut api) = verifier();
-    let ctx = Arc::new(Context::new(
-        client,
-        consumers.clone(),
-        Some("pod-a".into()),
-    ));
+    let settings = ArtifactSettings {
+        base_url: "http://artifacts.test:8083".into(),
+        max_bytes: 1 << 30,
+        max_age: Duration::from_secs(3600),
+        replicas: 1,
+    };
+    let artifacts = Arc::new(
+        Artifacts::open(&js, Signer::ephemeral(), &settings)
+            .await
+            .unwrap(),
+    );
+    let ctx = Arc::new(
+        Context::new(client, consumers.clone(), Some("pod-a".into()))
+            .with_artifacts(artifacts.clone()),
+    );
 
     // 1. No finalizer yet: it is added with a JSON patch, nothing else happens.
     let fresh = sample("ev1.yaml");
@@ -150,6 +167,20 @@ async fn reconcile_adds_the_finalizer_then_applies_status_starts_consumers_and_e
         consumers.events(),
         [("default".to_owned(), "ev1".to_owned())]
     );
+    // The reconcile started compiling the module: its artifact exists before any event.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while artifacts.compilations() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reconcile compiled nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while artifacts.request(&echo_wasm()).is_none() {
+        assert!(std::time::Instant::now() < deadline, "no artifact stored");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // 3. Status already as desired: no write at all.
     let mut done = (*cr).clone();
