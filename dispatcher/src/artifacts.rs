@@ -272,7 +272,7 @@ impl Artifacts {
         let code = tokio::task::spawn_blocking(move || compiler.precompile("module.wasm", &bytes))
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| format!("compiling: {}", error_chain(&e)))?;
+            .map_err(|e| format!("compiling: {:#}", anyhow::Error::new(e)))?;
         self.compiled.fetch_add(1, Ordering::Relaxed);
         let digest = Sha256Digest::of(&code);
         let metadata = object_store::ObjectMetadata {
@@ -397,15 +397,4 @@ fn text(status: StatusCode, message: &str) -> Response<Body> {
                 .boxed_unsync(),
         )
         .expect("a valid response")
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -107,15 +107,3 @@ pub enum Error {
 pub(crate) fn boxed(error: wasmtime::Error) -> BoxError {
     error.into()
 }
-
-/// An error and its causes, joined with ": " (for summaries and log fields).
-pub(crate) fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}

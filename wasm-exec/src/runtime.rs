@@ -200,9 +200,9 @@ impl Runtime {
                     .inner
                     .engine
                     .deserialize_trusted(name, &code)
-                    .map_err(|e| format!("it does not load: {}", crate::error::chain(&e)))?;
+                    .map_err(|e| format!("it does not load: {:#}", anyhow::Error::new(e)))?;
                 self.prepare(name.to_owned(), module)
-                    .map_err(|e| crate::error::chain(&e))
+                    .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
             });
             match loaded {
                 Ok(module) => {
