@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use jobico_common::executor::ArtifactRef;
 use jobico_common::{EventState, EventStatus};
 use jobico_dispatcher::kubernetes::job_ids;
 use jobico_testkit::NatsServer;
@@ -126,7 +127,55 @@ impl Cluster {
         if self.replicas > 1 {
             up.args = vec!["--stream-replicas".into(), self.replicas.to_string()];
         }
+        // Each replica serves compiled modules on a port of its own (pods would reach them
+        // through one Service).
+        let artifacts = format!("127.0.0.1:{}", jobico_testkit::free_port());
+        up.args.extend([
+            "--artifacts-url".into(),
+            format!("http://{artifacts}"),
+            "--artifacts-listen".into(),
+            artifacts,
+        ]);
         up
+    }
+
+    /// The compiled modules the Jobs made so far name (see [`ArtifactRef`]), and the Jobs.
+    fn artifact_references(&self) -> (Vec<ArtifactRef>, usize) {
+        let jobs = self.api.created(JOBS);
+        let references = jobs
+            .iter()
+            .filter_map(|job| {
+                let env = job["spec"]["template"]["spec"]["containers"][0]["env"].as_array()?;
+                let lookup = |name: &str| {
+                    env.iter()
+                        .find(|var| var["name"] == name)
+                        .and_then(|var| var["value"].as_str().map(str::to_owned))
+                };
+                ArtifactRef::from_env(lookup).ok().flatten()
+            })
+            .collect();
+        (references, jobs.len())
+    }
+
+    /// The compiled-module path of the dispatcher binary, while its replica runs: waits for a
+    /// Job naming the dispatcher's artifact and fetches it as the pod's wasm-exec would,
+    /// verifying it. Why not, if it fails.
+    async fn fetch_an_artifact(&self, module: &[u8]) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let reference = loop {
+            if let Some(reference) = self.artifact_references().0.pop() {
+                break reference;
+            }
+            if Instant::now() > deadline {
+                return Err("no Job named a compiled module within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let module = module.to_vec();
+        tokio::task::spawn_blocking(move || wasm_exec::artifact::fetch(&reference, &module))
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|_| ())
     }
 
     /// The holder of the dispatcher's Lease.
@@ -316,14 +365,31 @@ pub async fn kill_dispatcher(env: &Env, profile: &Profile, rng: &mut Rng) -> any
         })?;
     }
     let sent = sending.await?;
-    let row = Row {
+    // The dispatcher binary's compiled modules, from the replica now running.
+    let module = std::fs::read(env.repo.join("samples/echo.wasm"))?;
+    let fetched = cluster.fetch_an_artifact(&module).await;
+    let mut row = Row {
         name: format!("kill -9 the dispatcher x{}", profile.kills),
-        note: "cluster path: fake API".into(),
         ..Default::default()
     };
+    let mut cluster = cluster;
     cluster
-        .finish(&sent, std::slice::from_mut(&mut dispatcher), row)
-        .await
+        .settle(&sent, std::slice::from_mut(&mut dispatcher), &mut row)
+        .await?;
+    let (references, jobs) = cluster.artifact_references();
+    let fetched = match fetched {
+        Ok(()) => "one fetched and verified".to_owned(),
+        Err(error) => {
+            row.unexpected += 1;
+            format!("FAILED to fetch one: {error}")
+        }
+    };
+    row.note = format!(
+        "cluster path: fake API; {} of {jobs} Jobs named the dispatcher's compiled module, {fetched}",
+        references.len()
+    );
+    cluster.stop(&mut row);
+    Ok(row)
 }
 
 /// The Kubernetes API failing under the dispatcher while events flow: Job creates answered
