@@ -234,6 +234,17 @@ pub struct ModuleLoad {
     pub artifact_refused: Option<String>,
 }
 
+impl ModuleLoad {
+    /// A load from `source` that began at `started` and has just ended.
+    pub fn since(source: ModuleSource, started: std::time::Instant) -> Self {
+        Self {
+            source,
+            millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            artifact_refused: None,
+        }
+    }
+}
+
 impl RunSummary {
     /// Summarises outcomes (all of them, none omitted).
     pub fn new(outcomes: &[EventOutcome]) -> Self {

@@ -80,14 +80,8 @@ pub struct ArtifactSettings {
 #[derive(Debug, Clone)]
 enum Known {
     Compiling,
-    Ready {
-        name: String,
-        digest: Sha256Digest,
-        at: Instant,
-    },
-    Failed {
-        at: Instant,
-    },
+    Ready { compiled: Compiled, at: Instant },
+    Failed { at: Instant },
 }
 
 /// The dispatcher's compiled modules.
@@ -166,16 +160,8 @@ impl Artifacts {
         let digest = Sha256Digest::of(module);
         let mut known = self.known.lock().expect("artifacts lock");
         match known.get(&digest) {
-            Some(Known::Ready {
-                name,
-                digest: code,
-                at,
-            }) if at.elapsed() < RECHECK_READY_AFTER => {
-                return Some(Compiled {
-                    module: digest,
-                    name: name.clone(),
-                    digest: *code,
-                });
+            Some(Known::Ready { compiled, at }) if at.elapsed() < RECHECK_READY_AFTER => {
+                return Some(compiled.clone());
             }
             Some(Known::Compiling) => return None,
             Some(Known::Failed { at }) if at.elapsed() < RETRY_FAILED_AFTER => return None,
@@ -190,8 +176,7 @@ impl Artifacts {
             let outcome = this.find_or_compile(digest, bytes).await;
             let entry = match outcome {
                 Ok(compiled) => Known::Ready {
-                    name: compiled.name,
-                    digest: compiled.digest,
+                    compiled,
                     at: Instant::now(),
                 },
                 Err(reason) => {
@@ -206,13 +191,7 @@ impl Artifacts {
         });
         // A recheck keeps using the artifact believed so far while the store is asked.
         match previous {
-            Some(Known::Ready {
-                name, digest: code, ..
-            }) => Some(Compiled {
-                module: digest,
-                name,
-                digest: code,
-            }),
+            Some(Known::Ready { compiled, .. }) => Some(compiled),
             _ => None,
         }
     }

@@ -12,19 +12,6 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
-async fn client(api: &KubeApi) -> kube::Client {
-    let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig()).unwrap();
-    let mut config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
-    // The fake's own answers, not kube's retries of 429/503/504 (which the dispatcher gets).
-    config.default_retry = false;
-    kube::Client::try_from(config).unwrap()
-}
-
 fn job(name: &str) -> Job {
     serde_json::from_value(json!({
         "apiVersion": "batch/v1", "kind": "Job",
@@ -45,7 +32,7 @@ fn code(error: kube::Error) -> u16 {
 #[tokio::test(flavor = "multi_thread")]
 async fn creates_conflict_and_replaces_check_the_resource_version() {
     let fake = KubeApi::start();
-    let jobs: Api<Job> = Api::namespaced(client(&fake).await, "ns1");
+    let jobs: Api<Job> = Api::namespaced(fake.client().await, "ns1");
     let created = jobs
         .create(&PostParams::default(), &job("j1"))
         .await
@@ -58,7 +45,7 @@ async fn creates_conflict_and_replaces_check_the_resource_version() {
         .unwrap_err();
     assert_eq!(code(again), 409);
 
-    let leases: Api<Lease> = Api::namespaced(client(&fake).await, "jobico-system");
+    let leases: Api<Lease> = Api::namespaced(fake.client().await, "jobico-system");
     let lease: Lease = serde_json::from_value(json!({
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": "l"}, "spec": {"holderIdentity": "a"}}))
@@ -90,7 +77,7 @@ async fn creates_conflict_and_replaces_check_the_resource_version() {
 #[tokio::test(flavor = "multi_thread")]
 async fn watches_see_every_change_and_status_is_a_subresource() {
     let fake = KubeApi::start();
-    let client = client(&fake).await;
+    let client = fake.client().await;
     let jobs: Api<Job> = Api::namespaced(client.clone(), "ns1");
     jobs.create(&PostParams::default(), &job("before"))
         .await
@@ -143,7 +130,7 @@ async fn watches_see_every_change_and_status_is_a_subresource() {
 #[tokio::test(flavor = "multi_thread")]
 async fn finalizers_hold_a_deleted_object_until_removed() {
     let fake = KubeApi::start();
-    let jobs: Api<Job> = Api::namespaced(client(&fake).await, "ns1");
+    let jobs: Api<Job> = Api::namespaced(fake.client().await, "ns1");
     jobs.create(&PostParams::default(), &job("j"))
         .await
         .unwrap();
@@ -183,7 +170,7 @@ async fn finalizers_hold_a_deleted_object_until_removed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn faults_answer_instead_of_or_after_the_request() {
     let fake = KubeApi::start();
-    let jobs: Api<Job> = Api::namespaced(client(&fake).await, "ns1");
+    let jobs: Api<Job> = Api::namespaced(fake.client().await, "ns1");
     let batch_jobs = resource("batch/v1", "jobs");
     fake.inject(
         Fault::answer(429)
@@ -233,7 +220,7 @@ async fn faults_answer_instead_of_or_after_the_request() {
 async fn created_jobs_complete_when_it_plays_the_job_controller() {
     let fake = KubeApi::start();
     fake.run_jobs(Some(Duration::from_millis(20)));
-    let jobs: Api<Job> = Api::namespaced(client(&fake).await, "ns1");
+    let jobs: Api<Job> = Api::namespaced(fake.client().await, "ns1");
     jobs.create(&PostParams::default(), &job("runs"))
         .await
         .unwrap();
@@ -262,7 +249,7 @@ async fn a_missing_lease_namespace_is_named_with_the_fix_instead_of_retried_in_s
     let fake = KubeApi::start();
     fake.require_namespaces();
     let elector = Elector::new(
-        client(&fake).await,
+        fake.client().await,
         LeaseConfig::new("jobico-system", "jobico-dispatcher", "replica-0"),
     );
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -379,6 +379,21 @@ impl KubeApi {
         self.dir.path().join("kubeconfig")
     }
 
+    /// A kube client from [`KubeApi::kubeconfig`], with kube's own retries of 429/503/504
+    /// off, so that a test sees the fake's answers (the dispatcher's client keeps them).
+    pub async fn client(&self) -> kube::Client {
+        let kubeconfig = kube::config::Kubeconfig::read_from(self.kubeconfig())
+            .expect("the fake's kubeconfig reads");
+        let mut config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("the fake's kubeconfig is valid");
+        config.default_retry = false;
+        kube::Client::try_from(config).expect("a client for the fake")
+    }
+
     fn kubeconfig_text(&self) -> String {
         format!(
             "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\

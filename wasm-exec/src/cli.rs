@@ -204,12 +204,10 @@ fn load(args: &RunArgs) -> anyhow::Result<(crate::Module, ModuleLoad)> {
     let started = std::time::Instant::now();
     let loaded = if args.trust_precompiled {
         runtime.load_trusted_precompiled_file(path).map(|module| {
-            let load = ModuleLoad {
-                source: ModuleSource::Precompiled,
-                millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                artifact_refused: None,
-            };
-            (module, load)
+            (
+                module,
+                ModuleLoad::since(ModuleSource::Precompiled, started),
+            )
         })
     } else {
         runtime.load_file_with_artifact(path, artifact.as_ref())

@@ -82,10 +82,6 @@ impl std::fmt::Debug for Runtime {
 /// URL and an error, little against the termination message's 4 KiB.
 const MAX_REFUSAL_TEXT: usize = 300;
 
-fn millis(since: Instant) -> u64 {
-    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
 /// WASI errno `NOTSUP`.
 const ERRNO_NOTSUP: i32 = 58;
 
@@ -206,12 +202,7 @@ impl Runtime {
             });
             match loaded {
                 Ok(module) => {
-                    let load = ModuleLoad {
-                        source: ModuleSource::Artifact,
-                        millis: millis(started),
-                        artifact_refused: None,
-                    };
-                    return Ok((module, load));
+                    return Ok((module, ModuleLoad::since(ModuleSource::Artifact, started)));
                 }
                 Err(reason) => {
                     tracing::warn!(module = name, artifact = ?artifact.digest, reason, "artifact refused, compiling the module instead");
@@ -221,9 +212,8 @@ impl Runtime {
         }
         let (module, source) = self.load_bytes_from(name, bytes)?;
         let load = ModuleLoad {
-            source,
-            millis: millis(started),
             artifact_refused: refused,
+            ..ModuleLoad::since(source, started)
         };
         Ok((module, load))
     }

@@ -190,18 +190,6 @@ fn a_missing_part_is_a_host_error_that_names_it() {
     );
 }
 
-async fn kube_client(api: &jobico_testkit::kube_api::KubeApi) -> kube::Client {
-    let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig()).unwrap();
-    let mut config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
-    config.default_retry = false;
-    kube::Client::try_from(config).unwrap()
-}
-
 /// The summary line of a pod's stdout.
 fn summary_of(stdout: &str) -> RunSummary {
     serde_json::from_str(stdout.lines().last().expect("a summary line")).unwrap()
@@ -242,7 +230,7 @@ async fn pods_load_the_module_the_dispatcher_compiled() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(artifacts.clone().serve(listener, shutdown.clone()));
     let backend = KubeBackend::new(
-        kube_client(&api).await,
+        api.client().await,
         Renderer::new("ghcr.io/coeux/wasm-exec:test"),
     )
     .with_signer(signer)
