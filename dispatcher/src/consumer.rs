@@ -43,8 +43,77 @@ const CAP_POLL: Duration = Duration::from_millis(200);
 /// Pause before re-creating a consumer whose message stream failed.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 /// Consecutive pull errors (missed heartbeats, server restarts) before the consumer is
-/// re-created; single errors are normal and recovered by the client.
+/// re-created; single errors are normal and recovered by the client or by [`Pull::recover`].
 const MAX_PULL_ERRORS: u32 = 10;
+
+/// Idle heartbeat asked of the server for each pull request it holds.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a pull request waits at the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+
+/// A consumer's message stream that cannot stall.
+///
+/// async-nats counts the messages its pull requests are still owed and asks for more only when
+/// that count runs low. The count can run ahead of the server's: a message answering a request
+/// can reach the client before the client has counted the request, so the message is not
+/// subtracted from it (with one message per request, as a concurrency cap of 1 pulls, the
+/// client then believes one is still owed). It sends no further request while the server holds
+/// none, and nothing arrives until the request's expiry, 35 s later. The server sends idle
+/// heartbeats only for requests it holds, so missing heartbeats mean exactly that state:
+/// [`Pull::recover`] replaces the stream by a fresh one, with a fresh count and a new request.
+struct Pull {
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    prefetch: usize,
+    stream: pull::Stream,
+}
+
+impl Pull {
+    async fn open(
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+        prefetch: usize,
+    ) -> Result<Self, jetstream::consumer::StreamError> {
+        let stream = Self::stream(&consumer, prefetch).await?;
+        Ok(Self {
+            consumer,
+            prefetch,
+            stream,
+        })
+    }
+
+    async fn stream(
+        consumer: &jetstream::consumer::Consumer<pull::Config>,
+        prefetch: usize,
+    ) -> Result<pull::Stream, jetstream::consumer::StreamError> {
+        consumer
+            .stream()
+            .max_messages_per_batch(prefetch)
+            .heartbeat(PULL_HEARTBEAT)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await
+    }
+
+    /// The next message, or the stream's error. Cancel-safe.
+    async fn next(&mut self) -> Option<Result<Message, pull::MessagesError>> {
+        self.stream.next().await
+    }
+
+    /// Answers an error of [`Pull::next`]: after missed heartbeats, pulls with a fresh stream
+    /// (see the type). Messages the old stream had in hand and not yet handed out are
+    /// delivered again after their ack wait.
+    async fn recover(&mut self, error: &pull::MessagesError) {
+        if error.kind() != pull::MessagesErrorKind::MissingHeartbeat {
+            return;
+        }
+        match Self::stream(&self.consumer, self.prefetch).await {
+            Ok(stream) => {
+                tracing::info!("no heartbeat from the server's pull requests: pulling afresh");
+                self.stream = stream;
+            }
+            Err(error) => tracing::debug!(%error, "cannot pull afresh yet"),
+        }
+    }
+}
 
 /// Why a consumer stopped.
 #[derive(Debug, thiserror::Error)]
@@ -268,12 +337,7 @@ async fn consume<B: Backend>(
         Some(cap) => (cap * max_events).clamp(1, 1000),
         None => (MAX_IN_FLIGHT_BATCHES * max_events).clamp(1, 1000),
     };
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(prefetch)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
+    let mut messages = Pull::open(consumer, prefetch)
         .await
         .map_err(|e| nats(format!("pulling from {name}"))(&e))?;
     tracing::debug!(consumer = name, max_events, "consuming");
@@ -353,6 +417,7 @@ async fn consume<B: Backend>(
                     Some(Err(error)) => {
                         pull_errors += 1;
                         tracing::debug!(%error, pull_errors, "pull error");
+                        messages.recover(&error).await;
                         if pull_errors >= MAX_PULL_ERRORS {
                             break Err(ConsumerError::Nats { what: format!("pulling from {name}"), message: error.to_string() });
                         }
@@ -394,7 +459,10 @@ async fn consume<B: Backend>(
                     bytes += message.payload.len();
                     batch.push(message);
                 }
-                Some(Err(error)) => tracing::debug!(%error, "pull error"),
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "pull error");
+                    messages.recover(&error).await;
+                }
                 None => break,
             }
         }

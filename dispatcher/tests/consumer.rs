@@ -501,6 +501,31 @@ async fn a_concurrency_cap_stops_pulling_until_jobs_finish() {
     handle.await.unwrap();
 }
 
+/// One event at a time (a concurrency cap of 1 pulls one message per request) through a
+/// backlog: every pull is answered at once, so the message can reach the client before the
+/// client has counted its request. async-nats then believes a message is still owed and sends
+/// no further request, and the server, holding none, sends no heartbeat: the consumer stalls
+/// until the request's expiry (35 s). It must notice the missing heartbeats and pull afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_at_a_time_through_a_backlog_never_stalls() {
+    let (_server, js) = nats().await;
+    let backend = Arc::new(Recording::default());
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.spec.events[0].concurrency = Some(1);
+    let count = 2000;
+    publish(&js, "default", "ev1", "s", count).await;
+    let (_ctx, token, handle) =
+        start(&js, backend.clone(), Arc::new(owner), consumer::ACK_WAIT).await;
+    // 2,000 rounds take a few seconds; a stall would take 35 s.
+    eventually(30, "every event dispatched without a stall", || async {
+        backend.calls().len() >= count
+    })
+    .await;
+    assert_eq!(backlog(&js).await, (0, 0));
+    token.cancel();
+    handle.await.unwrap();
+}
+
 #[tokio::test]
 async fn shutdown_drains_in_flight_batches_and_acks_them() {
     let (_server, js) = nats().await;
