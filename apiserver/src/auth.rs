@@ -54,9 +54,10 @@ pub struct Access {
     pub namespace: String,
     /// Name of the Job resource, when known.
     pub name: Option<String>,
-    /// Kubernetes verb (`create` to send events, `get` to read states).
+    /// Kubernetes verb (`create` to send events, `get` to read states, `update` to upload
+    /// modules).
     pub verb: &'static str,
-    /// Subresource of `jobs` (`execute` or `events`).
+    /// Subresource of `jobs` (`execute`, `events` or `modules`).
     pub subresource: &'static str,
 }
 
@@ -68,6 +69,16 @@ impl Access {
             name: job.map(str::to_string),
             verb: "create",
             subresource: "execute",
+        }
+    }
+
+    /// Uploading a module for the Job resource `job` (as changing that resource would).
+    pub fn upload_module(namespace: &str, job: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: Some(job.to_string()),
+            verb: "update",
+            subresource: "modules",
         }
     }
 

@@ -105,6 +105,14 @@ pub enum ApiError {
         "event states are not tracked here: local mode with the in-memory queue keeps none (run with NATS to track them)"
     )]
     StatesNotTracked,
+    /// This server keeps no modules (local mode with the in-memory queue).
+    #[error(
+        "modules cannot be uploaded here: local mode with the in-memory queue has no module store (run with NATS)"
+    )]
+    ModulesNotStored,
+    /// An upload that is not a WebAssembly binary module.
+    #[error("not a WebAssembly module: {0}")]
+    NotAModule(String),
     /// Publishing failed part way: some events may be kept. The answer lists every event's id
     /// and whether it is known to be kept, so a retry can send each back as its key.
     #[error("cannot accept events now: {reason}; {} of {} event(s) are known to be kept, retry the others with their ids as Idempotency-Key", .events.iter().filter(|e| e.stored).count(), .events.len())]
@@ -153,7 +161,8 @@ impl ResponseError for ApiError {
             | ApiError::UnknownNamespace { .. }
             | ApiError::UnknownEvent { .. }
             | ApiError::UnknownEventId { .. }
-            | ApiError::StatesNotTracked => StatusCode::NOT_FOUND,
+            | ApiError::StatesNotTracked
+            | ApiError::ModulesNotStored => StatusCode::NOT_FOUND,
             ApiError::AmbiguousEventId { .. } => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -161,7 +170,7 @@ impl ResponseError for ApiError {
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Invalid(_) | ApiError::NotAModule(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::EventUnavailable { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable { .. } | ApiError::NotKept { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE

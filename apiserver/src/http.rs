@@ -29,6 +29,7 @@ use crate::message;
 use crate::metrics::Metrics;
 use crate::publish::{PublishError, PublishFailure, Publisher, StatusLookup};
 use crate::schema::Violations;
+use actix_web::http::StatusCode;
 
 /// Default limit on a request body: ample for JSON events, far below Kubernetes' object size.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
@@ -59,6 +60,8 @@ pub const EXECUTE_ROUTE: &str = "/execute/{namespace}/{event}";
 pub const EVENTS_ROUTE: &str = "/events/{namespace}/{id}";
 /// Route of status reads of one event type's event.
 pub const EVENT_STATUS_ROUTE: &str = "/events/{namespace}/{event}/{id}";
+/// Route of module uploads for a Job resource (modules above a ConfigMap's 1 MiB).
+pub const MODULES_ROUTE: &str = "/modules/{namespace}/{job}";
 /// Metrics label of requests matching no route.
 const OTHER_ROUTE: &str = "other";
 
@@ -67,6 +70,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     (EXECUTE_ROUTE, &["PUT", "POST"]),
     (EVENTS_ROUTE, &["GET"]),
     (EVENT_STATUS_ROUTE, &["GET"]),
+    (MODULES_ROUTE, &["PUT"]),
 ];
 
 /// Shared state of the HTTP handlers.
@@ -156,6 +160,11 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
                 web::resource(EVENT_STATUS_ROUTE)
                     .route(web::get().to(typed_event_status))
                     .default_service(method_not_allowed(EVENT_STATUS_ROUTE, "GET")),
+            )
+            .service(
+                web::resource(MODULES_ROUTE)
+                    .route(web::put().to(upload_module))
+                    .default_service(method_not_allowed(MODULES_ROUTE, "PUT")),
             )
             .default_service(web::to(
                 |req: HttpRequest, state: web::Data<AppState>| async move {
@@ -284,6 +293,102 @@ fn not_kept(failure: PublishFailure) -> ApiError {
         retry_after,
         events: failure.events,
     }
+}
+
+/// The WebAssembly binary format's preamble: `\0asm` and version 1.
+const WASM_PREAMBLE: &[u8] = b"\0asm\x01\0\0\0";
+
+async fn upload_module(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let _in_flight = InFlight::new(&state.metrics);
+    let (namespace, job) = path.into_inner();
+    let result = keep_module(&req, &namespace, &job, payload, &state).await;
+    respond(&state, MODULES_ROUTE, result)
+}
+
+/// Body of a module upload's answer.
+#[derive(Debug, Serialize)]
+struct ModuleBody {
+    /// What a resource's `wasm` names it by: `sha256:<digest>`.
+    wasm: String,
+    /// Its size.
+    bytes: usize,
+    /// True when it had been uploaded before (nothing new was kept).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    existed: bool,
+}
+
+/// Checks and keeps an uploaded module: authorised as a change of Job resource `job`, at most
+/// [`jobico_store::modules::MAX_MODULE_BYTES`], a WebAssembly binary (the dispatcher compiles
+/// it before any event runs and says on the resource if it cannot). 201 with its reference, or
+/// 200 when it was there already.
+async fn keep_module(
+    req: &HttpRequest,
+    namespace: &str,
+    job: &str,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    if !is_kubernetes_name(namespace, 63) || !is_kubernetes_name(job, 253) {
+        return Err(ApiError::BadRequest(format!(
+            "{namespace:?}/{job:?} is not a namespace and a Job resource name (lowercase letters, digits, '-' and '.')"
+        )));
+    }
+    if state.auth.is_on() {
+        let authorization = header_str(req, header::AUTHORIZATION.as_str())?;
+        Box::pin(
+            state
+                .auth
+                .check(authorization, &Access::upload_module(namespace, job)),
+        )
+        .await?;
+    }
+    let module = read_body(
+        req,
+        payload,
+        jobico_store::modules::MAX_MODULE_BYTES,
+        state.body_timeout,
+    )
+    .await?;
+    if !module.starts_with(WASM_PREAMBLE) {
+        return Err(ApiError::NotAModule(
+            "the body must be a binary module starting with \\0asm and version 1 (compile .wat first: jobico wat2wasm)".into(),
+        ));
+    }
+    let stored = state
+        .publisher
+        .store_module(namespace, &module)
+        .await
+        .map_err(unavailable)?
+        .ok_or(ApiError::ModulesNotStored)?;
+    let status = if stored.existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(HttpResponse::build(status).json(ModuleBody {
+        wasm: format!("{}{}", jobico_model::UPLOADED_MODULE_PREFIX, stored.digest),
+        bytes: module.len(),
+        existed: stored.existed,
+    }))
+}
+
+/// A Kubernetes object name of at most `max` characters: lowercase letters, digits, '-' and
+/// '.', starting and ending with a letter or digit (namespaces, at most 63, have no '.', which
+/// the store's object names rely on).
+fn is_kubernetes_name(name: &str, max: usize) -> bool {
+    let alphanumeric = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = name.as_bytes();
+    (1..=max).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|&b| alphanumeric(b) || b == b'-' || (b == b'.' && max > 63))
+        && alphanumeric(bytes[0])
+        && alphanumeric(bytes[bytes.len() - 1])
 }
 
 async fn execute(

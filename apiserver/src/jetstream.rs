@@ -27,7 +27,9 @@ use jobico_store::{BucketSettings, NatsAuth, StateStore, streams};
 
 use crate::message;
 use crate::metrics::Metrics;
-use crate::publish::{Outcome, PublishError, PublishFailure, Published, Publisher, StatusLookup};
+use crate::publish::{
+    Outcome, PublishError, PublishFailure, Published, Publisher, StatusLookup, StoredModule,
+};
 use crate::worker_connection::WorkerConnections;
 
 /// Publish acks awaited at once on one connection (the shared one, or one HTTP worker's).
@@ -89,6 +91,8 @@ pub struct JetStreamPublisher {
     context: jetstream::Context,
     workers: WorkerConnections,
     states: StateStore,
+    /// The module store, opened (or created) by the first upload.
+    modules: tokio::sync::OnceCell<jobico_store::ModuleStore>,
     settings: PublishSettings,
     metrics: Metrics,
 }
@@ -132,6 +136,7 @@ impl JetStreamPublisher {
             context,
             workers,
             states,
+            modules: tokio::sync::OnceCell::new(),
             settings,
             metrics,
         })
@@ -386,6 +391,30 @@ impl Publisher for JetStreamPublisher {
 
     fn is_ready(&self) -> bool {
         self.client.connection_state() == State::Connected
+    }
+
+    fn store_module<'a>(
+        &'a self,
+        namespace: &'a str,
+        module: &'a [u8],
+    ) -> BoxFuture<'a, Result<Option<StoredModule>, PublishError>> {
+        Box::pin(async move {
+            if self.client.connection_state() != State::Connected {
+                return Err(Self::unavailable("NATS is not connected"));
+            }
+            let store = self
+                .modules
+                .get_or_try_init(|| {
+                    jobico_store::ModuleStore::open(&self.context, self.settings.replicas)
+                })
+                .await
+                .map_err(|e| Self::unavailable(e.to_string()))?;
+            let (digest, existed) = store
+                .put(namespace, module)
+                .await
+                .map_err(|e| Self::unavailable(e.to_string()))?;
+            Ok(Some(StoredModule { digest, existed }))
+        })
     }
 
     fn status<'a>(

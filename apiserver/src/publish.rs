@@ -81,6 +81,18 @@ pub trait Publisher: Send + Sync + 'static {
         true
     }
 
+    /// Keeps `module` in `namespace`'s module store (see [`jobico_store::modules`]): its digest
+    /// and whether it was there already, or `None` when this publisher has no module store
+    /// (local mode with the in-memory queue).
+    fn store_module<'a>(
+        &'a self,
+        namespace: &'a str,
+        module: &'a [u8],
+    ) -> BoxFuture<'a, Result<Option<StoredModule>, PublishError>> {
+        let _ = (namespace, module);
+        Box::pin(async { Ok(None) })
+    }
+
     /// The recorded state of event `id` of type `event` in `namespace`, or of whichever type
     /// has an event `id` when `event` is `None`. The default says states are not tracked
     /// (local mode without NATS).
@@ -93,6 +105,15 @@ pub trait Publisher: Send + Sync + 'static {
         let _ = (namespace, event, id);
         Box::pin(async { Ok(StatusLookup::NotTracked) })
     }
+}
+
+/// A module kept by [`Publisher::store_module`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredModule {
+    /// Its SHA-256 digest: what a resource's `wasm: sha256:<digest>` names.
+    pub digest: jobico_common::executor::Sha256Digest,
+    /// True when it had been uploaded before.
+    pub existed: bool,
 }
 
 /// The answer to a status query.

@@ -458,3 +458,41 @@ async fn data_nested_deeper_than_every_reader_can_re_wrap_is_400_in_every_mode()
         "nothing of a refused request is kept"
     );
 }
+
+#[actix_web::test]
+async fn module_uploads_are_authorised_and_need_a_module_store() {
+    let module = b"\0asm\x01\0\0\0".to_vec();
+    let upload = |token: Option<&str>| {
+        let req = test::TestRequest::put()
+            .uri("/modules/default/job-for-ev1")
+            .set_payload(module.clone());
+        match token {
+            Some(token) => req.insert_header((header::AUTHORIZATION, format!("Bearer {token}"))),
+            None => req,
+        }
+    };
+    // The in-memory queue keeps no modules.
+    let (state, _queue) = state(8);
+    let (status, _, body) = send(&state, upload(None)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("no module store"),
+        "{body}"
+    );
+    // Uploads are authorised like events: none, or another namespace's token, is refused.
+    let (queue, _receiver) = MemoryQueue::new(8);
+    let mut state = AppState::new(common::catalog(), Arc::new(queue), LIMIT);
+    state.auth = Arc::new(Auth::Static(StaticTokens::parse(
+        "good\nother-team other\n",
+    )));
+    let state = web::Data::new(state);
+    assert_eq!(send(&state, upload(None)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(&state, upload(Some("other-team"))).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        send(&state, upload(Some("good"))).await.0,
+        StatusCode::NOT_FOUND
+    );
+}

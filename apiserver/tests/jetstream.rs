@@ -626,3 +626,80 @@ async fn a_publish_timeout_answers_the_assigned_ids_and_a_retry_with_them_stores
     assert_eq!(duplicates, 20);
     assert_eq!(stream_messages(&context).await, 21);
 }
+
+/// A WebAssembly module of `size` bytes: the preamble, then one custom section of filler.
+fn module_of(size: usize) -> Vec<u8> {
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    let payload = size - module.len() - 1 - 5;
+    module.push(0); // custom section
+    let mut length = payload as u32;
+    for i in 0..5 {
+        let mut byte = (length & 0x7f) as u8;
+        length >>= 7;
+        if i < 4 {
+            byte |= 0x80;
+        }
+        module.push(byte);
+    }
+    module.push(1); // name length
+    module.push(b'x');
+    module.resize(size, 7);
+    module
+}
+
+#[actix_web::test]
+async fn modules_above_a_configmap_are_uploaded_by_digest_once() {
+    let nats = NatsServer::start();
+    let (state, context) = connect(&nats, settings()).await;
+    let module = module_of(3 << 20);
+    let digest = jobico_common::executor::Sha256Digest::of(&module);
+    let upload = |body: Vec<u8>| {
+        actix_web::test::TestRequest::put()
+            .uri("/modules/team-b/orders")
+            .insert_header((header::CONTENT_TYPE, "application/wasm"))
+            .set_payload(body)
+    };
+    let (status, _, body) = send(&state, upload(module.clone())).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["wasm"], format!("sha256:{digest}"));
+    assert_eq!(body["bytes"], module.len());
+    // Again: nothing new.
+    let (status, _, body) = send(&state, upload(module.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["existed"], true);
+    // Kept under the namespace, as the dispatcher reads it.
+    let store = jobico_store::ModuleStore::open(&context, 1).await.unwrap();
+    assert_eq!(store.get("team-b", digest).await.unwrap(), Some(module));
+    assert_eq!(store.get("default", digest).await.unwrap(), None);
+
+    // Not a module, a bad name, too large: precise 4xx, nothing kept.
+    let (status, _, body) = send(&state, upload(b"(module)".to_vec())).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a WebAssembly module"),
+        "{body}"
+    );
+    let (status, _, body) = send(
+        &state,
+        actix_web::test::TestRequest::put()
+            .uri("/modules/Team_B/orders")
+            .set_payload(module_of(100)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _, body) = send(
+        &state,
+        upload(Vec::new()).insert_header((header::CONTENT_LENGTH, (65 << 20).to_string())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    let (status, _, _) = send(
+        &state,
+        actix_web::test::TestRequest::get().uri("/modules/team-b/orders"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+}

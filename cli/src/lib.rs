@@ -10,6 +10,7 @@ pub mod logs;
 pub mod push;
 pub mod send;
 pub mod up;
+pub mod upload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +76,10 @@ enum ModuleCommand {
     /// `<resource>-modules`), creating or updating it in the cluster; other modules in it are
     /// kept. Refused when the ConfigMap would exceed Kubernetes' 1 MiB.
     Push(push::PushArgs),
+    /// Upload modules too large for a ConfigMap (up to 64 MiB) into the namespace's module
+    /// store, through the ingress (authorised as a change of the Job resource RESOURCE); a
+    /// resource runs one with `wasm: sha256:<digest>`, which this prints.
+    Upload(upload::UploadArgs),
 }
 
 impl Cli {
@@ -98,6 +103,9 @@ impl Cli {
             } => module_config_map(&name, &namespace, &files).map(|yaml| print!("{yaml}")),
             Command::Module {
                 command: ModuleCommand::Push(args),
+            } => args.run(),
+            Command::Module {
+                command: ModuleCommand::Upload(args),
             } => args.run(),
             Command::Send(args) => block_on(send::send(&args)).map(|answer| println!("{answer}")),
             Command::Status(args) => block_on(send::status(&args)).map(|state| {

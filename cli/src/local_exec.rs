@@ -57,6 +57,31 @@ fn module_bytes(
     job: &str,
     spec: &EventSpec,
 ) -> anyhow::Result<(String, Vec<u8>)> {
+    // An uploaded module (`wasm: sha256:<digest>`): the `.wasm` file of a manifest directory
+    // with that digest (local mode has no module store).
+    if let Some(jobico_model::ModuleRef::Uploaded(digest)) = spec.module_ref() {
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for path in entries.flatten().map(|e| e.path()) {
+                if path.extension().is_none_or(|e| e != "wasm") || !path.is_file() {
+                    continue;
+                }
+                let bytes = std::fs::read(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                if jobico_common::executor::Sha256Digest::of(&bytes) == digest {
+                    return Ok((path.display().to_string(), bytes));
+                }
+            }
+        }
+        let searched: Vec<_> = dirs.iter().map(|d| d.display().to_string()).collect();
+        anyhow::bail!(
+            "module {:?} is an uploaded module; in local mode it is the .wasm file with that SHA-256 in a manifest directory, and none of {} has one",
+            spec.wasm,
+            searched.join(", ")
+        );
+    }
     for dir in dirs {
         let path = dir.join(&spec.wasm);
         if path.is_file() {

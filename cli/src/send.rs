@@ -95,7 +95,7 @@ impl IngressArgs {
     }
 
     /// An HTTP request to the ingress at `path`, with the token for `namespace`.
-    async fn request(
+    pub(crate) async fn request(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -115,7 +115,7 @@ impl IngressArgs {
 }
 
 /// The answer of the ingress: the status and its JSON body (or text).
-async fn answer(
+pub(crate) async fn answer(
     ingress: &str,
     request: reqwest::RequestBuilder,
 ) -> anyhow::Result<(u16, serde_json::Value, Option<String>)> {
@@ -136,7 +136,11 @@ async fn answer(
 }
 
 /// A failed answer as an error: its status, the ingress's own sentence, and what to do.
-fn refused(status: u16, body: &serde_json::Value, retry_after: Option<&str>) -> anyhow::Error {
+pub(crate) fn refused(
+    status: u16,
+    body: &serde_json::Value,
+    retry_after: Option<&str>,
+) -> anyhow::Error {
     let sentence = body["error"]
         .as_str()
         .map(str::to_owned)

@@ -228,3 +228,32 @@ fn a_restart_loads_compiled_modules_from_the_cache_instead_of_compiling() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn an_uploaded_module_runs_from_the_manifest_file_with_its_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = std::fs::read(repo().join("samples/echo.wasm")).unwrap();
+    std::fs::write(dir.path().join("any-name.wasm"), &echo).unwrap();
+    let digest = jobico_common::executor::Sha256Digest::of(&echo);
+    let other = "0".repeat(64);
+    std::fs::write(
+        dir.path().join("up.yaml"),
+        format!(
+            "apiVersion: jobico.coeux.dev/v1\nkind: Job\nmetadata: {{name: big}}\nspec:\n  events:\n    - {{name: big, wasm: \"sha256:{digest}\", schema: {{key: any, optional: true}}}}\n    - {{name: none, wasm: \"sha256:{other}\", schema: {{key: any, optional: true}}}}\n"
+        ),
+    )
+    .unwrap();
+    let mut up = Up::start(dir.path(), &["--manifests", "."]);
+    let (status, body) = up.put("/execute/default/big", r#"{"n":1}"#);
+    assert_eq!(status, 202, "{body}");
+    let id = body["ids"][0].as_str().unwrap().to_owned();
+    up.wait_for(|l| l.contains(&format!("[default/big {id}] stdout: {{\"n\":1}}")));
+    // No file has the other digest: that event alone is unavailable, saying why.
+    let (status, body) = up.put("/execute/default/none", "{}");
+    assert_eq!(status, 500);
+    assert!(
+        body["error"].as_str().unwrap().contains("uploaded module"),
+        "{body}"
+    );
+    assert!(up.stop().0.success());
+}

@@ -10,7 +10,9 @@
 //! The compiled module ([`ArtifactRef`]) travels in the environment variables
 //! [`ARTIFACT_VARS`], which the dispatcher writes into every Job after its template has
 //! rendered, replacing whatever the template wrote under those names: so the digest the
-//! executor checks the downloaded code against is always the dispatcher's.
+//! executor checks the downloaded code against is always the dispatcher's. An uploaded module
+//! (too large for a ConfigMap, so carried by no volume) is named the same way, by
+//! [`UploadedModuleRef`] in [`MODULE_VARS`].
 
 use std::fmt;
 
@@ -46,6 +48,68 @@ pub const ARTIFACT_VARS: [&str; 4] = [
     ARTIFACT_MODULE_VAR,
     ARTIFACT_TOKEN_VAR,
 ];
+
+/// Where the executor fetches an uploaded module (a resource's `wasm: sha256:<digest>`, too
+/// large for a ConfigMap): an `http://` URL of the dispatcher's artifact server.
+pub const MODULE_URL_VAR: &str = "JOBICO_MODULE_URL";
+/// The uploaded module's SHA-256, in hex: the executor runs nothing else.
+pub const MODULE_DIGEST_VAR: &str = "JOBICO_MODULE_DIGEST";
+/// The bearer token that grants this namespace this module.
+pub const MODULE_TOKEN_VAR: &str = "JOBICO_MODULE_TOKEN";
+/// Every variable of an [`UploadedModuleRef`]: a Job carries all of them or none. Like
+/// [`ARTIFACT_VARS`], written by the dispatcher alone.
+pub const MODULE_VARS: [&str; 3] = [MODULE_URL_VAR, MODULE_DIGEST_VAR, MODULE_TOKEN_VAR];
+
+/// An uploaded module a Job runs, which no volume carries into the pod: where the executor
+/// fetches it, what it must hash to, and the token that lets this Job fetch it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UploadedModuleRef {
+    /// Where to GET it.
+    pub url: String,
+    /// Its SHA-256.
+    pub digest: Sha256Digest,
+    /// Bearer token for the artifact server.
+    pub token: String,
+}
+
+impl fmt::Debug for UploadedModuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UploadedModuleRef")
+            .field("url", &self.url)
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UploadedModuleRef {
+    /// The environment entries that carry it, in [`MODULE_VARS`] order.
+    pub fn env(&self) -> [(&'static str, String); 3] {
+        [
+            (MODULE_URL_VAR, self.url.clone()),
+            (MODULE_DIGEST_VAR, self.digest.to_string()),
+            (MODULE_TOKEN_VAR, self.token.clone()),
+        ]
+    }
+
+    /// Reads it from the environment through `lookup`: `None` when none of its variables is
+    /// set, an error when only some are or one is malformed.
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, String> {
+        let [url, digest, token] = MODULE_VARS.map(&lookup);
+        if url.is_none() && digest.is_none() && token.is_none() {
+            return Ok(None);
+        }
+        let missing =
+            |name: &str| format!("{name} is not set, though other JOBICO_MODULE_ variables are");
+        let url = url.ok_or_else(|| missing(MODULE_URL_VAR))?;
+        if !url.starts_with("http://") {
+            return Err(format!("{MODULE_URL_VAR} {url:?} is not an http:// URL"));
+        }
+        let digest = Sha256Digest::parse(&digest.ok_or_else(|| missing(MODULE_DIGEST_VAR))?)
+            .map_err(|e| format!("{MODULE_DIGEST_VAR}: {e}"))?;
+        let token = token.ok_or_else(|| missing(MODULE_TOKEN_VAR))?;
+        Ok(Some(Self { url, digest, token }))
+    }
+}
 
 /// A SHA-256 digest.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -160,6 +224,39 @@ impl ArtifactRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uploaded_module_refs_round_trip_through_the_environment() {
+        let uploaded = UploadedModuleRef {
+            url: "http://jobico-artifacts:8083/v1/artifacts/team/ab.wasm".into(),
+            digest: Sha256Digest::of(b"module"),
+            token: "t0k".into(),
+        };
+        let env: std::collections::HashMap<_, _> = uploaded
+            .env()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let read = UploadedModuleRef::from_env(|name| env.get(name).cloned()).unwrap();
+        assert_eq!(read, Some(uploaded));
+        assert_eq!(UploadedModuleRef::from_env(|_| None).unwrap(), None);
+        let partial = UploadedModuleRef::from_env(|name| {
+            (name == MODULE_URL_VAR).then(|| "http://x".to_owned())
+        })
+        .unwrap_err();
+        assert!(partial.contains(MODULE_DIGEST_VAR), "{partial}");
+        let https = UploadedModuleRef::from_env(|name| {
+            env.get(name).cloned().map(|v| {
+                if name == MODULE_URL_VAR {
+                    "https://x".to_owned()
+                } else {
+                    v
+                }
+            })
+        })
+        .unwrap_err();
+        assert!(https.contains("http://"), "{https}");
+    }
 
     #[test]
     fn artifact_refs_round_trip_through_the_environment() {

@@ -15,6 +15,11 @@
 //! the template renders; the executor loads the code only when both match. So neither a tenant
 //! nor anyone who can reach the server can make a pod load code the dispatcher did not compile
 //! from that pod's own module.
+//!
+//! Uploaded modules (a resource's `wasm: sha256:<digest>`, kept by the ingress in
+//! [`jobico_store::modules`]: too large for a ConfigMap, so no volume carries them) are served
+//! by the same server under `<namespace>/<digest>.wasm`, with a token of their own
+//! ([`Artifacts::uploaded`]): a pod downloads one only when it has no artifact to load.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -29,7 +34,7 @@ use futures::TryStreamExt;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use jobico_common::executor::{ArtifactRef, Sha256Digest};
+use jobico_common::executor::{ArtifactRef, Sha256Digest, UploadedModuleRef};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::io::ReaderStream;
@@ -44,6 +49,9 @@ pub const PATH_PREFIX: &str = "/v1/artifacts/";
 /// Longest `--artifacts-url`: the template check counts the artifact variables at this size
 /// against the `execve` bound.
 pub const MAX_BASE_URL_BYTES: usize = 400;
+/// How the server names an uploaded module: `<digest>.wasm` (an artifact's name ends in its
+/// engine tag, never `wasm`).
+const UPLOADED_SUFFIX: &str = ".wasm";
 /// Object metadata key holding the compiled bytes' SHA-256 in hex.
 const DIGEST_KEY: &str = "sha256";
 /// How long after a failed compilation (or store) it is tried again: a module that does not
@@ -87,6 +95,7 @@ enum Known {
 /// The dispatcher's compiled modules.
 pub struct Artifacts {
     store: object_store::ObjectStore,
+    uploads: jobico_store::ModuleStore,
     base_url: String,
     signer: Signer,
     compiler: wasm_exec::Runtime,
@@ -137,6 +146,7 @@ impl Artifacts {
                 .await
                 .map_err(|e| anyhow::anyhow!("creating the object store {BUCKET}: {e}"))?,
         };
+        let uploads = jobico_store::ModuleStore::open(js, settings.replicas).await?;
         let compiler = wasm_exec::Runtime::new(wasm_exec::RuntimeConfig {
             max_concurrent_instances: 1,
             portable: true,
@@ -144,6 +154,7 @@ impl Artifacts {
         })?;
         Ok(Self {
             store,
+            uploads,
             base_url: settings.base_url.trim_end_matches('/').to_owned(),
             signer,
             engine_tag: compiler.compatibility_tag(),
@@ -212,6 +223,25 @@ impl Artifacts {
             module: compiled.module,
             token: self.signer.artifact_token(namespace, &compiled.name),
         }
+    }
+
+    /// What a Job of `namespace` carries to fetch its uploaded module `module`.
+    pub fn uploaded(&self, namespace: &str, module: Sha256Digest) -> UploadedModuleRef {
+        let name = format!("{module}{UPLOADED_SUFFIX}");
+        UploadedModuleRef {
+            url: format!("{}{PATH_PREFIX}{namespace}/{name}", self.base_url),
+            digest: module,
+            token: self.signer.artifact_token(namespace, &name),
+        }
+    }
+
+    /// The uploaded module `module` of `namespace` (`None` when it was never uploaded there).
+    pub async fn uploaded_module(
+        &self,
+        namespace: &str,
+        module: Sha256Digest,
+    ) -> Result<Option<Vec<u8>>, jobico_store::ModuleStoreError> {
+        self.uploads.get(namespace, module).await
     }
 
     /// The object name of `module`'s code for this engine.
@@ -336,6 +366,29 @@ impl Artifacts {
                 StatusCode::UNAUTHORIZED,
                 "the token does not grant this namespace this artifact",
             );
+        }
+        if let Some(module) = name.strip_suffix(UPLOADED_SUFFIX) {
+            let Ok(module) = Sha256Digest::parse(module) else {
+                return refuse(StatusCode::NOT_FOUND, "no such module");
+            };
+            return match self.uploads.get(namespace, module).await {
+                Ok(Some(bytes)) => Response::builder()
+                    .status(StatusCode::OK)
+                    .header(hyper::header::CONTENT_TYPE, "application/wasm")
+                    .header(hyper::header::CONTENT_LENGTH, bytes.len())
+                    .body(BodyExt::boxed_unsync(
+                        Full::new(Bytes::from(bytes)).map_err(|never| match never {}),
+                    ))
+                    .expect("a valid response"),
+                Ok(None) => refuse(StatusCode::NOT_FOUND, "no such uploaded module"),
+                Err(error) => {
+                    tracing::warn!(name, %error, "cannot read an uploaded module");
+                    refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the module store did not answer",
+                    )
+                }
+            };
         }
         match self.store.get(name).await {
             Ok(object) => {

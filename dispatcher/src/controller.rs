@@ -60,6 +60,9 @@ pub enum Error {
     /// An API call failed.
     #[error("kubernetes api: {0}")]
     Kube(#[source] kube::Error),
+    /// The module store did not answer.
+    #[error(transparent)]
+    Modules(jobico_store::ModuleStoreError),
     /// Adding or removing the finalizer failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -294,14 +297,12 @@ async fn apply<B: Backend>(
             requeue = ERROR_REQUEUE;
             tracing::warn!(namespace, name, message, "invalid template, holding events");
         } else {
-            let missing = inputs::problems(&ctx.client, &cr, |module| {
-                // Compiled before the first event needs it.
-                if let Some(artifacts) = &ctx.artifacts {
-                    artifacts.request(module);
-                }
-            })
-            .await
-            .map_err(Error::Kube)?;
+            let missing = inputs::problems(&ctx.client, &cr, ctx.artifacts.as_ref())
+                .await
+                .map_err(|error| match error {
+                    inputs::InputsError::Kube(error) => Error::Kube(error),
+                    inputs::InputsError::Modules(error) => Error::Modules(error),
+                })?;
             if !missing.is_empty() {
                 (ready, reason, message) = (
                     false,

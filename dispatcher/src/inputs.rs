@@ -1,12 +1,19 @@
 //! What a resource's events need in the cluster besides the resource itself: the module
-//! ConfigMap holding each event's `.wasm` and the schema ConfigMap of each event. They are
+//! ConfigMap holding each event's `.wasm` (or, for `wasm: sha256:<digest>`, the module uploaded
+//! to the namespace's module store) and the schema ConfigMap of each event. They are
 //! checked when the resource is reconciled (a missing one makes it `Ready=False`, naming it
 //! and saying how to provide it) and before each batch is claimed (its events are then held in
 //! the stream instead of becoming Jobs whose pods wait forever for a volume).
 
-use jobico_model::{EventSpec, Job as JobicoJob};
+use std::sync::Arc;
+
+use jobico_common::executor::Sha256Digest;
+use jobico_model::{EventSpec, Job as JobicoJob, ModuleRef};
+use jobico_store::ModuleStoreError;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
+
+use crate::artifacts::Artifacts;
 
 /// The first bytes of every binary WebAssembly module.
 const WASM_MAGIC: &[u8] = b"\0asm";
@@ -107,24 +114,83 @@ pub async fn config_map(
         .await
 }
 
+/// Why the inputs could not be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum InputsError {
+    /// A Kubernetes API call failed.
+    #[error("kubernetes api: {0}")]
+    Kube(#[from] kube::Error),
+    /// The module store did not answer.
+    #[error(transparent)]
+    Modules(#[from] ModuleStoreError),
+}
+
+/// The uploaded module `digest` of `spec` (`wasm: sha256:<digest>`), read from the module
+/// store through `artifacts` (the dispatcher's artifact server carries it to pods), or what
+/// keeps it from running, as a sentence saying how to fix it.
+pub async fn uploaded_module(
+    artifacts: Option<&Artifacts>,
+    owner: &JobicoJob,
+    spec: &EventSpec,
+    digest: Sha256Digest,
+) -> Result<Result<Vec<u8>, String>, ModuleStoreError> {
+    let namespace = owner.metadata.namespace.as_deref().unwrap_or_default();
+    let resource = owner.metadata.name.as_deref().unwrap_or_default();
+    let Some(artifacts) = artifacts else {
+        return Ok(Err(format!(
+            "event {:?}: module sha256:{digest} is an uploaded module, which this dispatcher cannot carry to pods: it runs without --artifacts-url",
+            spec.name
+        )));
+    };
+    Ok(match artifacts.uploaded_module(namespace, digest).await? {
+        Some(bytes) => Ok(bytes),
+        None => Err(format!(
+            "event {:?}: module sha256:{digest} was not uploaded to namespace {namespace}; upload it with `jobico module upload {resource} FILE.wasm -n {namespace}` (PUT /modules/{namespace}/{resource} on the ingress)",
+            spec.name
+        )),
+    })
+}
+
 /// Every problem with the modules and schemas of `owner`'s events (empty when all are there);
-/// each usable module is handed to `usable_module` (the controller starts compiling it).
+/// each usable module is handed to `artifacts` to compile, so it is compiled before the first
+/// event needs it.
 pub async fn problems(
     client: &kube::Client,
     owner: &JobicoJob,
-    mut usable_module: impl FnMut(&[u8]),
-) -> Result<Vec<String>, kube::Error> {
+    artifacts: Option<&Arc<Artifacts>>,
+) -> Result<Vec<String>, InputsError> {
     let namespace = owner.metadata.namespace.as_deref().unwrap_or_default();
-    let modules = config_map(client, namespace, &owner.modules_config_map()).await?;
+    let from_config_map = owner
+        .spec
+        .events
+        .iter()
+        .any(|spec| matches!(spec.module_ref(), Some(ModuleRef::ConfigMap(_))));
+    let modules = match from_config_map {
+        true => config_map(client, namespace, &owner.modules_config_map()).await?,
+        false => None,
+    };
     let mut problems = Vec::new();
     for spec in &owner.spec.events {
-        match module_problem(owner, spec, modules.as_ref()) {
-            Some(problem) => problems.push(problem),
-            None => {
-                if let Some(bytes) = modules.as_ref().and_then(|m| module_bytes(spec, m)) {
-                    usable_module(bytes);
+        let module = match spec.module_ref() {
+            Some(ModuleRef::Uploaded(digest)) => {
+                uploaded_module(artifacts.map(Arc::as_ref), owner, spec, digest).await?
+            }
+            _ => match module_problem(owner, spec, modules.as_ref()) {
+                Some(problem) => Err(problem),
+                None => Ok(modules
+                    .as_ref()
+                    .and_then(|m| module_bytes(spec, m))
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default()),
+            },
+        };
+        match module {
+            Ok(bytes) => {
+                if let Some(artifacts) = artifacts {
+                    artifacts.request(&bytes);
                 }
             }
+            Err(problem) => problems.push(problem),
         }
         if !spec.schema.is_optional() {
             let schema = config_map(client, namespace, spec.schema.config_map_name()).await?;

@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jobico_model::Job as JobicoJob;
+use jobico_common::executor::UploadedModuleRef;
+use jobico_model::{Job as JobicoJob, ModuleRef};
 use k8s_openapi::api::batch::v1::Job as BatchJob;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
@@ -13,7 +14,7 @@ use kube::api::{Api, PostParams};
 use crate::artifacts::{Artifacts, Compiled};
 use crate::backend::{Backend, Batch, DispatchError, Dispatched, keys};
 use crate::inputs;
-use crate::render::{DEFAULT_TEMPLATE_KEY, RenderError, Renderer};
+use crate::render::{DEFAULT_TEMPLATE_KEY, ModuleDelivery, RenderError, Renderer};
 use crate::trust::Signer;
 
 /// Field manager name on every write.
@@ -82,6 +83,8 @@ impl ActiveJobs {
 struct ModuleCheck {
     problem: Option<String>,
     compiled: Option<Compiled>,
+    /// The uploaded module, for a resource whose `wasm` names one.
+    uploaded: Option<UploadedModuleRef>,
 }
 
 /// Creates Kubernetes Jobs.
@@ -240,19 +243,52 @@ impl KubeBackend {
         {
             return Ok(check.clone());
         }
-        let map = bounded(
-            &format!("reading ConfigMap {namespace}/{name}"),
-            inputs::config_map(&self.client, &namespace, &name),
-        )
-        .await?;
-        let problem = inputs::module_problem(&batch.owner, spec, map.as_ref());
-        let compiled = match (&problem, &self.artifacts, &map) {
-            (None, Some(artifacts), Some(map)) => {
-                inputs::module_bytes(spec, map).and_then(|bytes| artifacts.request(bytes))
+        let check = match spec.module_ref() {
+            Some(ModuleRef::Uploaded(digest)) => {
+                let found = tokio::time::timeout(
+                    API_TIMEOUT,
+                    inputs::uploaded_module(self.artifacts.as_deref(), &batch.owner, spec, digest),
+                )
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|read| read.map_err(|e| e.to_string()))
+                .map_err(|reason| DispatchError::Retryable {
+                    reason: format!("reading uploaded module sha256:{digest}: {reason}"),
+                    retry_after: None,
+                })?;
+                match (found, &self.artifacts) {
+                    (Ok(bytes), Some(artifacts)) => ModuleCheck {
+                        problem: None,
+                        compiled: artifacts.request(&bytes),
+                        uploaded: Some(artifacts.uploaded(&namespace, digest)),
+                    },
+                    (Ok(_), None) => unreachable!("read through the artifacts"),
+                    (Err(problem), _) => ModuleCheck {
+                        problem: Some(problem),
+                        ..ModuleCheck::default()
+                    },
+                }
             }
-            _ => None,
+            _ => {
+                let map = bounded(
+                    &format!("reading ConfigMap {namespace}/{name}"),
+                    inputs::config_map(&self.client, &namespace, &name),
+                )
+                .await?;
+                let problem = inputs::module_problem(&batch.owner, spec, map.as_ref());
+                let compiled = match (&problem, &self.artifacts, &map) {
+                    (None, Some(artifacts), Some(map)) => {
+                        inputs::module_bytes(spec, map).and_then(|bytes| artifacts.request(bytes))
+                    }
+                    _ => None,
+                };
+                ModuleCheck {
+                    problem,
+                    compiled,
+                    uploaded: None,
+                }
+            }
         };
-        let check = ModuleCheck { problem, compiled };
         self.modules
             .lock()
             .expect("module cache")
@@ -364,18 +400,22 @@ pub fn render_failure(error: RenderError) -> DispatchError {
 impl Backend for KubeBackend {
     async fn dispatch(&self, batch: &Batch) -> Result<Dispatched, DispatchError> {
         let template = self.template(batch).await?;
-        let artifact = match &self.artifacts {
-            Some(artifacts) => self
-                .module_check(batch)
-                .await?
-                .compiled
-                .map(|compiled| artifacts.reference(batch.namespace(), &compiled)),
-            None => None,
+        let delivery = match &self.artifacts {
+            Some(artifacts) => {
+                let check = self.module_check(batch).await?;
+                ModuleDelivery {
+                    artifact: check
+                        .compiled
+                        .map(|compiled| artifacts.reference(batch.namespace(), &compiled)),
+                    uploaded: check.uploaded,
+                }
+            }
+            None => ModuleDelivery::default(),
         };
         // The pod policy runs inside `render`, on the typed Job about to be created.
         let mut job = self
             .renderer
-            .render_with_artifact(batch, template.as_deref(), artifact.as_ref())
+            .render_with_module(batch, template.as_deref(), &delivery)
             .map_err(render_failure)?;
         self.signer.sign_job(&mut job);
         let name = batch.job_name();

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use handlebars::{Context, Handlebars, Helper, HelperResult, Output, RenderContext};
 use jobico_common::envelope::{EnvEntry, EventsTooLarge, MAX_EVENTS_BYTES, split_events};
-use jobico_common::executor::{ARTIFACT_VARS, ArtifactRef};
+use jobico_common::executor::{ARTIFACT_VARS, ArtifactRef, MODULE_VARS, UploadedModuleRef};
 use jobico_common::state::exit;
 use jobico_common::{EventId, EventRecord, id::MAX_EVENT_ID_LEN};
 use jobico_model::{EventSpec, Job as JobicoJob};
@@ -31,6 +31,8 @@ use crate::template::{BoundedTemplate, TemplateError};
 pub const DEFAULT_TEMPLATE: &str = include_str!("../templates/job.yaml.hbs");
 /// Default data key of a template ConfigMap named by a resource's `spec.template`.
 pub const DEFAULT_TEMPLATE_KEY: &str = "job.yaml.hbs";
+/// The executor's variable naming the module file it runs.
+const MODULE_PATH_VAR: &str = "JOBICO_MODULE";
 /// Where the module ConfigMap is mounted in the executor container.
 pub const MODULE_DIR: &str = "/jobico/module";
 
@@ -254,10 +256,18 @@ impl Renderer {
             name: name.to_owned(),
             value,
         };
-        let mut env = vec![entry(
-            "JOBICO_MODULE",
-            format!("{MODULE_DIR}/{}", spec.wasm),
-        )];
+        // An uploaded module is fetched by the executor (see [`ModuleDelivery`]): no path.
+        let uploaded = matches!(
+            spec.module_ref(),
+            Some(jobico_model::ModuleRef::Uploaded(_))
+        );
+        let mut env = Vec::new();
+        if !uploaded {
+            env.push(entry(
+                MODULE_PATH_VAR,
+                format!("{MODULE_DIR}/{}", spec.wasm),
+            ));
+        }
         env.extend(split_events(&events)?);
         env.push(entry("JOBICO_MEMORY", memory.clone()));
         env.push(entry("JOBICO_DEADLINE", deadline.clone()));
@@ -322,17 +332,19 @@ impl Renderer {
     /// the dispatcher relies on to the Job and its pod template (when a custom template
     /// leaves them out), and checks the result against [`policy::check`].
     pub fn render(&self, batch: &Batch, template: Option<&str>) -> Result<BatchJob, RenderError> {
-        self.render_with_artifact(batch, template, None)
+        self.render_with_module(batch, template, &ModuleDelivery::default())
     }
 
-    /// [`Renderer::render`], with the executor told to load `artifact` (the module compiled by
-    /// the dispatcher). The artifact variables are the dispatcher's alone: whatever the
-    /// template wrote under those names is removed (see [`jobico_common::executor`]).
-    pub fn render_with_artifact(
+    /// [`Renderer::render`], with the executor told how to load its module: the `artifact`
+    /// the dispatcher compiled, and the `uploaded` module no volume carries. Their variables
+    /// are the dispatcher's alone: whatever the template wrote under those names is removed
+    /// (see [`jobico_common::executor`]), and for an uploaded module so is any volume of the
+    /// module ConfigMap's key (there is none to mount).
+    pub fn render_with_module(
         &self,
         batch: &Batch,
         template: Option<&str>,
-        artifact: Option<&ArtifactRef>,
+        delivery: &ModuleDelivery,
     ) -> Result<BatchJob, RenderError> {
         let context = self.context(batch)?;
         let mut job = match template {
@@ -372,7 +384,7 @@ impl Renderer {
                 .get_or_insert_with(Default::default)
                 .extend(context.annotations.clone());
         }
-        set_artifact(&mut job, artifact);
+        set_delivery(&mut job, delivery, &context.module["key"]);
         let owner = OwnerReference {
             api_version: context.owner["apiVersion"].clone(),
             kind: context.owner["kind"].clone(),
@@ -414,24 +426,62 @@ impl Renderer {
     }
 }
 
-/// Removes every artifact variable from the Job's containers and gives the executor
-/// container `artifact`'s.
-fn set_artifact(job: &mut BatchJob, artifact: Option<&ArtifactRef>) {
+/// How the dispatcher tells a Job's executor to load its module, beside the template's output.
+#[derive(Debug, Clone, Default)]
+pub struct ModuleDelivery {
+    /// The module compiled by the dispatcher, when it is.
+    pub artifact: Option<ArtifactRef>,
+    /// The uploaded module (`wasm: sha256:<digest>`), fetched by the executor: no volume
+    /// carries it.
+    pub uploaded: Option<UploadedModuleRef>,
+}
+
+/// Removes every artifact and uploaded-module variable from the Job's containers and gives
+/// the executor container `delivery`'s. For an uploaded module, also removes the volumes that
+/// would mount the module ConfigMap's `module_key` (and their mounts) and the module path.
+fn set_delivery(job: &mut BatchJob, delivery: &ModuleDelivery, module_key: &str) {
     let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else {
         return;
     };
+    let mut unmounted = Vec::new();
+    if delivery.uploaded.is_some()
+        && let Some(volumes) = pod.volumes.as_mut()
+    {
+        volumes.retain(|volume| {
+            let mounts_module = volume.config_map.as_ref().is_some_and(|map| {
+                map.items
+                    .iter()
+                    .flatten()
+                    .any(|item| item.key == module_key)
+            });
+            if mounts_module {
+                unmounted.push(volume.name.clone());
+            }
+            !mounts_module
+        });
+    }
+    let ours = |name: &str| ARTIFACT_VARS.contains(&name) || MODULE_VARS.contains(&name);
     for container in &mut pod.containers {
         if let Some(env) = container.env.as_mut() {
-            env.retain(|var| !ARTIFACT_VARS.contains(&var.name.as_str()));
+            env.retain(|var| !ours(&var.name));
         }
-        if let Some(artifact) = artifact.filter(|_| container.name == policy::EXEC_CONTAINER) {
-            let env = container.env.get_or_insert_with(Vec::new);
-            env.extend(artifact.env().into_iter().map(|(name, value)| EnvVar {
-                name: name.to_owned(),
-                value: Some(value),
-                value_from: None,
-            }));
+        if let Some(mounts) = container.volume_mounts.as_mut() {
+            mounts.retain(|mount| !unmounted.contains(&mount.name));
         }
+        if container.name != policy::EXEC_CONTAINER {
+            continue;
+        }
+        let env = container.env.get_or_insert_with(Vec::new);
+        if delivery.uploaded.is_some() {
+            env.retain(|var| var.name != MODULE_PATH_VAR);
+        }
+        let artifact = delivery.artifact.iter().flat_map(|a| a.env());
+        let uploaded = delivery.uploaded.iter().flat_map(|u| u.env());
+        env.extend(artifact.chain(uploaded).map(|(name, value)| EnvVar {
+            name: name.to_owned(),
+            value: Some(value),
+            value_from: None,
+        }));
     }
 }
 
@@ -528,9 +578,18 @@ pub fn check_template(
         sizes.dedup();
         for size in sizes {
             let batch = probe(owner, &spec.name, size);
-            // With an artifact, as most Jobs will have: its variables count in the execve bound.
+            // With an artifact, as most Jobs will have (and an uploaded module's reference when
+            // the module is one): their variables count in the execve bound.
+            let delivery = ModuleDelivery {
+                artifact: Some(probe_artifact()),
+                uploaded: matches!(
+                    spec.module_ref(),
+                    Some(jobico_model::ModuleRef::Uploaded(_))
+                )
+                .then(probe_uploaded),
+            };
             renderer
-                .render_with_artifact(&batch, template, Some(&probe_artifact()))
+                .render_with_module(&batch, template, &delivery)
                 .map_err(|e| format!("event {:?}: {e}", spec.name))?;
         }
     }
@@ -598,6 +657,16 @@ fn probe_artifact() -> ArtifactRef {
         module: Sha256Digest([0; 32]),
         // Hex of HMAC-SHA256.
         token: "0".repeat(64),
+    }
+}
+
+/// An uploaded-module reference at least as large as any the dispatcher writes into a Job.
+fn probe_uploaded() -> UploadedModuleRef {
+    let artifact = probe_artifact();
+    UploadedModuleRef {
+        url: artifact.url,
+        digest: artifact.module,
+        token: artifact.token,
     }
 }
 

@@ -455,7 +455,14 @@ fn the_artifact_variables_are_the_dispatchers_whatever_the_template_writes() {
         .collect();
     for template in [None, Some(hostile.as_str())] {
         let job = renderer
-            .render_with_artifact(&batch(&owner, &["e1"]), template, Some(&ours))
+            .render_with_module(
+                &batch(&owner, &["e1"]),
+                template,
+                &jobico_dispatcher::render::ModuleDelivery {
+                    artifact: Some(ours.clone()),
+                    uploaded: None,
+                },
+            )
             .unwrap();
         assert_eq!(
             artifact_env(&job),
@@ -463,4 +470,60 @@ fn the_artifact_variables_are_the_dispatchers_whatever_the_template_writes() {
             "only the dispatcher's, once each"
         );
     }
+}
+
+#[test]
+fn an_uploaded_module_is_named_by_the_dispatcher_and_mounted_by_no_template() {
+    use jobico_common::executor::{MODULE_VARS, Sha256Digest, UploadedModuleRef};
+    use jobico_dispatcher::render::ModuleDelivery;
+    let digest = Sha256Digest::of(b"a large module");
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.spec.events[0].wasm = format!("sha256:{digest}");
+    let owner = std::sync::Arc::new(owner);
+    let renderer = Renderer::new(IMAGE);
+    // A template that keeps the module volume and writes the module variables itself.
+    let hostile = edited(
+        "          env: {{json env}}\n",
+        "          env:\n            - {name: JOBICO_MODULE_URL, value: \"http://evil.example/x.wasm\"}\n            - {name: JOBICO_MODULE_DIGEST, value: \"0000000000000000000000000000000000000000000000000000000000000000\"}\n            - {name: JOBICO_MODULE_TOKEN, value: \"t\"}\n            - {name: JOBICO_EVENTS, value: \"[]\"}\n            - {name: JOBICO_MODULE, value: \"/jobico/module/m.wasm\"}\n",
+    );
+    let ours = UploadedModuleRef {
+        url: format!(
+            "http://jobico-artifacts.jobico-system.svc:8083/v1/artifacts/default/{digest}.wasm"
+        ),
+        digest,
+        token: "token".into(),
+    };
+    let expected: Vec<(String, String)> = ours
+        .env()
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v))
+        .collect();
+    let delivery = ModuleDelivery {
+        artifact: None,
+        uploaded: Some(ours.clone()),
+    };
+    for template in [None, Some(hostile.as_str())] {
+        let job = renderer
+            .render_with_module(&batch(&owner, &["e1"]), template, &delivery)
+            .unwrap();
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let container = &pod.containers[0];
+        let env: Vec<(String, String)> = container
+            .env
+            .iter()
+            .flatten()
+            .filter(|v| MODULE_VARS.contains(&v.name.as_str()) || v.name == "JOBICO_MODULE")
+            .map(|v| (v.name.clone(), v.value.clone().unwrap_or_default()))
+            .collect();
+        assert_eq!(env, expected, "only the dispatcher's, and no module path");
+        assert!(
+            pod.volumes.iter().flatten().all(|v| v.config_map.is_none()),
+            "no volume of the module ConfigMap: {:?}",
+            pod.volumes
+        );
+        assert!(container.volume_mounts.iter().flatten().next().is_none());
+    }
+    // The template check sees the same: both pass.
+    check_template(&renderer, &owner, Some(&hostile)).unwrap();
+    check_template(&renderer, &owner, None).unwrap();
 }

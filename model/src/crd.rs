@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 /// Pattern for event names: alphanumeric, 1 to 10 characters (JobicoK8S's documented rule).
 pub const EVENT_NAME_PATTERN: &str = "^[A-Za-z0-9]{1,10}$";
-/// Pattern for module file names: a ConfigMap key (`[-._a-zA-Z0-9]+`) with a length cap.
-pub const MODULE_FILE_PATTERN: &str = "^[-._A-Za-z0-9]{1,253}$";
+/// Pattern for `wasm`: a module file name, a ConfigMap key (`[-._a-zA-Z0-9]+`) with a length
+/// cap, or `sha256:<digest>` of an uploaded module.
+pub const MODULE_FILE_PATTERN: &str = "^([-._A-Za-z0-9]{1,253}|sha256:[0-9a-f]{64})$";
 /// Most events one Job resource may declare; bounds the work per reconcile and CRD validation cost.
 pub const MAX_EVENTS_PER_JOB: usize = 64;
 /// Largest batch a single Kubernetes Job may carry. Events travel inside the Job object, whose
@@ -89,8 +90,10 @@ pub struct EventSpec {
     /// in the namespace.
     #[schemars(regex(pattern = "^[A-Za-z0-9]{1,10}$"))]
     pub name: String,
-    /// File name of the WebAssembly module that handles the event.
-    #[schemars(regex(pattern = "^[-._A-Za-z0-9]{1,253}$"))]
+    /// The WebAssembly module that handles the event: a key (file name) of the module
+    /// ConfigMap, or `sha256:<digest>` of a module uploaded to the namespace's module store
+    /// (`jobico module upload`), for modules above a ConfigMap's 1 MiB.
+    #[schemars(regex(pattern = "^([-._A-Za-z0-9]{1,253}|sha256:[0-9a-f]{64})$"))]
     pub wasm: String,
     /// Accepted for compatibility with JobicoK8S manifests; not used.
     #[serde(default, skip_serializing_if = "Option::is_none")]

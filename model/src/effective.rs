@@ -3,7 +3,22 @@
 
 use std::time::Duration;
 
+use jobico_common::executor::Sha256Digest;
+
 use crate::crd::EventSpec;
+
+/// How `wasm` names a module uploaded to the namespace's module store (`jobico module
+/// upload`) rather than a key of the module ConfigMap: `sha256:` and the digest's hex.
+pub const UPLOADED_MODULE_PREFIX: &str = "sha256:";
+
+/// Where an event type's module comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleRef<'a> {
+    /// A key of the resource's module ConfigMap (a file name).
+    ConfigMap(&'a str),
+    /// A module uploaded to the namespace's module store, by digest.
+    Uploaded(Sha256Digest),
+}
 
 /// Wait for a batch to fill when `batch.maxWaitMillis` is not set.
 pub const DEFAULT_BATCH_MAX_WAIT: Duration = Duration::from_millis(1000);
@@ -23,6 +38,16 @@ pub struct EffectiveBatch {
 }
 
 impl EventSpec {
+    /// Where the module comes from: `wasm: sha256:<hex>` is an uploaded module, anything else
+    /// a ConfigMap key. `None` for a `sha256:` value that is not a digest (validation refuses
+    /// it).
+    pub fn module_ref(&self) -> Option<ModuleRef<'_>> {
+        match self.wasm.strip_prefix(UPLOADED_MODULE_PREFIX) {
+            Some(hex) => Sha256Digest::parse(hex).ok().map(ModuleRef::Uploaded),
+            None => Some(ModuleRef::ConfigMap(&self.wasm)),
+        }
+    }
+
     /// The batching of this event type, defaults applied.
     pub fn effective_batch(&self) -> EffectiveBatch {
         let batch = self.batch.as_ref();

@@ -13,6 +13,6 @@ pub mod validate;
 pub use crd::{
     BatchSpec, EnvVar, EventLimits, EventSpec, Job, JobSpec, JobStatus, SchemaRef, TemplateRef,
 };
-pub use effective::EffectiveBatch;
+pub use effective::{EffectiveBatch, ModuleRef, UPLOADED_MODULE_PREFIX};
 pub use manifest::{Manifest, ManifestError};
 pub use validate::{InvalidJob, MAX_NAME_LEN, validate_job};

@@ -75,9 +75,16 @@ pub fn validate_job(job: &Job) -> Result<(), InvalidJob> {
         } else if !seen.insert(event.name.as_str()) {
             problems.push(format!("{at}.name: {:?} is declared twice", event.name));
         }
-        if !is_module_file(&event.wasm) {
+        if event.wasm.starts_with(crate::UPLOADED_MODULE_PREFIX) {
+            if event.module_ref().is_none() {
+                problems.push(format!(
+                    "{at}.wasm: {:?} must be sha256: and 64 lowercase hex digits (an uploaded module)",
+                    event.wasm
+                ));
+            }
+        } else if !is_module_file(&event.wasm) {
             problems.push(format!(
-                "{at}.wasm: {:?} must be a file name of letters, digits, '-', '.' and '_'",
+                "{at}.wasm: {:?} must be a file name of letters, digits, '-', '.' and '_', or sha256:<digest> of an uploaded module",
                 event.wasm
             ));
         }
@@ -161,6 +168,38 @@ mod tests {
     #[test]
     fn a_good_job_passes() {
         assert_eq!(validate_job(&job(vec![event("ev1"), event("Ev2")])), Ok(()));
+    }
+
+    #[test]
+    fn wasm_is_a_configmap_key_or_the_digest_of_an_uploaded_module() {
+        let digest = "ab".repeat(32);
+        let mut uploaded = event("up");
+        uploaded.wasm = format!("sha256:{digest}");
+        assert_eq!(validate_job(&job(vec![uploaded.clone()])), Ok(()));
+        assert_eq!(
+            uploaded.module_ref(),
+            Some(crate::ModuleRef::Uploaded(
+                jobico_common::executor::Sha256Digest::parse(&digest).unwrap()
+            ))
+        );
+        assert_eq!(
+            event("ev1").module_ref(),
+            Some(crate::ModuleRef::ConfigMap("echo.wasm"))
+        );
+        for bad in [
+            "sha256:",
+            "sha256:AB",
+            &format!("sha256:{}", "AB".repeat(32)),
+        ] {
+            let mut e = event("up");
+            e.wasm = bad.into();
+            let err = validate_job(&job(vec![e])).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("must be sha256: and 64 lowercase hex"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -19,9 +19,11 @@ use jobico_common::subject::{STATE_BUCKET, state_key, state_key_filter};
 use jobico_common::{EventState, EventStatus};
 
 pub mod auth;
+pub mod modules;
 pub mod streams;
 
 pub use auth::{NatsAuth, NatsAuthArgs, NatsAuthError, Servers};
+pub use modules::{ModuleStore, ModuleStoreError};
 pub use streams::{Retention, StreamArgs, StreamError, StreamSettings};
 
 /// Attempts of a compare-and-set write before giving up; more than two writers rarely race.

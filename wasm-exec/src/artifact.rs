@@ -7,10 +7,14 @@
 //! artifact variables are the dispatcher's: it writes them after the template renders,
 //! replacing any the template wrote. Anything else — no answer, another digest, a module
 //! changed since — is a refusal with its reason, and the module is compiled here instead.
+//!
+//! An uploaded module ([`UploadedModuleRef`], too large for a ConfigMap) comes from the same
+//! server, by digest: it is downloaded only when there is no artifact to load, and run only
+//! when it hashes to the digest the Job names.
 
 use std::time::Duration;
 
-use jobico_common::executor::{ArtifactRef, Sha256Digest};
+use jobico_common::executor::{ArtifactRef, Sha256Digest, UploadedModuleRef};
 
 use crate::engine::is_precompiled;
 
@@ -22,17 +26,44 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most bytes accepted: ten times the compiled size of a 3.4 MB module.
 pub const MAX_ARTIFACT_BYTES: u64 = 384 << 20;
+/// Most bytes of an uploaded module accepted (the ingress takes up to 64 MiB).
+pub const MAX_MODULE_BYTES: u64 = 64 << 20;
 
 /// Downloads the artifact and checks it against the Job and the module bytes: the verified
 /// compiled code, or why it cannot be used.
 pub fn fetch(artifact: &ArtifactRef, module: &[u8]) -> Result<Vec<u8>, String> {
-    let mounted = Sha256Digest::of(module);
-    if mounted != artifact.module {
+    fetch_for(artifact, Sha256Digest::of(module))
+}
+
+/// [`fetch`] for the module whose digest is `module` (an uploaded one, not yet downloaded).
+pub fn fetch_for(artifact: &ArtifactRef, module: Sha256Digest) -> Result<Vec<u8>, String> {
+    if module != artifact.module {
         return Err(format!(
-            "it was compiled from module {:?}, and this pod has {mounted:?} (the module changed since the Job was made)",
+            "it was compiled from module {:?}, and this pod has {module:?} (the module changed since the Job was made)",
             artifact.module
         ));
     }
+    let code = get(&artifact.url, &artifact.token, MAX_ARTIFACT_BYTES)?;
+    verify(artifact, &code)?;
+    Ok(code)
+}
+
+/// Downloads the uploaded module the Job names: its bytes, which hash to the Job's digest, or
+/// why not.
+pub fn fetch_module(module: &UploadedModuleRef) -> Result<Vec<u8>, String> {
+    let bytes = get(&module.url, &module.token, MAX_MODULE_BYTES)?;
+    let got = Sha256Digest::of(&bytes);
+    if got != module.digest {
+        return Err(format!(
+            "the module downloaded from {} hashes to {got:?}, not the {:?} the Job names",
+            module.url, module.digest
+        ));
+    }
+    Ok(bytes)
+}
+
+/// GETs `url` from the artifact server with `token`, at most `limit` bytes.
+fn get(url: &str, token: &str, limit: u64) -> Result<Vec<u8>, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .timeout_global(Some(FETCH_TIMEOUT))
@@ -43,10 +74,10 @@ pub fn fetch(artifact: &ArtifactRef, module: &[u8]) -> Result<Vec<u8>, String> {
         .build()
         .into();
     let mut response = agent
-        .get(&artifact.url)
-        .header("authorization", format!("Bearer {}", artifact.token))
+        .get(url)
+        .header("authorization", format!("Bearer {token}"))
         .call()
-        .map_err(|e| format!("GET {}: {e}", artifact.url))?;
+        .map_err(|e| format!("GET {url}: {e}"))?;
     let status = response.status();
     if status != 200 {
         let text = response
@@ -55,20 +86,14 @@ pub fn fetch(artifact: &ArtifactRef, module: &[u8]) -> Result<Vec<u8>, String> {
             .limit(512)
             .read_to_string()
             .unwrap_or_default();
-        return Err(format!(
-            "GET {} answered {status}: {}",
-            artifact.url,
-            text.trim()
-        ));
+        return Err(format!("GET {url} answered {status}: {}", text.trim()));
     }
-    let code = response
+    response
         .body_mut()
         .with_config()
-        .limit(MAX_ARTIFACT_BYTES)
+        .limit(limit)
         .read_to_vec()
-        .map_err(|e| format!("GET {}: {e}", artifact.url))?;
-    verify(artifact, &code)?;
-    Ok(code)
+        .map_err(|e| format!("GET {url}: {e}"))
 }
 
 /// The checks on downloaded bytes: the Job's digest, and wasmtime's format.

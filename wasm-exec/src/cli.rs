@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use jobico_common::ExecEvent;
 use jobico_common::envelope::{EVENTS_PARTS_VAR, EVENTS_VAR, join_events};
-use jobico_common::executor::ArtifactRef;
+use jobico_common::executor::{ArtifactRef, MODULE_URL_VAR, UploadedModuleRef};
 use jobico_common::summary::{ModuleLoad, ModuleSource};
 use jobico_common::telemetry::LogArgs;
 
@@ -54,8 +54,10 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Module to run: `.wasm` or `.wat` (recognised by content). A precompiled `.cwasm` is
-    /// refused unless --trust-precompiled is given.
-    #[arg(env = "JOBICO_MODULE", required = true, value_name = "MODULE")]
+    /// refused unless --trust-precompiled is given. Not given when the Job names an uploaded
+    /// module (JOBICO_MODULE_URL, JOBICO_MODULE_DIGEST, JOBICO_MODULE_TOKEN), which is
+    /// fetched from the dispatcher instead.
+    #[arg(env = "JOBICO_MODULE", value_name = "MODULE")]
     pub module: Option<PathBuf>,
     /// File of events (a JSON array of {"id":...,"data":...} or one such object); `-` for stdin.
     /// Without it and without --events-json, events are read from the environment
@@ -192,7 +194,6 @@ fn load(args: &RunArgs) -> anyhow::Result<(crate::Module, ModuleLoad)> {
             );
         }
     }
-    let path = args.module.as_deref().context("no module given")?;
     let runtime = Runtime::new(RuntimeConfig {
         // The binary runs events one after another.
         max_concurrent_instances: 1,
@@ -201,6 +202,22 @@ fn load(args: &RunArgs) -> anyhow::Result<(crate::Module, ModuleLoad)> {
     })?;
     let artifact = ArtifactRef::from_env(|name| std::env::var(name).ok())
         .map_err(|e| anyhow::anyhow!("the Job's artifact: {e}"))?;
+    let uploaded = UploadedModuleRef::from_env(|name| std::env::var(name).ok())
+        .map_err(|e| anyhow::anyhow!("the Job's uploaded module: {e}"))?;
+    // An uploaded module comes from the dispatcher, by digest; no file is mounted.
+    if let Some(uploaded) = uploaded {
+        if let Some(path) = &args.module {
+            bail!(
+                "the Job names an uploaded module ({MODULE_URL_VAR}) and a module file ({}); it may name one",
+                path.display()
+            );
+        }
+        return Ok(runtime.load_uploaded(&uploaded, artifact.as_ref())?);
+    }
+    let path = args
+        .module
+        .as_deref()
+        .context("no module given (a MODULE argument, or JOBICO_MODULE)")?;
     let started = std::time::Instant::now();
     let loaded = if args.trust_precompiled {
         runtime.load_trusted_precompiled_file(path).map(|module| {

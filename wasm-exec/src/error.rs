@@ -27,6 +27,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The uploaded module the Job names could not be downloaded (or was not the one named).
+    #[error("cannot fetch uploaded module {module}: {reason}")]
+    Fetch {
+        /// The module (`sha256:<digest>`).
+        module: String,
+        /// Why.
+        reason: String,
+    },
     /// The module is not valid WebAssembly (or WAT) or could not be compiled.
     #[error("cannot compile module {name}")]
     Compile {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jobico_common::executor::ArtifactRef;
+use jobico_common::executor::{ArtifactRef, Sha256Digest, UploadedModuleRef};
 use jobico_common::summary::{ModuleLoad, ModuleSource};
 
 use wasmtime::Linker;
@@ -191,16 +191,7 @@ impl Runtime {
         let started = Instant::now();
         let mut refused = None;
         if let Some(artifact) = artifact {
-            let loaded = crate::artifact::fetch(artifact, bytes).and_then(|code| {
-                let module = self
-                    .inner
-                    .engine
-                    .deserialize_trusted(name, &code)
-                    .map_err(|e| format!("it does not load: {:#}", anyhow::Error::new(e)))?;
-                self.prepare(name.to_owned(), module)
-                    .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
-            });
-            match loaded {
+            match self.load_artifact(name, artifact, Sha256Digest::of(bytes)) {
                 Ok(module) => {
                     return Ok((module, ModuleLoad::since(ModuleSource::Artifact, started)));
                 }
@@ -216,6 +207,59 @@ impl Runtime {
             ..ModuleLoad::since(source, started)
         };
         Ok((module, load))
+    }
+
+    /// Loads the uploaded `module` the Job names: from the dispatcher's compiled `artifact`
+    /// when it is for that module and verifies; otherwise downloads the module (checked
+    /// against its digest) and loads it as [`Runtime::load_bytes`] does, with the reason the
+    /// artifact was refused.
+    pub fn load_uploaded(
+        &self,
+        module: &UploadedModuleRef,
+        artifact: Option<&ArtifactRef>,
+    ) -> Result<(Module, ModuleLoad), Error> {
+        let started = Instant::now();
+        let name = format!("sha256:{}", module.digest);
+        let mut refused = None;
+        if let Some(artifact) = artifact {
+            match self.load_artifact(&name, artifact, module.digest) {
+                Ok(loaded) => {
+                    return Ok((loaded, ModuleLoad::since(ModuleSource::Artifact, started)));
+                }
+                Err(reason) => {
+                    tracing::warn!(module = name, artifact = ?artifact.digest, reason, "artifact refused, fetching the module to compile it");
+                    refused = Some(jobico_common::summary::cut(&reason, MAX_REFUSAL_TEXT));
+                }
+            }
+        }
+        let bytes = crate::artifact::fetch_module(module).map_err(|reason| Error::Fetch {
+            module: name.clone(),
+            reason,
+        })?;
+        let (loaded, source) = self.load_bytes_from(&name, &bytes)?;
+        let load = ModuleLoad {
+            artifact_refused: refused,
+            ..ModuleLoad::since(source, started)
+        };
+        Ok((loaded, load))
+    }
+
+    /// The dispatcher's compiled `artifact` of the module whose digest is `module`, verified
+    /// and loaded, or why not.
+    fn load_artifact(
+        &self,
+        name: &str,
+        artifact: &ArtifactRef,
+        module: Sha256Digest,
+    ) -> Result<Module, String> {
+        let code = crate::artifact::fetch_for(artifact, module)?;
+        let loaded = self
+            .inner
+            .engine
+            .deserialize_trusted(name, &code)
+            .map_err(|e| format!("it does not load: {:#}", anyhow::Error::new(e)))?;
+        self.prepare(name.to_owned(), loaded)
+            .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
     }
 
     /// Loads a precompiled module file (`wasm-exec compile` output) as native code, without

@@ -355,3 +355,200 @@ async fn pods_load_the_module_the_dispatcher_compiled() {
     assert_eq!(Some(found), artifacts.request(&module));
     shutdown.cancel();
 }
+
+/// A module too large for a ConfigMap: uploaded to the namespace's module store (as the
+/// ingress keeps it), named by digest, never mounted. The dispatcher holds its events until it
+/// is uploaded; the pod then fetches it from the artifact server by digest (compiling it) and,
+/// once the dispatcher has compiled it, loads the artifact without fetching the module. A pod
+/// whose Job names other bytes than the server has runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_run_an_uploaded_module_too_large_for_a_configmap() {
+    use jobico_common::executor::{MODULE_DIGEST_VAR, MODULE_URL_VAR, Sha256Digest};
+    use jobico_common::summary::ModuleSource;
+    use jobico_dispatcher::artifacts::{ArtifactSettings, Artifacts};
+    use jobico_dispatcher::backend::{Backend, DispatchError};
+    use jobico_dispatcher::kubernetes::KubeBackend;
+    use jobico_dispatcher::trust::Signer;
+
+    let nats = jobico_testkit::NatsServer::start();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let api = jobico_testkit::kube_api::KubeApi::start();
+    let (sample_owner, config_maps) = sample();
+    // samples/echo.wasm with a 1.5 MiB custom section appended: the same program, past the
+    // 1 MiB of a ConfigMap.
+    let echo =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/echo.wasm")).unwrap();
+    let padding = 3 << 19;
+    let mut module = echo;
+    module.push(0);
+    let mut length = (padding + 2) as u32;
+    for i in 0..5 {
+        module.push((length & 0x7f) as u8 | if i < 4 { 0x80 } else { 0 });
+        length >>= 7;
+    }
+    module.extend([1, b'p']);
+    module.resize(module.len() + padding, 0);
+    let digest = Sha256Digest::of(&module);
+    let mut owner = (*sample_owner).clone();
+    owner.spec.events[0].wasm = format!("sha256:{digest}");
+    let owner = Arc::new(owner);
+    // Only the schema ConfigMap: no module ConfigMap at all.
+    for map in config_maps
+        .iter()
+        .filter(|m| m.metadata.name.as_deref() != Some(owner.modules_config_map().as_str()))
+    {
+        api.apply("configmaps", serde_json::to_value(map).unwrap());
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let settings = ArtifactSettings {
+        base_url: format!("http://{}", listener.local_addr().unwrap()),
+        max_bytes: 1 << 30,
+        max_age: std::time::Duration::from_secs(3600),
+        replicas: 1,
+    };
+    let signer = Signer::ephemeral();
+    let artifacts = Arc::new(
+        Artifacts::open(&js, signer.clone(), &settings)
+            .await
+            .unwrap(),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(artifacts.clone().serve(listener, shutdown.clone()));
+    let backend = KubeBackend::new(
+        api.client().await,
+        Renderer::new("ghcr.io/coeux/wasm-exec:test"),
+    )
+    .with_signer(signer)
+    .with_artifacts(artifacts.clone())
+    .with_module_check_ttl(std::time::Duration::ZERO);
+    let data = json!({"firstName": "Ada", "lastName": "Lovelace"});
+    let first = batch(&owner, &[("first".to_owned(), data.clone())]);
+
+    // Not uploaded yet: held, saying how to upload it.
+    match backend.ready(&first).await {
+        Err(DispatchError::Held { reason }) => {
+            assert!(reason.contains("was not uploaded"), "{reason}");
+            assert!(reason.contains("jobico module upload"), "{reason}");
+        }
+        other => panic!("expected held, got {other:?}"),
+    }
+    jobico_store::ModuleStore::open(&js, 1)
+        .await
+        .unwrap()
+        .put("default", &module)
+        .await
+        .unwrap();
+    backend.ready(&first).await.unwrap();
+    backend.dispatch(&first).await.unwrap();
+    let jobs = |api: &jobico_testkit::kube_api::KubeApi| -> Vec<BatchJob> {
+        api.created(&jobico_testkit::kube_api::resource("batch/v1", "jobs"))
+            .into_iter()
+            .map(|job| serde_json::from_value(job).unwrap())
+            .collect()
+    };
+    let job = jobs(&api).pop().unwrap();
+    let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let container = &pod.containers[0];
+    let env = |job: &BatchJob, name: &str| -> Option<String> {
+        job.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .env
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .and_then(|v| v.value.clone())
+    };
+    // No volume, no mount and no path for the module: the Job names it by digest.
+    assert!(
+        pod.volumes.iter().flatten().all(|v| v.config_map.is_none()),
+        "{:?}",
+        pod.volumes
+    );
+    assert!(container.volume_mounts.iter().flatten().next().is_none());
+    assert_eq!(env(&job, "JOBICO_MODULE"), None);
+    assert_eq!(env(&job, MODULE_DIGEST_VAR), Some(digest.to_string()));
+    // Without an artifact (not compiled yet, or gone) the pod fetches the module and compiles.
+    let mut uncompiled = job.clone();
+    let pod = uncompiled
+        .spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap();
+    if let Some(env) = pod.containers[0].env.as_mut() {
+        env.retain(|v| !v.name.starts_with("JOBICO_ARTIFACT_"));
+    }
+    let (code, stdout, _) = start_pod(&uncompiled, &config_maps);
+    assert_eq!(code, Some(EXIT_OK.into()), "{stdout}");
+    assert!(
+        stdout.contains(r#"{"firstName":"Ada","lastName":"Lovelace"}"#),
+        "{stdout}"
+    );
+    let summary = summary_of(&stdout);
+    assert_eq!(summary.succeeded, 1);
+    assert_eq!(summary.module.unwrap().source, ModuleSource::Compiled);
+
+    // Once compiled, pods load the artifact (and fetch no module).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut n = 0;
+    let compiled = loop {
+        n += 1;
+        let later = batch(&owner, &[(format!("later-{n}"), data.clone())]);
+        backend.dispatch(&later).await.unwrap();
+        let job = jobs(&api).pop().unwrap();
+        if env(&job, "JOBICO_ARTIFACT_URL").is_some() {
+            break job;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no artifact after 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let (code, stdout, _) = start_pod(&compiled, &config_maps);
+    assert_eq!(code, Some(EXIT_OK.into()), "{stdout}");
+    assert_eq!(
+        summary_of(&stdout).module.unwrap().source,
+        ModuleSource::Artifact
+    );
+
+    // A Job naming other bytes than the server holds (a digest changed after signing, or a
+    // module swapped in the store) runs nothing: the artifact is for another module, and the
+    // download does not hash to the name.
+    let mut tampered = compiled.clone();
+    let pod = tampered
+        .spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap();
+    for var in pod.containers[0].env.iter_mut().flatten() {
+        if var.name == MODULE_DIGEST_VAR {
+            var.value = Some(Sha256Digest::of(b"another module").to_string());
+        }
+    }
+    let (code, stdout, _) = start_pod(&tampered, &config_maps);
+    assert_eq!(code, Some(EXIT_HOST_ERROR.into()), "{stdout}");
+    // And a token for another namespace's module is refused by the server.
+    let mut moved = compiled.clone();
+    let pod = moved.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+    for var in pod.containers[0].env.iter_mut().flatten() {
+        if var.name == MODULE_URL_VAR || var.name == "JOBICO_ARTIFACT_URL" {
+            let url = var.value.take().unwrap();
+            var.value = Some(url.replace("/v1/artifacts/default/", "/v1/artifacts/other/"));
+        }
+    }
+    let (code, stdout, _) = start_pod(&moved, &config_maps);
+    assert_eq!(code, Some(EXIT_HOST_ERROR.into()), "{stdout}");
+    shutdown.cancel();
+}
