@@ -286,6 +286,7 @@ impl Args {
             metrics,
             validate: !self.bench_http_ceiling,
             catalog_synced: synced,
+            module_uploads: crate::http::module_upload_slots(),
         });
         let public = server::bind(self.listen, self.http_workers, state.clone())
             .with_context(|| format!("cannot listen on {}", self.listen))?;

@@ -91,6 +91,17 @@ pub struct AppState {
     pub validate: bool,
     /// Whether the catalog reflects the watched resources yet (always true for files).
     pub catalog_synced: Arc<AtomicBool>,
+    /// Module uploads read at once (each holds up to 64 MiB in memory).
+    pub module_uploads: Arc<tokio::sync::Semaphore>,
+}
+
+/// Module uploads an ingress reads at once: 4 × 64 MiB bounds their memory; more wait for
+/// none, they are answered 503 with `Retry-After`.
+pub const MODULE_UPLOAD_SLOTS: usize = 4;
+
+/// The upload slots of a new [`AppState`].
+pub fn module_upload_slots() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(MODULE_UPLOAD_SLOTS))
 }
 
 impl AppState {
@@ -109,6 +120,7 @@ impl AppState {
             metrics: Metrics::new(),
             validate: true,
             catalog_synced: Arc::new(AtomicBool::new(true)),
+            module_uploads: module_upload_slots(),
         }
     }
 
@@ -347,6 +359,14 @@ async fn keep_module(
         )
         .await?;
     }
+    let Ok(_slot) = state.module_uploads.try_acquire() else {
+        return Err(ApiError::Unavailable {
+            reason: format!(
+                "{MODULE_UPLOAD_SLOTS} module uploads are being received already; retry shortly"
+            ),
+            retry_after: Duration::from_secs(1),
+        });
+    };
     let module = read_body(
         req,
         payload,

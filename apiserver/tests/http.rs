@@ -495,4 +495,16 @@ async fn module_uploads_are_authorised_and_need_a_module_store() {
         send(&state, upload(Some("good"))).await.0,
         StatusCode::NOT_FOUND
     );
+    // At most MODULE_UPLOAD_SLOTS bodies are read at once; the next is told to retry.
+    let held: Vec<_> = (0..jobico_apiserver::http::MODULE_UPLOAD_SLOTS)
+        .map(|_| state.module_uploads.clone().try_acquire_owned().unwrap())
+        .collect();
+    let (status, headers, body) = send(&state, upload(Some("good"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(headers.get(header::RETRY_AFTER).unwrap(), "1");
+    drop(held);
+    assert_eq!(
+        send(&state, upload(Some("good"))).await.0,
+        StatusCode::NOT_FOUND
+    );
 }

@@ -442,3 +442,55 @@ fn durable_mode_connects_with_a_user_and_a_password_file_and_refuses_to_start_wi
     assert_eq!(record["exitCode"], 0, "{record}");
     assert!(up.stop().0.success());
 }
+
+#[test]
+fn module_upload_puts_a_large_module_into_the_store_through_the_ingress() {
+    let nats = NatsServer::start();
+    let up = Up::start(&repo(), &["--nats", &nats.url()]);
+    let dir = tempfile::tempdir().unwrap();
+    // samples/echo.wasm with a 1.5 MiB custom section: past a ConfigMap's 1 MiB.
+    let mut module = std::fs::read(repo().join("samples/echo.wasm")).unwrap();
+    let padding = 3 << 19;
+    module.push(0);
+    let mut length = (padding + 2) as u32;
+    for i in 0..5 {
+        module.push((length & 0x7f) as u8 | if i < 4 { 0x80 } else { 0 });
+        length >>= 7;
+    }
+    module.extend([1, b'p']);
+    module.resize(module.len() + padding, 0);
+    let file = dir.path().join("big.wasm");
+    std::fs::write(&file, &module).unwrap();
+    let digest = jobico_common::executor::Sha256Digest::of(&module);
+    let upload = || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_jobico"))
+            .args(["module", "upload", "orders"])
+            .arg(&file)
+            .args(["-n", "default", "--anonymous", "--ingress", &up.base()])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let printed = upload();
+    assert!(
+        printed.contains(&format!("wasm: sha256:{digest}")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(" uploaded in namespace default"),
+        "{printed}"
+    );
+    assert!(upload().contains("was there already"));
+    let kept = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let store = jobico_store::ModuleStore::open(&js, 1).await.unwrap();
+        store.get("default", digest).await.unwrap()
+    });
+    assert_eq!(kept, Some(module));
+    assert!(up.stop().0.success());
+}

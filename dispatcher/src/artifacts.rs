@@ -168,7 +168,35 @@ impl Artifacts {
     /// The artifact of `module` if it is compiled; otherwise starts compiling it in the
     /// background (once) and returns `None`, so that this batch's pod compiles it itself.
     pub fn request(self: &Arc<Self>, module: &[u8]) -> Option<Compiled> {
-        let digest = Sha256Digest::of(module);
+        let bytes = module.to_vec();
+        self.request_digest(Sha256Digest::of(module), async move { Ok(bytes) })
+    }
+
+    /// [`Artifacts::request`] for module `module` uploaded to `namespace` (see
+    /// [`Artifacts::uploaded`]): its bytes are read from the module store only when it must be
+    /// compiled. The caller has checked the upload exists.
+    pub fn request_uploaded(
+        self: &Arc<Self>,
+        namespace: &str,
+        module: Sha256Digest,
+    ) -> Option<Compiled> {
+        let (uploads, namespace) = (self.uploads.clone(), namespace.to_owned());
+        self.request_digest(module, async move {
+            uploads
+                .get(&namespace, module)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("module sha256:{module} is not uploaded to {namespace}"))
+        })
+    }
+
+    /// The artifact of the module whose digest is `digest` if it is compiled; otherwise starts
+    /// compiling it (once), with its bytes from `bytes`, and returns `None`.
+    fn request_digest(
+        self: &Arc<Self>,
+        digest: Sha256Digest,
+        bytes: impl std::future::Future<Output = Result<Vec<u8>, String>> + Send + 'static,
+    ) -> Option<Compiled> {
         let mut known = self.known.lock().expect("artifacts lock");
         match known.get(&digest) {
             Some(Known::Ready { compiled, at }) if at.elapsed() < RECHECK_READY_AFTER => {
@@ -182,7 +210,6 @@ impl Artifacts {
         let previous = known.insert(digest, Known::Compiling);
         drop(known);
         let this = self.clone();
-        let bytes = module.to_vec();
         tokio::spawn(async move {
             let outcome = this.find_or_compile(digest, bytes).await;
             let entry = match outcome {
@@ -235,6 +262,15 @@ impl Artifacts {
         }
     }
 
+    /// Whether module `module` was uploaded to `namespace`.
+    pub async fn is_uploaded(
+        &self,
+        namespace: &str,
+        module: Sha256Digest,
+    ) -> Result<bool, jobico_store::ModuleStoreError> {
+        self.uploads.exists(namespace, module).await
+    }
+
     /// The uploaded module `module` of `namespace` (`None` when it was never uploaded there).
     pub async fn uploaded_module(
         &self,
@@ -253,7 +289,7 @@ impl Artifacts {
     async fn find_or_compile(
         &self,
         module: Sha256Digest,
-        bytes: Vec<u8>,
+        bytes: impl std::future::Future<Output = Result<Vec<u8>, String>>,
     ) -> Result<Compiled, String> {
         let name = self.name(module);
         match self.store.info(&name).await {
@@ -276,6 +312,7 @@ impl Artifacts {
             .acquire()
             .await
             .map_err(|e| e.to_string())?;
+        let bytes = bytes.await?;
         let compiler = self.compiler.clone();
         let started = Instant::now();
         let code = tokio::task::spawn_blocking(move || compiler.precompile("module.wasm", &bytes))
@@ -371,14 +408,15 @@ impl Artifacts {
             let Ok(module) = Sha256Digest::parse(module) else {
                 return refuse(StatusCode::NOT_FOUND, "no such module");
             };
-            return match self.uploads.get(namespace, module).await {
-                Ok(Some(bytes)) => Response::builder()
+            // Streamed, like artifacts: the executor checks the digest of what it receives.
+            return match self.uploads.reader(namespace, module).await {
+                Ok(Some((object, size))) => Response::builder()
                     .status(StatusCode::OK)
                     .header(hyper::header::CONTENT_TYPE, "application/wasm")
-                    .header(hyper::header::CONTENT_LENGTH, bytes.len())
-                    .body(BodyExt::boxed_unsync(
-                        Full::new(Bytes::from(bytes)).map_err(|never| match never {}),
-                    ))
+                    .header(hyper::header::CONTENT_LENGTH, size)
+                    .body(BodyExt::boxed_unsync(StreamBody::new(
+                        ReaderStream::new(object).map_ok(Frame::data),
+                    )))
                     .expect("a valid response"),
                 Ok(None) => refuse(StatusCode::NOT_FOUND, "no such uploaded module"),
                 Err(error) => {

@@ -125,30 +125,29 @@ pub enum InputsError {
     Modules(#[from] ModuleStoreError),
 }
 
-/// The uploaded module `digest` of `spec` (`wasm: sha256:<digest>`), read from the module
-/// store through `artifacts` (the dispatcher's artifact server carries it to pods), or what
-/// keeps it from running, as a sentence saying how to fix it.
-pub async fn uploaded_module(
+/// What keeps the uploaded module `digest` of `spec` (`wasm: sha256:<digest>`) from running,
+/// as a sentence saying how to fix it; `None` when it is in the module store, where `artifacts`
+/// (the dispatcher's artifact server, which carries it to pods) reads it.
+pub async fn uploaded_module_problem(
     artifacts: Option<&Artifacts>,
     owner: &JobicoJob,
     spec: &EventSpec,
     digest: Sha256Digest,
-) -> Result<Result<Vec<u8>, String>, ModuleStoreError> {
+) -> Result<Option<String>, ModuleStoreError> {
     let namespace = owner.metadata.namespace.as_deref().unwrap_or_default();
     let resource = owner.metadata.name.as_deref().unwrap_or_default();
     let Some(artifacts) = artifacts else {
-        return Ok(Err(format!(
+        return Ok(Some(format!(
             "event {:?}: module sha256:{digest} is an uploaded module, which this dispatcher cannot carry to pods: it runs without --artifacts-url",
             spec.name
         )));
     };
-    Ok(match artifacts.uploaded_module(namespace, digest).await? {
-        Some(bytes) => Ok(bytes),
-        None => Err(format!(
+    Ok((!artifacts.is_uploaded(namespace, digest).await?).then(|| {
+        format!(
             "event {:?}: module sha256:{digest} was not uploaded to namespace {namespace}; upload it with `jobico module upload {resource} FILE.wasm -n {namespace}` (PUT /modules/{namespace}/{resource} on the ingress)",
             spec.name
-        )),
-    })
+        )
+    }))
 }
 
 /// Every problem with the modules and schemas of `owner`'s events (empty when all are there);
@@ -171,26 +170,28 @@ pub async fn problems(
     };
     let mut problems = Vec::new();
     for spec in &owner.spec.events {
-        let module = match spec.module_ref() {
+        match spec.module_ref() {
             Some(ModuleRef::Uploaded(digest)) => {
-                uploaded_module(artifacts.map(Arc::as_ref), owner, spec, digest).await?
-            }
-            _ => match module_problem(owner, spec, modules.as_ref()) {
-                Some(problem) => Err(problem),
-                None => Ok(modules
-                    .as_ref()
-                    .and_then(|m| module_bytes(spec, m))
-                    .map(<[u8]>::to_vec)
-                    .unwrap_or_default()),
-            },
-        };
-        match module {
-            Ok(bytes) => {
-                if let Some(artifacts) = artifacts {
-                    artifacts.request(&bytes);
+                match uploaded_module_problem(artifacts.map(Arc::as_ref), owner, spec, digest)
+                    .await?
+                {
+                    Some(problem) => problems.push(problem),
+                    None => {
+                        if let Some(artifacts) = artifacts {
+                            artifacts.request_uploaded(namespace, digest);
+                        }
+                    }
                 }
             }
-            Err(problem) => problems.push(problem),
+            _ => match module_problem(owner, spec, modules.as_ref()) {
+                Some(problem) => problems.push(problem),
+                None => {
+                    let bytes = modules.as_ref().and_then(|m| module_bytes(spec, m));
+                    if let (Some(artifacts), Some(bytes)) = (artifacts, bytes) {
+                        artifacts.request(bytes);
+                    }
+                }
+            },
         }
         if !spec.schema.is_optional() {
             let schema = config_map(client, namespace, spec.schema.config_map_name()).await?;

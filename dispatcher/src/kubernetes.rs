@@ -245,26 +245,32 @@ impl KubeBackend {
         }
         let check = match spec.module_ref() {
             Some(ModuleRef::Uploaded(digest)) => {
-                let found = tokio::time::timeout(
+                let problem = tokio::time::timeout(
                     API_TIMEOUT,
-                    inputs::uploaded_module(self.artifacts.as_deref(), &batch.owner, spec, digest),
+                    inputs::uploaded_module_problem(
+                        self.artifacts.as_deref(),
+                        &batch.owner,
+                        spec,
+                        digest,
+                    ),
                 )
                 .await
                 .map_err(|_| "timed out".to_owned())
                 .and_then(|read| read.map_err(|e| e.to_string()))
                 .map_err(|reason| DispatchError::Retryable {
-                    reason: format!("reading uploaded module sha256:{digest}: {reason}"),
+                    reason: format!("looking up uploaded module sha256:{digest}: {reason}"),
                     retry_after: None,
                 })?;
-                match (found, &self.artifacts) {
-                    (Ok(bytes), Some(artifacts)) => ModuleCheck {
+                match (problem, &self.artifacts) {
+                    (None, Some(artifacts)) => ModuleCheck {
                         problem: None,
-                        compiled: artifacts.request(&bytes),
+                        compiled: artifacts.request_uploaded(&namespace, digest),
                         uploaded: Some(artifacts.uploaded(&namespace, digest)),
                     },
-                    (Ok(_), None) => unreachable!("read through the artifacts"),
-                    (Err(problem), _) => ModuleCheck {
-                        problem: Some(problem),
+                    (problem, _) => ModuleCheck {
+                        problem: Some(problem.unwrap_or_else(|| {
+                            "uploaded modules need the artifact server".to_owned()
+                        })),
                         ..ModuleCheck::default()
                     },
                 }

@@ -313,6 +313,80 @@ async fn a_missing_module_makes_the_resource_not_ready_naming_it_and_how_to_prov
 }
 
 #[tokio::test]
+async fn an_uploaded_module_not_uploaded_yet_makes_the_resource_not_ready_saying_how() {
+    let (_server, js) = nats().await;
+    let settings = ArtifactSettings {
+        base_url: "http://jobico-artifacts:8083".into(),
+        max_bytes: 1 << 30,
+        max_age: Duration::from_secs(3600),
+        replicas: 1,
+    };
+    let artifacts = Arc::new(
+        Artifacts::open(&js, Signer::ephemeral(), &settings)
+            .await
+            .unwrap(),
+    );
+    let dispatcher = Dispatcher::connect(
+        js,
+        Nothing,
+        Arc::new(Metrics::new()),
+        RetryPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumers = Arc::new(ConsumerSet::new(dispatcher, shutdown.clone()));
+    let (client, mut api) = verifier();
+    let ctx =
+        Arc::new(Context::new(client, consumers.clone(), None).with_artifacts(artifacts.clone()));
+    let digest = jobico_common::executor::Sha256Digest::of(b"a module of 3 MB");
+    let mut cr = (*sample("ev1.yaml")).clone();
+    cr.spec.events[0].wasm = format!("sha256:{digest}");
+    let cr = with_finalizer(cr);
+    // No module ConfigMap is read: the module is in the module store, or not.
+    let server = tokio::spawn(async move {
+        let (_, schema) = sample_config_maps();
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/default/configmaps/schema-ev1",
+            200,
+            schema,
+        )
+        .await;
+        let patch = api.expect("PATCH", &format!("{CR_PATH}/status?&force=true&fieldManager=jobico-dispatcher"), 200, json!({"apiVersion": "jobico.coeux.dev/v1", "kind": "Job", "metadata": {"name": "job-for-ev1"}, "spec": {"events": []}})).await;
+        api.expect(
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/default/events?",
+            201,
+            json!({}),
+        )
+        .await;
+        patch
+    });
+    controller::reconcile(cr, ctx).await.unwrap();
+    let patch = server.await.unwrap();
+    let condition = &patch["status"]["conditions"][0];
+    assert_eq!(
+        (condition["status"].as_str(), condition["reason"].as_str()),
+        (Some("False"), Some(controller::REASON_INPUTS_MISSING))
+    );
+    let message = condition["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "module sha256:{digest} was not uploaded to namespace default"
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains("jobico module upload job-for-ev1 FILE.wasm -n default"),
+        "{message}"
+    );
+    assert_eq!(artifacts.compilations(), 0);
+    shutdown.cancel();
+    consumers.shutdown().await;
+}
+
+#[tokio::test]
 async fn counters_are_added_with_an_optimistic_lock() {
     let (client, mut api) = verifier();
     let server = tokio::spawn(async move {

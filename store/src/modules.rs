@@ -16,6 +16,10 @@ pub const BUCKET: &str = "jobico-modules";
 /// Largest module accepted: 64 MiB, well above real programs (a Go `wasip1` binary or a Rust
 /// program with its dependencies is 1 to 5 MB).
 pub const MAX_MODULE_BYTES: usize = 64 << 20;
+/// Most bytes the store keeps, all namespaces together: uploads beyond it are refused (the
+/// stream discards new messages), so modules never crowd out the event streams on NATS'
+/// disk.
+pub const MAX_STORE_BYTES: i64 = 1 << 30;
 
 /// The object name of module `digest` in `namespace`.
 pub fn object_name(namespace: &str, digest: Sha256Digest) -> String {
@@ -48,6 +52,7 @@ impl ModuleStore {
                 .create_object_store(object_store::Config {
                     bucket: BUCKET.into(),
                     description: Some("Jobico: modules uploaded through the ingress".into()),
+                    max_bytes: MAX_STORE_BYTES,
                     num_replicas: replicas.max(1),
                     ..Default::default()
                 })
@@ -81,6 +86,38 @@ impl ModuleStore {
             .await
             .map_err(|e| ModuleStoreError(format!("storing {name}: {e}")))?;
         Ok((digest, false))
+    }
+
+    /// Whether module `digest` was uploaded to `namespace` (its bytes are not read).
+    pub async fn exists(
+        &self,
+        namespace: &str,
+        digest: Sha256Digest,
+    ) -> Result<bool, ModuleStoreError> {
+        let name = object_name(namespace, digest);
+        match self.store.info(&name).await {
+            Ok(info) => Ok(!info.deleted),
+            Err(error) if error.kind() == object_store::InfoErrorKind::NotFound => Ok(false),
+            Err(error) => Err(ModuleStoreError(format!("looking up {name}: {error}"))),
+        }
+    }
+
+    /// A reader of module `digest` of `namespace` and its size, `None` when it was never
+    /// uploaded there. Unchecked: for a reader that checks the digest itself (an executor).
+    pub async fn reader(
+        &self,
+        namespace: &str,
+        digest: Sha256Digest,
+    ) -> Result<Option<(object_store::Object, usize)>, ModuleStoreError> {
+        let name = object_name(namespace, digest);
+        match self.store.get(&name).await {
+            Ok(object) => {
+                let size = object.info().size;
+                Ok(Some((object, size)))
+            }
+            Err(error) if error.kind() == object_store::GetErrorKind::NotFound => Ok(None),
+            Err(error) => Err(ModuleStoreError(format!("reading {name}: {error}"))),
+        }
     }
 
     /// Module `digest` of `namespace`, `None` when it was never uploaded there. Bytes that do
@@ -132,6 +169,8 @@ mod tests {
         assert_eq!(digest, Sha256Digest::of(&module));
         assert!(!existed);
         assert!(store.put("team-a", &module).await.unwrap().1, "kept once");
+        assert!(store.exists("team-a", digest).await.unwrap());
+        assert!(!store.exists("team-b", digest).await.unwrap());
         assert_eq!(store.get("team-a", digest).await.unwrap(), Some(module));
         // Another namespace does not see it.
         assert_eq!(store.get("team-b", digest).await.unwrap(), None);
