@@ -254,6 +254,21 @@ async fn read_body(
         .map_err(|_| ApiError::BodyTimeout { timeout })?
 }
 
+/// Checks that the request's bearer token may do the `access` (built only when auth is on).
+async fn authorize(
+    req: &HttpRequest,
+    state: &AppState,
+    access: impl FnOnce() -> Access,
+) -> Result<(), ApiError> {
+    if !state.auth.is_on() {
+        return Ok(());
+    }
+    let authorization = header_str(req, header::AUTHORIZATION.as_str())?;
+    // Boxed: the Kubernetes check is a large future, and unboxed it would enlarge every
+    // request's future, auth on or off.
+    Box::pin(state.auth.check(authorization, &access())).await
+}
+
 fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Result<Option<&'a str>, ApiError> {
     req.headers()
         .get(name)
@@ -350,15 +365,7 @@ async fn keep_module(
             "{namespace:?}/{job:?} is not a namespace and a Job resource name (lowercase letters, digits, '-' and '.')"
         )));
     }
-    if state.auth.is_on() {
-        let authorization = header_str(req, header::AUTHORIZATION.as_str())?;
-        Box::pin(
-            state
-                .auth
-                .check(authorization, &Access::upload_module(namespace, job)),
-        )
-        .await?;
-    }
+    authorize(req, state, || Access::upload_module(namespace, job)).await?;
     let Ok(_slot) = state.module_uploads.try_acquire() else {
         return Err(ApiError::Unavailable {
             reason: format!(
@@ -432,21 +439,14 @@ async fn accept(
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
     let lookup = state.catalog.lookup(&namespace, &event);
-    if state.auth.is_on() {
+    authorize(req, state, || {
         let job = match &lookup {
             Lookup::Found(entry) => Some(entry.job.as_str()),
             _ => None,
         };
-        let authorization = header_str(req, header::AUTHORIZATION.as_str())?;
-        // Boxed: the Kubernetes check is a large future, and unboxed it would enlarge every
-        // request's future, auth on or off.
-        Box::pin(
-            state
-                .auth
-                .check(authorization, &Access::execute(&namespace, job)),
-        )
-        .await?;
-    }
+        Access::execute(&namespace, job)
+    })
+    .await?;
     let entry = match lookup {
         Lookup::Found(entry) => entry,
         Lookup::UnknownNamespace => return Err(ApiError::UnknownNamespace { namespace }),
@@ -562,13 +562,7 @@ async fn status(
     id: String,
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
-    if state.auth.is_on() {
-        let authorization = header_str(req, header::AUTHORIZATION.as_str())?;
-        state
-            .auth
-            .check(authorization, &Access::read_states(&namespace))
-            .await?;
-    }
+    authorize(req, state, || Access::read_states(&namespace)).await?;
     if EventId::parse(id.as_str()).is_err() {
         return Err(ApiError::UnknownEventId { namespace, id });
     }

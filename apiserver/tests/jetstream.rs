@@ -627,24 +627,9 @@ async fn a_publish_timeout_answers_the_assigned_ids_and_a_retry_with_them_stores
     assert_eq!(stream_messages(&context).await, 21);
 }
 
-/// A WebAssembly module of `size` bytes: the preamble, then one custom section of filler.
+/// A WebAssembly module of about `size` bytes: the preamble, then a custom section.
 fn module_of(size: usize) -> Vec<u8> {
-    let mut module = b"\0asm\x01\0\0\0".to_vec();
-    let payload = size - module.len() - 1 - 5;
-    module.push(0); // custom section
-    let mut length = payload as u32;
-    for i in 0..5 {
-        let mut byte = (length & 0x7f) as u8;
-        length >>= 7;
-        if i < 4 {
-            byte |= 0x80;
-        }
-        module.push(byte);
-    }
-    module.push(1); // name length
-    module.push(b'x');
-    module.resize(size, 7);
-    module
+    jobico_testkit::with_custom_section(b"\0asm\x01\0\0\0".to_vec(), size)
 }
 
 #[actix_web::test]

@@ -449,16 +449,8 @@ fn module_upload_puts_a_large_module_into_the_store_through_the_ingress() {
     let up = Up::start(&repo(), &["--nats", &nats.url()]);
     let dir = tempfile::tempdir().unwrap();
     // samples/echo.wasm with a 1.5 MiB custom section: past a ConfigMap's 1 MiB.
-    let mut module = std::fs::read(repo().join("samples/echo.wasm")).unwrap();
-    let padding = 3 << 19;
-    module.push(0);
-    let mut length = (padding + 2) as u32;
-    for i in 0..5 {
-        module.push((length & 0x7f) as u8 | if i < 4 { 0x80 } else { 0 });
-        length >>= 7;
-    }
-    module.extend([1, b'p']);
-    module.resize(module.len() + padding, 0);
+    let echo = std::fs::read(repo().join("samples/echo.wasm")).unwrap();
+    let module = jobico_testkit::with_custom_section(echo, 3 << 19);
     let file = dir.path().join("big.wasm");
     std::fs::write(&file, &module).unwrap();
     let digest = jobico_common::executor::Sha256Digest::of(&module);

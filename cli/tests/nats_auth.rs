@@ -436,26 +436,23 @@ async fn only_jobico_users_connect_and_each_does_its_work_and_nothing_more() {
         );
     }
 
-    // Uploaded modules: the ingress keeps one (2 MiB, several chunks), the dispatcher reads it
-    // back through its artifacts, and cannot write one itself.
+    // Uploaded modules: the ingress keeps one (2 MiB, several chunks).
     let big: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
     let uploads = jobico_store::ModuleStore::open(&js, 1).await.unwrap();
     let (digest, _) = uploads.put("default", &big).await.unwrap();
+
+    // With the dispatcher's: no events of its own making, no deleting or purging an event
+    // stream; reading uploaded modules (and looking them up), never writing one.
+    let js = context(&url, &dispatcher_auth, DISPATCHER_INBOX).await;
+    let uploads = jobico_store::ModuleStore::open(&js, 1).await.unwrap();
+    assert!(uploads.exists("default", digest).await.unwrap());
     assert_eq!(
-        artifacts.uploaded_module("default", digest).await.unwrap(),
+        uploads.get("default", digest).await.unwrap(),
         Some(big),
         "{:?}",
         violations(&server)
     );
-
-    // With the dispatcher's: no events of its own making, no deleting or purging an event
-    // stream, no uploading modules.
-    let js = context(&url, &dispatcher_auth, DISPATCHER_INBOX).await;
-    let forged_module = jobico_store::ModuleStore::open(&js, 1)
-        .await
-        .unwrap()
-        .put("default", b"\0asm\x01\0\0\0forged")
-        .await;
+    let forged_module = uploads.put("default", b"\0asm\x01\0\0\0forged").await;
     assert!(forged_module.is_err(), "the dispatcher wrote a module");
     let forged = js
         .publish(event_subject("default", "ev1", "forged"), "{}".into())

@@ -94,20 +94,45 @@ impl UploadedModuleRef {
     /// Reads it from the environment through `lookup`: `None` when none of its variables is
     /// set, an error when only some are or one is malformed.
     pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, String> {
-        let [url, digest, token] = MODULE_VARS.map(&lookup);
-        if url.is_none() && digest.is_none() && token.is_none() {
+        let Some([url, digest, token]) = all_or_none(lookup, MODULE_VARS, "JOBICO_MODULE_")? else {
             return Ok(None);
-        }
-        let missing =
-            |name: &str| format!("{name} is not set, though other JOBICO_MODULE_ variables are");
-        let url = url.ok_or_else(|| missing(MODULE_URL_VAR))?;
-        if !url.starts_with("http://") {
-            return Err(format!("{MODULE_URL_VAR} {url:?} is not an http:// URL"));
-        }
-        let digest = Sha256Digest::parse(&digest.ok_or_else(|| missing(MODULE_DIGEST_VAR))?)
-            .map_err(|e| format!("{MODULE_DIGEST_VAR}: {e}"))?;
-        let token = token.ok_or_else(|| missing(MODULE_TOKEN_VAR))?;
-        Ok(Some(Self { url, digest, token }))
+        };
+        Ok(Some(Self {
+            url: http_url(MODULE_URL_VAR, url)?,
+            digest: Sha256Digest::parse(&digest)
+                .map_err(|e| format!("{MODULE_DIGEST_VAR}: {e}"))?,
+            token,
+        }))
+    }
+}
+
+/// The values of the variables `names` through `lookup`: `None` when none is set, an error
+/// naming the first one missing when only some are (`family`: their common prefix).
+fn all_or_none<const N: usize>(
+    lookup: impl Fn(&str) -> Option<String>,
+    names: [&str; N],
+    family: &str,
+) -> Result<Option<[String; N]>, String> {
+    let values = names.map(&lookup);
+    if values.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let mut read = Vec::with_capacity(N);
+    for (value, name) in values.into_iter().zip(names) {
+        read.push(
+            value
+                .ok_or_else(|| format!("{name} is not set, though other {family} variables are"))?,
+        );
+    }
+    Ok(Some(read.try_into().expect("N values")))
+}
+
+/// `value`, the variable `name`, when it is an `http://` URL.
+fn http_url(name: &str, value: String) -> Result<String, String> {
+    if value.starts_with("http://") {
+        Ok(value)
+    } else {
+        Err(format!("{name} {value:?} is not an http:// URL"))
     }
 }
 
@@ -193,29 +218,17 @@ impl ArtifactRef {
     /// Reads it from the environment through `lookup`: `None` when none of its variables is
     /// set, an error when only some are or one is malformed.
     pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, String> {
-        let values: Vec<Option<String>> = ARTIFACT_VARS.iter().map(|name| lookup(name)).collect();
-        if values.iter().all(Option::is_none) {
+        let Some([url, digest, module, token]) =
+            all_or_none(lookup, ARTIFACT_VARS, "JOBICO_ARTIFACT_")?
+        else {
             return Ok(None);
-        }
-        let mut values = values.into_iter().zip(ARTIFACT_VARS).map(|(value, name)| {
-            value.ok_or_else(|| {
-                format!("{name} is not set, though other JOBICO_ARTIFACT_ variables are")
-            })
-        });
-        let mut next = || values.next().expect("four variables");
-        let url = next()?;
-        if !url.starts_with("http://") {
-            return Err(format!("{ARTIFACT_URL_VAR} {url:?} is not an http:// URL"));
-        }
-        let digest =
-            Sha256Digest::parse(&next()?).map_err(|e| format!("{ARTIFACT_DIGEST_VAR}: {e}"))?;
-        let module =
-            Sha256Digest::parse(&next()?).map_err(|e| format!("{ARTIFACT_MODULE_VAR}: {e}"))?;
-        let token = next()?;
+        };
         Ok(Some(Self {
-            url,
-            digest,
-            module,
+            url: http_url(ARTIFACT_URL_VAR, url)?,
+            digest: Sha256Digest::parse(&digest)
+                .map_err(|e| format!("{ARTIFACT_DIGEST_VAR}: {e}"))?,
+            module: Sha256Digest::parse(&module)
+                .map_err(|e| format!("{ARTIFACT_MODULE_VAR}: {e}"))?,
             token,
         }))
     }

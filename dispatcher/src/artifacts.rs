@@ -271,15 +271,6 @@ impl Artifacts {
         self.uploads.exists(namespace, module).await
     }
 
-    /// The uploaded module `module` of `namespace` (`None` when it was never uploaded there).
-    pub async fn uploaded_module(
-        &self,
-        namespace: &str,
-        module: Sha256Digest,
-    ) -> Result<Option<Vec<u8>>, jobico_store::ModuleStoreError> {
-        self.uploads.get(namespace, module).await
-    }
-
     /// The object name of `module`'s code for this engine.
     fn name(&self, module: Sha256Digest) -> String {
         format!("{module}.{}", self.engine_tag)
@@ -410,14 +401,7 @@ impl Artifacts {
             };
             // Streamed, like artifacts: the executor checks the digest of what it receives.
             return match self.uploads.reader(namespace, module).await {
-                Ok(Some((object, size))) => Response::builder()
-                    .status(StatusCode::OK)
-                    .header(hyper::header::CONTENT_TYPE, "application/wasm")
-                    .header(hyper::header::CONTENT_LENGTH, size)
-                    .body(BodyExt::boxed_unsync(StreamBody::new(
-                        ReaderStream::new(object).map_ok(Frame::data),
-                    )))
-                    .expect("a valid response"),
+                Ok(Some((object, size))) => streamed("application/wasm", size, object),
                 Ok(None) => refuse(StatusCode::NOT_FOUND, "no such uploaded module"),
                 Err(error) => {
                     tracing::warn!(name, %error, "cannot read an uploaded module");
@@ -431,14 +415,7 @@ impl Artifacts {
         match self.store.get(name).await {
             Ok(object) => {
                 let size = object.info().size;
-                let stream = ReaderStream::new(object).map_ok(Frame::data);
-                let body = BodyExt::boxed_unsync(StreamBody::new(stream));
-                Response::builder()
-                    .status(StatusCode::OK)
-                    .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
-                    .header(hyper::header::CONTENT_LENGTH, size)
-                    .body(body)
-                    .expect("a valid response")
+                streamed("application/octet-stream", size, object)
             }
             Err(error) if error.kind() == object_store::GetErrorKind::NotFound => refuse(
                 StatusCode::NOT_FOUND,
@@ -456,6 +433,21 @@ impl Artifacts {
 }
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// A 200 streaming `size` bytes of `object` out of the store.
+fn streamed(
+    content_type: &'static str,
+    size: usize,
+    object: object_store::Object,
+) -> Response<Body> {
+    let stream = ReaderStream::new(object).map_ok(Frame::data);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .header(hyper::header::CONTENT_LENGTH, size)
+        .body(BodyExt::boxed_unsync(StreamBody::new(stream)))
+        .expect("a valid response")
+}
 
 fn text(status: StatusCode, message: &str) -> Response<Body> {
     Response::builder()

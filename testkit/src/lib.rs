@@ -25,6 +25,21 @@ use std::time::{Duration, Instant};
 /// only matters on a very loaded machine.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// `module` (a WebAssembly binary) with a custom section of `filler` bytes appended: the same
+/// program, as large as a test needs (past a ConfigMap's 1 MiB, say).
+pub fn with_custom_section(mut module: Vec<u8>, filler: usize) -> Vec<u8> {
+    // Section id 0, its size as a 5-byte LEB128, a 1-byte name, then the filler.
+    let mut size = u32::try_from(filler + 2).expect("a section below 4 GiB");
+    module.push(0);
+    for i in 0..5 {
+        module.push((size & 0x7f) as u8 | if i < 4 { 0x80 } else { 0 });
+        size >>= 7;
+    }
+    module.extend([1, b'p']);
+    module.resize(module.len() + filler, 0);
+    module
+}
+
 /// A loopback port nothing listens on now (bound and released; a later bind by someone else
 /// may take it, so use it at once).
 pub fn free_port() -> u16 {

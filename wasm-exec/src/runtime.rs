@@ -188,25 +188,9 @@ impl Runtime {
         bytes: &[u8],
         artifact: Option<&ArtifactRef>,
     ) -> Result<(Module, ModuleLoad), Error> {
-        let started = Instant::now();
-        let mut refused = None;
-        if let Some(artifact) = artifact {
-            match self.load_artifact(name, artifact, Sha256Digest::of(bytes)) {
-                Ok(module) => {
-                    return Ok((module, ModuleLoad::since(ModuleSource::Artifact, started)));
-                }
-                Err(reason) => {
-                    tracing::warn!(module = name, artifact = ?artifact.digest, reason, "artifact refused, compiling the module instead");
-                    refused = Some(jobico_common::summary::cut(&reason, MAX_REFUSAL_TEXT));
-                }
-            }
-        }
-        let (module, source) = self.load_bytes_from(name, bytes)?;
-        let load = ModuleLoad {
-            artifact_refused: refused,
-            ..ModuleLoad::since(source, started)
-        };
-        Ok((module, load))
+        self.load_preferring_artifact(name, Sha256Digest::of(bytes), artifact, || {
+            Ok(std::borrow::Cow::Borrowed(bytes))
+        })
     }
 
     /// Loads the uploaded `module` the Job names: from the dispatcher's compiled `artifact`
@@ -218,25 +202,41 @@ impl Runtime {
         module: &UploadedModuleRef,
         artifact: Option<&ArtifactRef>,
     ) -> Result<(Module, ModuleLoad), Error> {
-        let started = Instant::now();
         let name = format!("sha256:{}", module.digest);
+        self.load_preferring_artifact(&name, module.digest, artifact, || {
+            crate::artifact::fetch_module(module)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|reason| Error::Fetch {
+                    module: name.clone(),
+                    reason,
+                })
+        })
+    }
+
+    /// The module whose digest is `module`: from `artifact` when there is one and it verifies
+    /// and loads; otherwise from the bytes `wasm` gives (read only then), through the cache or
+    /// compiled, with the reason the artifact was refused.
+    fn load_preferring_artifact<'b>(
+        &self,
+        name: &str,
+        module: Sha256Digest,
+        artifact: Option<&ArtifactRef>,
+        wasm: impl FnOnce() -> Result<std::borrow::Cow<'b, [u8]>, Error>,
+    ) -> Result<(Module, ModuleLoad), Error> {
+        let started = Instant::now();
         let mut refused = None;
         if let Some(artifact) = artifact {
-            match self.load_artifact(&name, artifact, module.digest) {
+            match self.load_artifact(name, artifact, module) {
                 Ok(loaded) => {
                     return Ok((loaded, ModuleLoad::since(ModuleSource::Artifact, started)));
                 }
                 Err(reason) => {
-                    tracing::warn!(module = name, artifact = ?artifact.digest, reason, "artifact refused, fetching the module to compile it");
+                    tracing::warn!(module = name, artifact = ?artifact.digest, reason, "artifact refused, loading the module itself");
                     refused = Some(jobico_common::summary::cut(&reason, MAX_REFUSAL_TEXT));
                 }
             }
         }
-        let bytes = crate::artifact::fetch_module(module).map_err(|reason| Error::Fetch {
-            module: name.clone(),
-            reason,
-        })?;
-        let (loaded, source) = self.load_bytes_from(&name, &bytes)?;
+        let (loaded, source) = self.load_bytes_from(name, &wasm()?)?;
         let load = ModuleLoad {
             artifact_refused: refused,
             ..ModuleLoad::since(source, started)

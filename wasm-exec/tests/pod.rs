@@ -378,16 +378,7 @@ async fn pods_run_an_uploaded_module_too_large_for_a_configmap() {
     // 1 MiB of a ConfigMap.
     let echo =
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/echo.wasm")).unwrap();
-    let padding = 3 << 19;
-    let mut module = echo;
-    module.push(0);
-    let mut length = (padding + 2) as u32;
-    for i in 0..5 {
-        module.push((length & 0x7f) as u8 | if i < 4 { 0x80 } else { 0 });
-        length >>= 7;
-    }
-    module.extend([1, b'p']);
-    module.resize(module.len() + padding, 0);
+    let module = jobico_testkit::with_custom_section(echo, 3 << 19);
     let digest = Sha256Digest::of(&module);
     let mut owner = (*sample_owner).clone();
     owner.spec.events[0].wasm = format!("sha256:{digest}");
