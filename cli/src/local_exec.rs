@@ -143,6 +143,21 @@ impl Modules {
         keys.sort();
         for key in keys {
             let entry = &events[&key];
+            let env = jobico_model::env::resolve(
+                &entry.namespace,
+                &entry.spec,
+                &manifest.env_sources(&entry.namespace, &entry.spec),
+            );
+            let env = match env {
+                Ok(env) => env,
+                Err(problems) => {
+                    failures.push(Unloadable {
+                        key,
+                        reason: problems.join("; "),
+                    });
+                    continue;
+                }
+            };
             let loaded = module_bytes(module_dirs, manifest, &entry.namespace, &entry.job, &entry.spec)
                 .and_then(|(origin, bytes)| {
                     if let Some(module) = compiled.get(&bytes) {
@@ -158,14 +173,9 @@ impl Modules {
             match loaded {
                 Ok(module) => {
                     let capabilities = Capabilities {
-                        env: entry
-                            .spec
-                            .env
-                            .iter()
-                            .map(|v| EnvVar {
-                                name: v.name.clone(),
-                                value: v.value.clone(),
-                            })
+                        env: env
+                            .into_iter()
+                            .map(|(name, value)| EnvVar { name, value })
                             .collect(),
                         ..Capabilities::default()
                     };

@@ -60,6 +60,41 @@ pub const MODULE_TOKEN_VAR: &str = "JOBICO_MODULE_TOKEN";
 /// [`ARTIFACT_VARS`], written by the dispatcher alone.
 pub const MODULE_VARS: [&str; 3] = [MODULE_URL_VAR, MODULE_DIGEST_VAR, MODULE_TOKEN_VAR];
 
+/// The prefix of the executor container's variables that are the guest's: `wasm-exec` grants
+/// each `JOBICO_GUEST_<NAME>` of its own environment to the guest as `<NAME>` (see
+/// [`guest_env`]), and nothing else of its environment. The dispatcher writes them after the
+/// template has rendered (values written out, or `valueFrom`/`envFrom` references the kubelet
+/// resolves), replacing whatever the template wrote under this prefix.
+pub const GUEST_ENV_PREFIX: &str = "JOBICO_GUEST_";
+
+/// Most bytes the guest's variables from references may take in the executor's `execve`
+/// (each `NAME=value` with its NUL and pointer): 1 MiB of events and the executor's own
+/// variables leave about 1 MiB of `ARG_MAX`; a quarter of it keeps a wide margin.
+pub const MAX_GUEST_ENV_BYTES: usize = 256 << 10;
+
+/// The guest's variables in an environment (`vars`: the executor's own, in order): every
+/// `JOBICO_GUEST_<NAME>=value` as `(NAME, value)`, a later one replacing an earlier of the same
+/// name. Variables that are not UTF-8 are skipped (WASI takes strings).
+pub fn guest_env(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Vec<(String, String)> {
+    let mut granted: Vec<(String, String)> = Vec::new();
+    for (name, value) in vars {
+        let (Some(name), Some(value)) = (name.to_str(), value.to_str()) else {
+            continue;
+        };
+        let Some(name) = name
+            .strip_prefix(GUEST_ENV_PREFIX)
+            .filter(|n| !n.is_empty())
+        else {
+            continue;
+        };
+        granted.retain(|(n, _)| n != name);
+        granted.push((name.to_owned(), value.to_owned()));
+    }
+    granted
+}
+
 /// An uploaded module a Job runs, which no volume carries into the pod: where the executor
 /// fetches it, what it must hash to, and the token that lets this Job fetch it.
 #[derive(Clone, PartialEq, Eq)]
@@ -237,6 +272,26 @@ impl ArtifactRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guest_gets_its_prefixed_variables_and_nothing_else() {
+        let vars = [
+            ("JOBICO_EVENTS", "[]"),
+            ("JOBICO_GUEST_DB_URL", "postgres://db"),
+            ("JOBICO_GUEST_", "no name"),
+            ("PATH", "/bin"),
+            ("JOBICO_GUEST_MODE", "first"),
+            ("JOBICO_GUEST_MODE", "second"),
+            ("JOBICO_GUEST_cfg.key", "dotted"),
+        ]
+        .map(|(n, v)| (n.into(), v.into()));
+        let granted = guest_env(vars);
+        let names: Vec<_> = granted.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        assert_eq!(
+            names,
+            ["DB_URL=postgres://db", "MODE=second", "cfg.key=dotted"]
+        );
+    }
 
     #[test]
     fn uploaded_module_refs_round_trip_through_the_environment() {

@@ -1,6 +1,7 @@
 //! What a resource's events need in the cluster besides the resource itself: the module
 //! ConfigMap holding each event's `.wasm` (or, for `wasm: sha256:<digest>`, the module uploaded
-//! to the namespace's module store) and the schema ConfigMap of each event. They are
+//! to the namespace's module store), the schema ConfigMap of each event, and the ConfigMaps
+//! and granted Secrets its `env`/`envFrom` read. They are
 //! checked when the resource is reconciled (a missing one makes it `Ready=False`, naming it
 //! and saying how to provide it) and before each batch is claimed (its events are then held in
 //! the stream instead of becoming Jobs whose pods wait forever for a volume).
@@ -8,9 +9,10 @@
 use std::sync::Arc;
 
 use jobico_common::executor::Sha256Digest;
+use jobico_model::env::{self, Source, SourceKind, Sources};
 use jobico_model::{EventSpec, Job as JobicoJob, ModuleRef};
 use jobico_store::ModuleStoreError;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 
 use crate::artifacts::Artifacts;
@@ -114,6 +116,37 @@ pub async fn config_map(
         .await
 }
 
+/// What keeps the module's variables of `spec` (an event of `namespace`) from being given to
+/// it: a ConfigMap or Secret or key that is missing (and not optional), a Secret not granted
+/// to modules, values too large (see [`jobico_model::env`]). Each object is read once; the
+/// values read are used for the check only. Empty when the event reads none.
+pub async fn env_problems(
+    client: &kube::Client,
+    namespace: &str,
+    spec: &EventSpec,
+) -> Result<Vec<String>, kube::Error> {
+    let mut sources = Sources::new();
+    for reference in spec.env_references() {
+        let key = (reference.kind, reference.name.to_owned());
+        if sources.contains_key(&key) {
+            continue;
+        }
+        let source = match reference.kind {
+            SourceKind::ConfigMap => config_map(client, namespace, reference.name)
+                .await?
+                .map(|map| Source::from_config_map(&map)),
+            SourceKind::Secret => Api::<Secret>::namespaced(client.clone(), namespace)
+                .get_opt(reference.name)
+                .await?
+                .map(|secret| Source::from_secret(&secret)),
+        };
+        sources.insert(key, source);
+    }
+    Ok(env::resolve(namespace, spec, &sources)
+        .err()
+        .unwrap_or_default())
+}
+
 /// Why the inputs could not be checked.
 #[derive(Debug, thiserror::Error)]
 pub enum InputsError {
@@ -197,6 +230,7 @@ pub async fn problems(
             let schema = config_map(client, namespace, spec.schema.config_map_name()).await?;
             problems.extend(schema_problem(owner, spec, schema.as_ref()));
         }
+        problems.extend(env_problems(client, namespace, spec).await?);
     }
     Ok(problems)
 }

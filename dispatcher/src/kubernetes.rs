@@ -38,6 +38,8 @@ type EventKey = (String, String);
 type TemplateKey = (String, String, String);
 /// A module check key: (namespace, ConfigMap name, data key).
 type ModuleKey = (String, String, String);
+/// An environment check key: (namespace, the event's `env` and `envFrom` as JSON).
+type EnvKey = (String, String);
 
 /// Active Jobs per (namespace, event), kept by the state tracker's Job watch and by creates.
 #[derive(Debug, Clone, Default)]
@@ -93,6 +95,7 @@ pub struct KubeBackend {
     renderer: Renderer,
     templates: Mutex<HashMap<TemplateKey, (Instant, String)>>,
     modules: Mutex<HashMap<ModuleKey, (Instant, ModuleCheck)>>,
+    env_checks: Mutex<HashMap<EnvKey, (Instant, Option<String>)>>,
     artifacts: Option<Arc<Artifacts>>,
     module_check_ttl: Duration,
     claim_settle: Duration,
@@ -190,6 +193,7 @@ impl KubeBackend {
             renderer,
             templates: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
+            env_checks: Mutex::new(HashMap::new()),
             artifacts: None,
             module_check_ttl: MODULE_CHECK_TTL,
             claim_settle: CLAIM_SETTLE,
@@ -300,6 +304,38 @@ impl KubeBackend {
             .expect("module cache")
             .insert(key, (Instant::now(), check.clone()));
         Ok(check)
+    }
+
+    /// What keeps the module's variables of the batch's event from being given to it (see
+    /// [`inputs::env_problems`]), from a check at most the module check's TTL old: a Secret
+    /// created or granted while events are held is noticed within that time.
+    async fn env_check(&self, batch: &Batch) -> Result<Option<String>, DispatchError> {
+        let Some(spec) = batch.spec().filter(|spec| spec.env_has_references()) else {
+            return Ok(None);
+        };
+        let namespace = batch.namespace().to_owned();
+        let declared = serde_json::to_string(&(&spec.env, &spec.env_from))
+            .expect("the environment serialises");
+        let key = (namespace.clone(), declared);
+        if let Some((at, problem)) = self.env_checks.lock().expect("env cache").get(&key)
+            && at.elapsed() < self.module_check_ttl
+        {
+            return Ok(problem.clone());
+        }
+        let problems = bounded(
+            &format!(
+                "reading the ConfigMaps and Secrets of event {namespace}/{}",
+                spec.name
+            ),
+            inputs::env_problems(&self.client, &namespace, spec),
+        )
+        .await?;
+        let problem = (!problems.is_empty()).then(|| problems.join("; "));
+        self.env_checks
+            .lock()
+            .expect("env cache")
+            .insert(key, (Instant::now(), problem.clone()));
+        Ok(problem)
     }
 
     /// The resource's own template source, if it names one (read from its ConfigMap, cached
@@ -477,7 +513,10 @@ impl Backend for KubeBackend {
     }
 
     async fn ready(&self, batch: &Batch) -> Result<(), DispatchError> {
-        match self.module_check(batch).await?.problem {
+        if let Some(reason) = self.module_check(batch).await?.problem {
+            return Err(DispatchError::Held { reason });
+        }
+        match self.env_check(batch).await? {
             Some(reason) => Err(DispatchError::Held { reason }),
             None => Ok(()),
         }

@@ -26,7 +26,10 @@
 //!   `.cwasm` from a ConfigMap as native code: see [`jobico_common::executor`]);
 //! - environment values written out (no `valueFrom`, `envFrom`), so the size of the process's
 //!   environment is known here: every string within `MAX_ARG_STRLEN` and all together within
-//!   [`MAX_EXEC_ENV_BYTES`];
+//!   [`MAX_EXEC_ENV_BYTES`]. The one exception is the module's own variables
+//!   (`JOBICO_GUEST_*`), which the dispatcher writes after the template has rendered, removing
+//!   whatever the template wrote under that prefix: keys of ConfigMaps and of Secrets granted
+//!   to modules, whose values it has checked fit [`MAX_GUEST_ENV_BYTES`], reserved here;
 //! - the Job runs its pod once (`restartPolicy: Never`, no parallelism, completions or
 //!   manual selector, not managed by another controller), keeps the dispatcher's
 //!   `podFailurePolicy` and its one owner reference, writes its termination message where the
@@ -35,7 +38,7 @@
 use std::fmt;
 
 use jobico_common::envelope::{MAX_ARG_STRLEN, MAX_EXEC_ENV_BYTES};
-use jobico_common::executor::operator_only_flag;
+use jobico_common::executor::{GUEST_ENV_PREFIX, MAX_GUEST_ENV_BYTES, operator_only_flag};
 use jobico_common::state::exit;
 use k8s_openapi::api::batch::v1::{
     Job as BatchJob, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
@@ -396,7 +399,6 @@ fn check_container(
         ("readinessProbe", container.readiness_probe.is_some()),
         ("startupProbe", container.startup_probe.is_some()),
         ("restartPolicy", container.restart_policy.is_some()),
-        ("envFrom", container.env_from.is_some()),
         (
             "volumeDevices",
             !container.volume_devices.as_ref().is_none_or(Vec::is_empty),
@@ -551,11 +553,30 @@ fn check_exec_strings(v: &mut Violations, path: &str, container: &Container) {
             ),
         );
     }
+    // The module's variables from ConfigMaps and Secrets (which the dispatcher writes, after
+    // checking that each Secret is granted and that all fit in MAX_GUEST_ENV_BYTES) are the
+    // only references: everything else is written out, so its size is known here.
+    let mut referenced = false;
+    for (i, from) in container.env_from.iter().flatten().enumerate() {
+        referenced = true;
+        v.require(
+            from.prefix
+                .as_deref()
+                .is_some_and(|p| p.starts_with(GUEST_ENV_PREFIX)),
+            format!("{path}.envFrom[{i}]"),
+            &format!("must be unset: only the module's variables ({GUEST_ENV_PREFIX}*, written by the dispatcher) come from references"),
+        );
+    }
     for (i, var) in container.env.iter().flatten().enumerate() {
-        if var.value_from.is_some() {
-            v.push(
+        if let Some(from) = &var.value_from {
+            referenced = true;
+            let guest = var.name.starts_with(GUEST_ENV_PREFIX)
+                && from.field_ref.is_none()
+                && from.resource_field_ref.is_none();
+            v.require(
+                guest,
                 format!("{path}.env[{i}].valueFrom"),
-                "must be unset: values are written out, so their size is known",
+                &format!("must be unset: values are written out, so their size is known (only the module's variables, {GUEST_ENV_PREFIX}*, written by the dispatcher, come from ConfigMaps and Secrets)"),
             );
         }
         let bytes = var.name.len() + 1 + var.value.as_deref().map_or(0, str::len) + 1;
@@ -568,6 +589,9 @@ fn check_exec_strings(v: &mut Violations, path: &str, container: &Container) {
                 var.name
             ),
         );
+    }
+    if referenced {
+        total += MAX_GUEST_ENV_BYTES;
     }
     v.require(
         total <= MAX_EXEC_ENV_BYTES,

@@ -12,12 +12,17 @@ use std::sync::Mutex;
 
 use handlebars::{Context, Handlebars, Helper, HelperResult, Output, RenderContext};
 use jobico_common::envelope::{EnvEntry, EventsTooLarge, MAX_EVENTS_BYTES, split_events};
-use jobico_common::executor::{ARTIFACT_VARS, ArtifactRef, MODULE_VARS, UploadedModuleRef};
+use jobico_common::executor::{
+    ARTIFACT_VARS, ArtifactRef, GUEST_ENV_PREFIX, MODULE_VARS, UploadedModuleRef,
+};
 use jobico_common::state::exit;
 use jobico_common::{EventId, EventRecord, id::MAX_EVENT_ID_LEN};
 use jobico_model::{EventSpec, Job as JobicoJob};
 use k8s_openapi::api::batch::v1::Job as BatchJob;
-use k8s_openapi::api::core::v1::EnvVar;
+use k8s_openapi::api::core::v1::{
+    ConfigMapEnvSource, ConfigMapKeySelector, EnvFromSource, EnvVar, EnvVarSource, SecretEnvSource,
+    SecretKeySelector,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -111,7 +116,8 @@ pub struct TemplateContext {
     pub owner: BTreeMap<&'static str, String>,
     /// The executor image (`--exec-image`).
     pub image: String,
-    /// The container arguments (`run` and one `--env NAME=VALUE` per granted variable).
+    /// The container arguments (`run`). The module's variables (`events[].env`, `envFrom`)
+    /// are written by the dispatcher after rendering, as `JOBICO_GUEST_<NAME>` variables.
     pub args: Vec<String>,
     /// The executor container's environment, as `{name, value}` entries: `JOBICO_MODULE`,
     /// the events (`JOBICO_EVENTS`, or `JOBICO_EVENTS_PARTS` and its parts: see
@@ -274,11 +280,9 @@ impl Renderer {
         if let Some(fuel) = &fuel {
             env.push(entry("JOBICO_FUEL", fuel.clone()));
         }
-        let mut args = vec!["run".to_owned()];
-        for var in &spec.env {
-            args.push("--env".to_owned());
-            args.push(format!("{}={}", var.name, var.value));
-        }
+        // The guest's variables are not arguments: the dispatcher writes them into the
+        // environment after the template has rendered (see `set_guest_env`).
+        let args = vec!["run".to_owned()];
         let resources = match &owner.spec.resources {
             Some(resources) => serde_json::to_value(resources).expect("resources serialise"),
             None => json!({
@@ -385,6 +389,10 @@ impl Renderer {
                 .extend(context.annotations.clone());
         }
         set_delivery(&mut job, delivery, &context.module["key"]);
+        let spec = batch
+            .spec()
+            .ok_or_else(|| RenderError::UnknownEvent(batch.event.clone()))?;
+        set_guest_env(&mut job, spec);
         let owner = OwnerReference {
             api_version: context.owner["apiVersion"].clone(),
             kind: context.owner["kind"].clone(),
@@ -483,6 +491,83 @@ fn set_delivery(job: &mut BatchJob, delivery: &ModuleDelivery, module_key: &str)
             value_from: None,
         }));
     }
+}
+
+/// Writes the module's variables of `spec` into the executor container, each under
+/// [`GUEST_ENV_PREFIX`]: values written out, keys of ConfigMaps and Secrets as `valueFrom`,
+/// whole ones as `envFrom` (so the Job names a Secret, never holds its value). Whatever the
+/// template wrote under that prefix is removed first: the module gets exactly what its event
+/// declares (the dispatcher has checked that each Secret is granted to modules).
+fn set_guest_env(job: &mut BatchJob, spec: &EventSpec) {
+    let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else {
+        return;
+    };
+    let guest = |name: &str| name.starts_with(GUEST_ENV_PREFIX);
+    for container in &mut pod.containers {
+        if let Some(env) = container.env.as_mut() {
+            env.retain(|var| !guest(&var.name));
+        }
+        if let Some(from) = container.env_from.as_mut() {
+            from.retain(|from| !from.prefix.as_deref().is_some_and(guest));
+            if from.is_empty() {
+                container.env_from = None;
+            }
+        }
+        if container.name != policy::EXEC_CONTAINER {
+            continue;
+        }
+        let (env, from) = guest_env(spec);
+        if !env.is_empty() {
+            container.env.get_or_insert_with(Vec::new).extend(env);
+        }
+        if !from.is_empty() {
+            container.env_from.get_or_insert_with(Vec::new).extend(from);
+        }
+    }
+}
+
+/// The executor container's entries for the module's variables of `spec`.
+pub fn guest_env(spec: &EventSpec) -> (Vec<EnvVar>, Vec<EnvFromSource>) {
+    let env = spec.env.iter().map(|var| {
+        let source = var.value_from.as_ref();
+        EnvVar {
+            name: format!("{GUEST_ENV_PREFIX}{}", var.name),
+            value: match source {
+                Some(_) => None,
+                None => Some(var.value.clone().unwrap_or_default()),
+            },
+            value_from: source.map(|from| EnvVarSource {
+                config_map_key_ref: from.config_map_key_ref.as_ref().map(|r| {
+                    ConfigMapKeySelector {
+                        name: r.name.clone(),
+                        key: r.key.clone(),
+                        optional: r.optional,
+                    }
+                }),
+                secret_key_ref: from.secret_key_ref.as_ref().map(|r| SecretKeySelector {
+                    name: r.name.clone(),
+                    key: r.key.clone(),
+                    optional: r.optional,
+                }),
+                ..EnvVarSource::default()
+            }),
+        }
+    });
+    let from = spec.env_from.iter().map(|from| EnvFromSource {
+        prefix: Some(format!(
+            "{GUEST_ENV_PREFIX}{}",
+            from.prefix.as_deref().unwrap_or_default()
+        )),
+        config_map_ref: from.config_map_ref.as_ref().map(|r| ConfigMapEnvSource {
+            name: r.name.clone(),
+            optional: r.optional,
+        }),
+        secret_ref: from.secret_ref.as_ref().map(|r| SecretEnvSource {
+            name: r.name.clone(),
+            optional: r.optional,
+        }),
+    });
+    (env.collect(), from.collect())
 }
 
 /// The Job `templates/job.yaml.hbs` renders for `context`, built directly (the dispatch path

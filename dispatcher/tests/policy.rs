@@ -210,7 +210,20 @@ fn every_hostile_template_is_refused() {
         (
             "a secret in the environment",
             add_to_container("envFrom: [{secretRef: {name: other}}]"),
-            format!("{CONTAINER}.envFrom"),
+            format!("{CONTAINER}.envFrom[0]"),
+        ),
+        (
+            "a secret in the environment, prefixed almost like the module's",
+            add_to_container("envFrom: [{prefix: JOBICO_GUEST, secretRef: {name: other}}]"),
+            format!("{CONTAINER}.envFrom[0]"),
+        ),
+        (
+            "one key of a secret in the environment",
+            edited(
+                "          env: {{json env}}\n",
+                "          env: [{name: STOLEN, valueFrom: {secretKeyRef: {name: other, key: k}}}]\n",
+            ),
+            format!("{CONTAINER}.env[0].valueFrom"),
         ),
         (
             "the guest's output as termination message",
@@ -351,6 +364,42 @@ fn every_hostile_template_is_refused() {
 }
 
 #[test]
+fn the_modules_variables_are_the_dispatchers_whatever_the_template_writes() {
+    // A template writing module variables of its own (a Secret the event does not name, or a
+    // value replacing the event's) loses them: the module gets exactly what its event declares.
+    let template = edited(
+        "          env: {{json env}}\n",
+        "          env: [{name: JOBICO_GUEST_STOLEN, valueFrom: {secretKeyRef: {name: other, key: k}}}, {name: JOBICO_GUEST_MODE, value: forged}]\n          envFrom: [{prefix: JOBICO_GUEST_, secretRef: {name: other}}]\n",
+    );
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.spec.events[0].env = serde_json::from_value(serde_json::json!([
+        {"name": "MODE", "value": "declared"},
+        {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}},
+    ]))
+    .unwrap();
+    let owner = std::sync::Arc::new(owner);
+    let job = Renderer::new(IMAGE)
+        .render(&batch(&owner, &["e1"]), Some(&template))
+        .unwrap();
+    let container = &job.spec.unwrap().template.spec.unwrap().containers[0];
+    let env: Vec<_> = container
+        .env
+        .iter()
+        .flatten()
+        .filter(|var| var.name.starts_with("JOBICO_GUEST_"))
+        .map(|var| serde_json::to_value(var).unwrap())
+        .collect();
+    assert_eq!(
+        env,
+        [
+            serde_json::json!({"name": "JOBICO_GUEST_MODE", "value": "declared"}),
+            serde_json::json!({"name": "JOBICO_GUEST_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}),
+        ]
+    );
+    assert_eq!(container.env_from, None);
+}
+
+#[test]
 fn allowed_volumes_pass() {
     let owner = sample("ev1.yaml");
     let template = edited(
@@ -367,20 +416,18 @@ fn the_exec_environment_must_fit_one_execve() {
     // One granted variable over the kernel's per-string limit, then many within it but over
     // the total: both are the resource's settings, refused before any event.
     let mut owner = (*sample("ev1.yaml")).clone();
-    owner.spec.events[0].env = vec![EnvVar {
-        name: "BIG".into(),
-        value: "v".repeat(200_000),
-    }];
+    owner.spec.events[0].env = vec![EnvVar::value("BIG", &"v".repeat(200_000))];
     let renderer = Renderer::new(IMAGE);
     let owner = std::sync::Arc::new(owner);
     let message = check_template(&renderer, &owner, None).unwrap_err();
-    assert!(message.contains("containers[0].args[2]"), "{message}");
+    assert!(message.contains("containers[0].env["), "{message}");
+    assert!(
+        message.contains("JOBICO_GUEST_BIG is 200018 bytes"),
+        "{message}"
+    );
     let mut owner = (*owner).clone();
     owner.spec.events[0].env = (0..12)
-        .map(|i| EnvVar {
-            name: format!("V{i}"),
-            value: "v".repeat(100_000),
-        })
+        .map(|i| EnvVar::value(&format!("V{i}"), &"v".repeat(100_000)))
         .collect();
     let owner = std::sync::Arc::new(owner);
     // A small batch fits; the largest one the resource can get does not.

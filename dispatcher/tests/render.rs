@@ -51,10 +51,7 @@ fn a_batch_with_env_fuel_and_overrides_renders_to_its_golden_job() {
         timeout_millis: Some(500),
         fuel: Some(1_000_000),
     });
-    event.env = vec![EnvVar {
-        name: "GREETING".into(),
-        value: "hello world".into(),
-    }];
+    event.env = vec![EnvVar::value("GREETING", "hello world")];
     let owner = std::sync::Arc::new(owner);
     let job = Renderer::new(IMAGE)
         .render(&batch(&owner, &["a1", "b2", "c3"]), None)
@@ -67,6 +64,43 @@ fn a_batch_with_env_fuel_and_overrides_renders_to_its_golden_job() {
         job.metadata.annotations.as_ref().unwrap()["jobico.coeux.dev/event-ids"],
         "a1,b2,c3"
     );
+}
+
+#[test]
+fn variables_from_configmaps_and_secrets_render_as_references() {
+    // The Job names the ConfigMap and Secret keys; the kubelet resolves them. No value of a
+    // Secret can appear in the Job: the renderer never has one.
+    let mut owner = (*sample("ev1.yaml")).clone();
+    let event = &mut owner.spec.events[0];
+    event.env = serde_json::from_value(json!([
+        {"name": "GREETING", "value": "hello"},
+        {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}},
+        {"name": "LEVEL", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "level", "optional": true}}},
+    ]))
+    .unwrap();
+    event.env_from = serde_json::from_value(json!([
+        {"configMapRef": {"name": "settings"}},
+        {"prefix": "API_", "secretRef": {"name": "api", "optional": true}},
+    ]))
+    .unwrap();
+    let owner = std::sync::Arc::new(owner);
+    let job = Renderer::new(IMAGE)
+        .render(
+            &batch(&owner, &["0190c5a1-7b7e-7c3e-9f00-000000000001"]),
+            None,
+        )
+        .unwrap();
+    golden("ev1-env-refs.yaml", &yaml(&job));
+    let container = &job
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    assert_eq!(container.args.as_deref(), Some(&["run".to_owned()][..]));
 }
 
 #[test]
@@ -272,10 +306,7 @@ fn the_direct_default_job_is_exactly_what_the_default_template_renders() {
         timeout_millis: Some(500),
         fuel: Some(7),
     });
-    custom.spec.events[0].env = vec![EnvVar {
-        name: "QUOTE".into(),
-        value: "\"}\n- evil: yes".into(),
-    }];
+    custom.spec.events[0].env = vec![EnvVar::value("QUOTE", "\"}\n- evil: yes")];
     owners.push(std::sync::Arc::new(custom));
     for owner in &owners {
         let mut batches = vec![

@@ -1,12 +1,12 @@
 //! The custom resource types. `crds/job.yaml` is generated from them (`jobico crd`).
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+pub use crate::env::{EnvFromSource, EnvVar};
 
 /// Pattern for event names: alphanumeric, 1 to 10 characters (JobicoK8S's documented rule).
 pub const EVENT_NAME_PATTERN: &str = "^[A-Za-z0-9]{1,10}$";
@@ -110,9 +110,15 @@ pub struct EventSpec {
     /// Limits applied to each run of the module.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<EventLimits>,
-    /// Environment variables granted to the module (it sees none otherwise).
+    /// Environment variables granted to the module (it sees none otherwise): written-out
+    /// values, or keys of ConfigMaps and Secrets of the namespace, as in a Kubernetes
+    /// container. They replace same-named variables from `envFrom`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
+    /// Every key of ConfigMaps and Secrets of the namespace as variables of the module, as in
+    /// a Kubernetes container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFromSource>,
 }
 
 /// Reference to a JSON Schema in a ConfigMap, the shape of a `ConfigMapKeySelector`.
@@ -190,16 +196,6 @@ pub struct EventLimits {
     pub fuel: Option<u64>,
 }
 
-/// An environment variable granted to the module.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-pub struct EnvVar {
-    /// Variable name.
-    #[schemars(regex(pattern = "^[A-Za-z_][A-Za-z0-9_]*$"))]
-    pub name: String,
-    /// Variable value.
-    pub value: String,
-}
-
 /// A handlebars template for the Kubernetes Job, in a ConfigMap.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct TemplateRef {
@@ -260,13 +256,6 @@ impl Job {
     pub fn event(&self, name: &str) -> Option<&EventSpec> {
         self.spec.events.iter().find(|e| e.name == name)
     }
-}
-
-/// The granted variables as a map, sorted by name for stable output.
-pub fn env_map(env: &[EnvVar]) -> BTreeMap<String, String> {
-    env.iter()
-        .map(|v| (v.name.clone(), v.value.clone()))
-        .collect()
 }
 
 /// The CustomResourceDefinition as YAML, exactly as committed in `crds/job.yaml`.

@@ -83,6 +83,7 @@ mod tests {
             concurrency: None,
             limits: None,
             env: vec![],
+            env_from: vec![],
         };
         assert_eq!(
             spec.effective_batch(),

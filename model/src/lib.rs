@@ -7,12 +7,15 @@
 
 pub mod crd;
 pub mod effective;
+pub mod env;
 pub mod manifest;
 pub mod validate;
 
 pub use crd::{
-    BatchSpec, EnvVar, EventLimits, EventSpec, Job, JobSpec, JobStatus, SchemaRef, TemplateRef,
+    BatchSpec, EnvFromSource, EnvVar, EventLimits, EventSpec, Job, JobSpec, JobStatus, SchemaRef,
+    TemplateRef,
 };
 pub use effective::{EffectiveBatch, ModuleRef, UPLOADED_MODULE_PREFIX};
+pub use env::{SECRET_GRANT_LABEL, SourceKind};
 pub use manifest::{Manifest, ManifestError};
 pub use validate::{InvalidJob, MAX_NAME_LEN, validate_job};

@@ -2,10 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use serde::Deserialize;
 
-use crate::crd::Job;
+use crate::crd::{EventSpec, Job};
+use crate::env::{Source, SourceKind, Sources};
 
 /// The namespace of objects whose manifest names none, as `kubectl apply` would use by default.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -15,8 +16,10 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub struct Manifest {
     /// Jobico `Job` resources.
     pub jobs: Vec<Job>,
-    /// ConfigMaps (schemas, modules, templates).
+    /// ConfigMaps (schemas, modules, templates, the modules' variables).
     pub config_maps: Vec<ConfigMap>,
+    /// Secrets (the modules' variables, when granted: see [`crate::env`]).
+    pub secrets: Vec<Secret>,
 }
 
 /// Why manifests could not be read.
@@ -131,6 +134,7 @@ impl Manifest {
             match (meta.api_version.as_str(), meta.kind.as_str()) {
                 ("jobico.coeux.dev/v1", "Job") => self.jobs.push(object(value).map_err(fail)?),
                 ("v1", "ConfigMap") => self.config_maps.push(object(value).map_err(fail)?),
+                ("v1", "Secret") => self.secrets.push(object(value).map_err(fail)?),
                 _ => {}
             }
         }
@@ -143,6 +147,32 @@ impl Manifest {
             m.metadata.namespace.as_deref() == Some(namespace)
                 && m.metadata.name.as_deref() == Some(name)
         })
+    }
+}
+
+impl Manifest {
+    /// The ConfigMaps and Secrets the environment of `spec` (an event of `namespace`) reads,
+    /// for [`crate::env::resolve`].
+    pub fn env_sources(&self, namespace: &str, spec: &EventSpec) -> Sources {
+        let in_namespace = |meta: &kube::api::ObjectMeta, name: &str| {
+            meta.namespace.as_deref() == Some(namespace) && meta.name.as_deref() == Some(name)
+        };
+        spec.env_references()
+            .into_iter()
+            .map(|reference| {
+                let source = match reference.kind {
+                    SourceKind::ConfigMap => self
+                        .config_map(namespace, reference.name)
+                        .map(Source::from_config_map),
+                    SourceKind::Secret => self
+                        .secrets
+                        .iter()
+                        .find(|s| in_namespace(&s.metadata, reference.name))
+                        .map(Source::from_secret),
+                };
+                ((reference.kind, reference.name.to_owned()), source)
+            })
+            .collect()
     }
 }
 

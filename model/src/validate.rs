@@ -38,6 +38,85 @@ fn is_env_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
+/// Whether `name` can name a ConfigMap or Secret (a DNS subdomain).
+fn is_object_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.'))
+}
+
+/// Whether `key` can be a key of a ConfigMap or Secret.
+fn is_data_key(key: &str) -> bool {
+    is_module_file(key)
+}
+
+/// What is wrong with the `env` and `envFrom` of `event` (at `at`): each entry is one value or
+/// one reference, to an object and key that can exist.
+fn env_problems(at: &str, event: &crate::EventSpec) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut selector = |field: String, name: &str, key: Option<&str>| {
+        if !is_object_name(name) {
+            problems.push(format!(
+                "{field}.name: {name:?} is not a ConfigMap or Secret name (lowercase letters, digits, '-' and '.')"
+            ));
+        }
+        if let Some(key) = key.filter(|k| !is_data_key(k)) {
+            problems.push(format!(
+                "{field}.key: {key:?} is not a valid key (letters, digits, '-', '.' and '_')"
+            ));
+        }
+    };
+    let mut shape = Vec::new();
+    for (j, var) in event.env.iter().enumerate() {
+        let field = format!("{at}.env[{j}]");
+        if !is_env_name(&var.name) {
+            shape.push(format!(
+                "{field}.name: {:?} is not a valid variable name",
+                var.name
+            ));
+        }
+        let Some(from) = &var.value_from else {
+            continue;
+        };
+        if var.value.is_some() {
+            shape.push(format!("{field}: value and valueFrom exclude each other"));
+        }
+        match (&from.config_map_key_ref, &from.secret_key_ref) {
+            (Some(r), None) => selector(
+                format!("{field}.valueFrom.configMapKeyRef"),
+                &r.name,
+                Some(&r.key),
+            ),
+            (None, Some(r)) => selector(
+                format!("{field}.valueFrom.secretKeyRef"),
+                &r.name,
+                Some(&r.key),
+            ),
+            _ => shape.push(format!(
+                "{field}.valueFrom: must name exactly one of configMapKeyRef and secretKeyRef"
+            )),
+        }
+    }
+    for (j, from) in event.env_from.iter().enumerate() {
+        let field = format!("{at}.envFrom[{j}]");
+        if let Some(prefix) = from.prefix.as_deref().filter(|p| !is_env_name(p)) {
+            shape.push(format!(
+                "{field}.prefix: {prefix:?} does not begin a valid variable name"
+            ));
+        }
+        match (&from.config_map_ref, &from.secret_ref) {
+            (Some(r), None) => selector(format!("{field}.configMapRef"), &r.name, None),
+            (None, Some(r)) => selector(format!("{field}.secretRef"), &r.name, None),
+            _ => shape.push(format!(
+                "{field}: must name exactly one of configMapRef and secretRef"
+            )),
+        }
+    }
+    shape.extend(problems);
+    shape
+}
+
 /// Longest resource name: the name is the value of the `jobico.coeux.dev/job` label on every
 /// Kubernetes Job, and label values are at most 63 characters.
 pub const MAX_NAME_LEN: usize = 63;
@@ -111,14 +190,7 @@ pub fn validate_job(job: &Job) -> Result<(), InvalidJob> {
         if event.concurrency == Some(0) {
             problems.push(format!("{at}.concurrency: must be at least 1"));
         }
-        for (j, var) in event.env.iter().enumerate() {
-            if !is_env_name(&var.name) {
-                problems.push(format!(
-                    "{at}.env[{j}].name: {:?} is not a valid variable name",
-                    var.name
-                ));
-            }
-        }
+        problems.extend(env_problems(&at, event));
     }
     if problems.is_empty() {
         Ok(())
@@ -150,6 +222,7 @@ mod tests {
             concurrency: None,
             limits: None,
             env: vec![],
+            env_from: vec![],
         }
     }
 
@@ -212,10 +285,7 @@ mod tests {
             max_wait_millis: None,
             max_bytes: Some(2 << 20),
         });
-        bad_batch.env = vec![EnvVar {
-            name: "1X".into(),
-            value: String::new(),
-        }];
+        bad_batch.env = vec![EnvVar::value("1X", "")];
         let err = validate_job(&job(vec![
             event("ev1"),
             event("ev1"),
@@ -239,6 +309,37 @@ mod tests {
             assert!(problem.starts_with(prefix), "{problem:?} vs {prefix:?}");
         }
         assert!(err.to_string().starts_with("invalid Job default/j: "));
+    }
+
+    #[test]
+    fn env_entries_are_one_value_or_one_reference() {
+        let mut e = event("ev1");
+        e.env = serde_json::from_value(serde_json::json!([
+            {"name": "OK", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}},
+            {"name": "BOTH", "value": "x", "valueFrom": {"configMapKeyRef": {"name": "m", "key": "k"}}},
+            {"name": "NONE", "valueFrom": {}},
+            {"name": "BADREF", "valueFrom": {"configMapKeyRef": {"name": "Not_A_Name", "key": "a/b"}}},
+        ]))
+        .unwrap();
+        e.env_from = serde_json::from_value(serde_json::json!([
+            {"prefix": "DB_", "secretRef": {"name": "db"}},
+            {"configMapRef": {"name": "m"}, "secretRef": {"name": "db"}},
+            {"prefix": "1X", "configMapRef": {"name": "m"}},
+        ]))
+        .unwrap();
+        let err = validate_job(&job(vec![e])).unwrap_err();
+        let expected = [
+            "spec.events[0].env[1]: value and valueFrom exclude each other",
+            "spec.events[0].env[2].valueFrom: must name exactly one of configMapKeyRef and secretKeyRef",
+            "spec.events[0].envFrom[1]: must name exactly one of configMapRef and secretRef",
+            "spec.events[0].envFrom[2].prefix: \"1X\" does not begin a valid variable name",
+            "spec.events[0].env[3].valueFrom.configMapKeyRef.name: \"Not_A_Name\" is not a ConfigMap or Secret name",
+            "spec.events[0].env[3].valueFrom.configMapKeyRef.key: \"a/b\" is not a valid key",
+        ];
+        assert_eq!(err.problems.len(), expected.len(), "{:?}", err.problems);
+        for (problem, prefix) in err.problems.iter().zip(expected) {
+            assert!(problem.starts_with(prefix), "{problem:?} vs {prefix:?}");
+        }
     }
 
     #[test]

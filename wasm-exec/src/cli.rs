@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use jobico_common::ExecEvent;
 use jobico_common::envelope::{EVENTS_PARTS_VAR, EVENTS_VAR, join_events};
-use jobico_common::executor::{ArtifactRef, MODULE_URL_VAR, UploadedModuleRef};
+use jobico_common::executor::{ArtifactRef, MODULE_URL_VAR, UploadedModuleRef, guest_env};
 use jobico_common::summary::{ModuleLoad, ModuleSource};
 use jobico_common::telemetry::LogArgs;
 
@@ -87,7 +87,9 @@ pub struct RunArgs {
     #[arg(long = "dir", value_name = "HOST::GUEST[:ro]")]
     pub dirs: Vec<DirGrant>,
     /// Give the guest an environment variable NAME=VALUE (the value may contain anything,
-    /// commas included). Repeatable; no environment fallback, as for `--dir`.
+    /// commas included). Repeatable; no environment fallback, as for `--dir`. The guest also
+    /// gets each `JOBICO_GUEST_<NAME>` variable of this process as `<NAME>` (how a Kubernetes
+    /// Job grants them); `--env` replaces one of the same name.
     #[arg(long = "env", value_name = "NAME=VALUE")]
     pub env: Vec<EnvVar>,
     /// Where to write the size-limited JSON summary (Kubernetes' termination message).
@@ -170,7 +172,7 @@ pub fn run(args: &RunArgs) -> u8 {
     };
     let capabilities = Capabilities {
         dirs: args.dirs.clone(),
-        env: args.env.clone(),
+        env: granted_env(std::env::vars_os(), &args.env),
     };
     tracing::debug!(module = module.name(), abi = %module.abi(), events = events.len(), "running");
     let mut sink = StdoutSink::new();
@@ -181,6 +183,24 @@ pub fn run(args: &RunArgs) -> u8 {
     let mut summary = RunSummary::new(&outcomes);
     summary.module = Some(load);
     finish(args, &summary)
+}
+
+/// The guest's variables: this process's `JOBICO_GUEST_*` (see
+/// [`jobico_common::executor::guest_env`]), then the `--env` flags, a later name replacing an
+/// earlier one.
+fn granted_env(
+    process: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    flags: &[EnvVar],
+) -> Vec<EnvVar> {
+    let mut env: Vec<EnvVar> = guest_env(process)
+        .into_iter()
+        .map(|(name, value)| EnvVar { name, value })
+        .collect();
+    for flag in flags {
+        env.retain(|var| var.name != flag.name);
+        env.push(flag.clone());
+    }
+    env
 }
 
 /// The module, from the dispatcher's artifact when the Job names one that verifies (see
@@ -362,5 +382,25 @@ mod tests {
             .map(|v| (v.name.as_str(), v.value.as_str()))
             .collect();
         assert_eq!(env, [("LIST", "a,b,c"), ("EMPTY", "")]);
+    }
+
+    #[test]
+    fn the_guest_gets_its_process_variables_then_the_flags() {
+        let process = [
+            ("JOBICO_GUEST_TOKEN", "from the pod"),
+            ("JOBICO_GUEST_MODE", "pod"),
+            ("JOBICO_EVENTS", "[]"),
+            ("HOME", "/"),
+        ]
+        .map(|(n, v)| (n.into(), v.into()));
+        let flags = [EnvVar {
+            name: "MODE".into(),
+            value: "flag".into(),
+        }];
+        let env: Vec<_> = granted_env(process, &flags)
+            .into_iter()
+            .map(|v| format!("{}={}", v.name, v.value))
+            .collect();
+        assert_eq!(env, ["TOKEN=from the pod", "MODE=flag"]);
     }
 }

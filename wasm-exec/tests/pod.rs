@@ -12,8 +12,9 @@ use jobico_common::{EventId, EventRecord};
 use jobico_dispatcher::backend::Batch;
 use jobico_dispatcher::render::Renderer;
 use jobico_model::{Job as JobicoJob, Manifest};
+use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::Job as BatchJob;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use serde_json::{Value, json};
 use wasm_exec::{EXIT_HOST_ERROR, EXIT_OK, RunSummary};
 
@@ -48,6 +49,17 @@ fn batch(owner: &Arc<JobicoJob>, events: &[(String, Value)]) -> Batch {
 /// Starts the rendered Job's executor container the way the kubelet would and returns its
 /// exit code, stdout and the termination message.
 fn start_pod(job: &BatchJob, config_maps: &[ConfigMap]) -> (Option<i32>, String, String) {
+    start_pod_with(job, config_maps, &[])
+}
+
+/// [`start_pod`] in a namespace that also holds `secrets`, which the container's `envFrom` and
+/// `valueFrom` may name (resolved as the kubelet does: `envFrom` in order, then `env`, a later
+/// name replacing an earlier one; a missing object or key fails the start unless optional).
+fn start_pod_with(
+    job: &BatchJob,
+    config_maps: &[ConfigMap],
+    secrets: &[Secret],
+) -> (Option<i32>, String, String) {
     let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     let [container] = pod.containers.as_slice() else {
         panic!("one container expected");
@@ -103,9 +115,54 @@ fn start_pod(job: &BatchJob, config_maps: &[ConfigMap]) -> (Option<i32>, String,
         .env("KUBERNETES_PORT_443_TCP_PORT", "443")
         .env("KUBERNETES_PORT_443_TCP_ADDR", "10.96.0.1")
         .env("JOBICO_TERMINATION_LOG", &termination_log);
+    let map_data = |name: &str| -> Option<BTreeMap<String, String>> {
+        let map = config_maps
+            .iter()
+            .find(|m| m.metadata.name.as_deref() == Some(name))?;
+        Some(map.data.clone().unwrap_or_default())
+    };
+    let secret_data = |name: &str| -> Option<BTreeMap<String, String>> {
+        let secret = secrets
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))?;
+        let data = secret.data.iter().flatten();
+        Some(
+            data.map(|(k, v)| (k.clone(), String::from_utf8(v.0.clone()).unwrap()))
+                .collect(),
+        )
+    };
+    for from in container.env_from.iter().flatten() {
+        let prefix = from.prefix.as_deref().unwrap_or_default();
+        let (data, optional) = match (&from.config_map_ref, &from.secret_ref) {
+            (Some(r), None) => (map_data(&r.name), r.optional),
+            (None, Some(r)) => (secret_data(&r.name), r.optional),
+            other => panic!("an envFrom names one source: {other:?}"),
+        };
+        match data {
+            Some(data) => {
+                for (key, value) in data {
+                    command.env(format!("{prefix}{key}"), value);
+                }
+            }
+            None => assert_eq!(optional, Some(true), "CreateContainerConfigError: {from:?}"),
+        }
+    }
     for var in container.env.iter().flatten() {
-        assert!(var.value_from.is_none(), "{} has a literal value", var.name);
-        command.env(&var.name, remap(var.value.as_deref().unwrap_or_default()));
+        let Some(from) = &var.value_from else {
+            command.env(&var.name, remap(var.value.as_deref().unwrap_or_default()));
+            continue;
+        };
+        let (data, key, optional) = match (&from.config_map_key_ref, &from.secret_key_ref) {
+            (Some(r), None) => (map_data(&r.name), &r.key, r.optional),
+            (None, Some(r)) => (secret_data(&r.name), &r.key, r.optional),
+            other => panic!("{} is a ConfigMap or Secret key: {other:?}", var.name),
+        };
+        match data.and_then(|d| d.get(key).cloned()) {
+            Some(value) => {
+                command.env(&var.name, value);
+            }
+            None => assert_eq!(optional, Some(true), "CreateContainerConfigError: {var:?}"),
+        }
     }
     command.args(container.args.iter().flatten().map(|a| remap(a)));
     let output = command
@@ -141,6 +198,97 @@ fn run_through_a_pod(events: &[(String, Value)]) {
     }
     let written: RunSummary = serde_json::from_str(&message).unwrap();
     assert_eq!(written.succeeded, events.len());
+}
+
+#[test]
+fn a_wasi_guest_sees_exactly_its_variables_and_the_job_no_secret_value() {
+    let (owner, mut config_maps) = sample();
+    let modes = wat::parse_file(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wasi_modes.wat"),
+    )
+    .unwrap();
+    let modules = config_maps
+        .iter_mut()
+        .find(|m| {
+            m.binary_data
+                .as_ref()
+                .is_some_and(|d| d.contains_key("echo.wasm"))
+        })
+        .unwrap();
+    modules
+        .binary_data
+        .as_mut()
+        .unwrap()
+        .insert("echo.wasm".into(), ByteString(modes));
+    let mut owner = (*owner).clone();
+    owner.spec.events[0].env = serde_json::from_value(json!([
+        {"name": "GREETING", "value": "hello"},
+        {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}},
+        {"name": "LEVEL", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "level"}}},
+        {"name": "NONE", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k", "optional": true}}},
+    ]))
+    .unwrap();
+    owner.spec.events[0].env_from = serde_json::from_value(json!([
+        {"prefix": "API_", "secretRef": {"name": "api"}},
+    ]))
+    .unwrap();
+    let owner = Arc::new(owner);
+    config_maps.push(ConfigMap {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("settings".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("level".into(), "debug".into())])),
+        ..Default::default()
+    });
+    let secret = |name: &str, data: &[(&str, &str)]| Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| ((*k).into(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    let secrets = [
+        secret(
+            "db",
+            &[("password", "s3cret-db-9f2"), ("user", "not granted")],
+        ),
+        secret("api", &[("token", "s3cret-api-41c")]),
+    ];
+    let job = Renderer::new("ghcr.io/coeux/wasm-exec:test")
+        .render(&batch(&owner, &[("e1".into(), json!("vars"))]), None)
+        .expect("the batch renders");
+    let text = serde_json::to_string(&job).unwrap();
+    assert!(
+        !text.contains("s3cret"),
+        "a Secret's value is in the Job: {text}"
+    );
+    let (code, stdout, message) = start_pod_with(&job, &config_maps, &secrets);
+    assert_eq!(code, Some(EXIT_OK.into()), "{stdout}");
+    let mut seen: Vec<_> = stdout
+        .lines()
+        .filter_map(|line| line.strip_prefix("e1 stdout "))
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        [
+            "API_token=s3cret-api-41c",
+            "DB_PASSWORD=s3cret-db-9f2",
+            "GREETING=hello",
+            "LEVEL=debug"
+        ],
+        "the guest sees its variables and nothing of the executor's environment"
+    );
+    assert!(
+        !message.contains("s3cret"),
+        "the summary holds no value: {message}"
+    );
 }
 
 #[test]

@@ -153,6 +153,15 @@ fn granted_directories_and_env_are_visible() {
     );
     assert_eq!(outcome.status, Status::Succeeded, "{outcome:?} {sink:?}");
     assert_eq!(sink.texts(Stream::Stdout), ["hello from the host"]);
+    let mut sink = VecSink::new();
+    let outcome = module.run(
+        &event("e2", json!("vars")),
+        &Limits::default(),
+        &capabilities,
+        &mut sink,
+    );
+    assert_eq!(outcome.status, Status::Succeeded, "{outcome:?} {sink:?}");
+    assert_eq!(sink.texts(Stream::Stdout), ["A=1"]);
 }
 
 #[test]
