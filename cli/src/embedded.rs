@@ -8,6 +8,11 @@ const FILES: &[(&str, &[u8])] = &[
     ("echo.wasm", include_bytes!("../../samples/echo.wasm")),
     ("ev2.yaml", include_bytes!("../../samples/ev2.yaml")),
     ("logecho.wasm", include_bytes!("../../samples/logecho.wasm")),
+    ("ev3.yaml", include_bytes!("../../samples/ev3.yaml")),
+    (
+        "printenv.wasm",
+        include_bytes!("../../samples/printenv.wasm"),
+    ),
 ];
 
 /// A directory holding the samples, removed when dropped.

@@ -13,7 +13,11 @@ fn samples() -> PathBuf {
 fn sample_modules_match_their_sources_and_config_maps() {
     let mut manifest = Manifest::default();
     manifest.read_path(&samples()).unwrap();
-    for (module, job) in [("echo", "job-for-ev1"), ("logecho", "job-for-ev2")] {
+    for (module, job) in [
+        ("echo", "job-for-ev1"),
+        ("logecho", "job-for-ev2"),
+        ("printenv", "job-for-ev3"),
+    ] {
         let built = wat::parse_file(samples().join(format!("{module}.wat"))).unwrap();
         let committed = std::fs::read(samples().join(format!("{module}.wasm"))).unwrap();
         assert!(
@@ -40,7 +44,7 @@ fn sample_modules_match_their_sources_and_config_maps() {
 fn sample_jobs_are_valid() {
     let mut manifest = Manifest::default();
     manifest.read_path(&samples()).unwrap();
-    assert_eq!(manifest.jobs.len(), 2);
+    assert_eq!(manifest.jobs.len(), 3);
     for job in &manifest.jobs {
         jobico_model::validate_job(job).unwrap();
     }

@@ -113,6 +113,49 @@ fn a_missing_module_makes_only_its_event_unavailable() {
 }
 
 #[test]
+fn modules_get_variables_from_the_manifests_configmaps_and_granted_secrets_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = std::fs::read_to_string(repo().join("samples/ev3.yaml")).unwrap();
+    std::fs::write(dir.path().join("ev3.yaml"), &sample).unwrap();
+    let mut up = Up::start(dir.path(), &["--manifests", "."]);
+    let (status, body) = up.put("/execute/default/ev3", "{}");
+    assert_eq!(status, 202, "{body}");
+    let tag = format!("[default/ev3 {}]", body["ids"][0].as_str().unwrap());
+    up.wait_for(|l| l.starts_with(&tag) && l.contains("succeeded in"));
+    let (status, lines) = up.stop();
+    assert!(status.success(), "{status}");
+    let mut printed: Vec<_> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(&format!("{tag} stdout: ")))
+        .collect();
+    printed.sort_unstable();
+    assert_eq!(
+        printed,
+        [
+            "API_TOKEN=demo-token-not-a-real-one",
+            "GREETING=hello",
+            "SETTINGS_greeting=hello",
+            "SETTINGS_level=info"
+        ]
+    );
+
+    // The same Secret without the label: the event is unavailable, saying how to grant it.
+    let ungranted = sample.replace("    jobico.coeux.dev/modules-may-read: \"true\"\n", "");
+    assert_ne!(ungranted, sample);
+    std::fs::write(dir.path().join("ev3.yaml"), ungranted).unwrap();
+    let mut up = Up::start(dir.path(), &["--manifests", "."]);
+    let (status, body) = up.put("/execute/default/ev3", "{}");
+    assert_eq!(status, 500, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("env[1]: Secret default/printenv-credentials is not granted to modules; grant it with `kubectl label secret printenv-credentials -n default jobico.coeux.dev/modules-may-read=true`"),
+        "{body}"
+    );
+    assert!(!error.contains("demo-token"), "{body}");
+    assert!(up.stop().0.success());
+}
+
+#[test]
 fn a_token_file_requires_bearer_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");

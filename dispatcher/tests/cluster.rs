@@ -313,6 +313,91 @@ async fn a_missing_module_makes_the_resource_not_ready_naming_it_and_how_to_prov
 }
 
 #[tokio::test]
+async fn a_missing_key_or_an_ungranted_secret_makes_the_resource_not_ready_naming_it() {
+    let (_server, js) = nats().await;
+    let dispatcher = Dispatcher::connect(
+        js,
+        Nothing,
+        Arc::new(Metrics::new()),
+        RetryPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumers = Arc::new(ConsumerSet::new(dispatcher, shutdown.clone()));
+    let (client, mut api) = verifier();
+    let ctx = Arc::new(Context::new(client, consumers.clone(), None));
+    let mut cr = (*sample("ev1.yaml")).clone();
+    cr.spec.events[0].env = serde_json::from_value(json!([
+        {"name": "LEVEL", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "level"}}},
+        {"name": "TRACE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "trace", "optional": true}}},
+    ]))
+    .unwrap();
+    cr.spec.events[0].env_from = serde_json::from_value(json!([
+        {"prefix": "API_", "secretRef": {"name": "api"}},
+        {"secretRef": {"name": "gone"}},
+    ]))
+    .unwrap();
+    let cr = with_finalizer(cr);
+    let server = tokio::spawn(async move {
+        expect_inputs(&mut api).await;
+        // Each object once, in the order the variables resolve.
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/default/secrets/api",
+            200,
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "api"},
+                   "data": {"token": "czNjcmV0"}}),
+        )
+        .await;
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/default/secrets/gone",
+            404,
+            status(404, "NotFound", "secrets \"gone\" not found"),
+        )
+        .await;
+        api.expect(
+            "GET",
+            "/api/v1/namespaces/default/configmaps/settings",
+            200,
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"},
+                   "data": {"other": "x"}}),
+        )
+        .await;
+        let patch = api.expect("PATCH", &format!("{CR_PATH}/status?&force=true&fieldManager=jobico-dispatcher"), 200, json!({"apiVersion": "jobico.coeux.dev/v1", "kind": "Job", "metadata": {"name": "job-for-ev1"}, "spec": {"events": []}})).await;
+        api.expect(
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/default/events?",
+            201,
+            json!({}),
+        )
+        .await;
+        patch
+    });
+    controller::reconcile(cr, ctx).await.unwrap();
+    let patch = server.await.unwrap();
+    let condition = &patch["status"]["conditions"][0];
+    assert_eq!(
+        (condition["status"].as_str(), condition["reason"].as_str()),
+        (Some("False"), Some(controller::REASON_INPUTS_MISSING))
+    );
+    let message = condition["message"].as_str().unwrap();
+    for expected in [
+        "event \"ev1\": envFrom[0]: Secret default/api is not granted to modules; grant it with `kubectl label secret api -n default jobico.coeux.dev/modules-may-read=true`",
+        "event \"ev1\": envFrom[1]: Secret default/gone does not exist; create it with `kubectl create secret generic gone -n default",
+        "event \"ev1\": env[0]: ConfigMap default/settings has no key \"level\"",
+    ] {
+        assert!(message.contains(expected), "{expected:?} not in {message}");
+    }
+    // The optional key is no problem, and no value read reaches the status.
+    assert!(!message.contains("trace"), "{message}");
+    assert!(!message.contains("s3cret"), "{message}");
+    shutdown.cancel();
+    consumers.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_uploaded_module_not_uploaded_yet_makes_the_resource_not_ready_saying_how() {
     let (_server, js) = nats().await;
     let settings = ArtifactSettings {

@@ -273,6 +273,44 @@ async fn a_template_the_policy_refuses_or_a_missing_one_holds_the_events() {
 }
 
 #[tokio::test]
+async fn events_wait_until_the_secret_they_read_is_granted_to_modules() {
+    let (client, mut api) = verifier();
+    let backend =
+        KubeBackend::new(client, Renderer::new(IMAGE)).with_module_check_ttl(Duration::ZERO);
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.spec.events[0].env = serde_json::from_value(json!([
+        {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}},
+    ]))
+    .unwrap();
+    let owner = std::sync::Arc::new(owner);
+    let modules = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "job-for-ev1-modules"},
+        "binaryData": {"echo.wasm": "AGFzbQEAAAA="}});
+    let secret = |labels: Value| {
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "labels": labels},
+               "data": {"password": "aHVudGVyMg=="}})
+    };
+    let server = tokio::spawn(async move {
+        let modules_path = "/api/v1/namespaces/default/configmaps/job-for-ev1-modules";
+        let secret_path = "/api/v1/namespaces/default/secrets/db";
+        api.expect("GET", modules_path, 200, modules.clone()).await;
+        api.expect("GET", secret_path, 200, secret(json!({}))).await;
+        api.expect("GET", modules_path, 200, modules).await;
+        let granted = secret(json!({"jobico.coeux.dev/modules-may-read": "true"}));
+        api.expect("GET", secret_path, 200, granted).await;
+    });
+    let batch = batch(&owner, &["a1"]);
+    match backend.ready(&batch).await {
+        Err(DispatchError::Held { reason }) => assert_eq!(
+            reason,
+            "event \"ev1\": env[0]: Secret default/db is not granted to modules; grant it with `kubectl label secret db -n default jobico.coeux.dev/modules-may-read=true`"
+        ),
+        other => panic!("expected Held, got {other:?}"),
+    }
+    backend.ready(&batch).await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
 async fn holds_asks_whether_the_claimed_job_has_the_event() {
     let (client, mut api) = verifier();
     let backend = KubeBackend::new(client, Renderer::new(IMAGE)).with_signer(signer());
