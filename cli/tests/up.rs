@@ -143,7 +143,7 @@ fn modules_get_variables_from_the_manifests_configmaps_and_granted_secrets_only(
     let ungranted = sample.replace("    jobico.coeux.dev/modules-may-read: \"true\"\n", "");
     assert_ne!(ungranted, sample);
     std::fs::write(dir.path().join("ev3.yaml"), ungranted).unwrap();
-    let mut up = Up::start(dir.path(), &["--manifests", "."]);
+    let up = Up::start(dir.path(), &["--manifests", "."]);
     let (status, body) = up.put("/execute/default/ev3", "{}");
     assert_eq!(status, 500, "{body}");
     let error = body["error"].as_str().unwrap();
