@@ -15,6 +15,11 @@ pub const EVENT_NAME_PATTERN: &str = "^[A-Za-z0-9]{1,10}$";
 pub const MODULE_FILE_PATTERN: &str = "^([-._A-Za-z0-9]{1,253}|sha256:[0-9a-f]{64})$";
 /// Most events one Job resource may declare; bounds the work per reconcile and CRD validation cost.
 pub const MAX_EVENTS_PER_JOB: usize = 64;
+/// Most `env` entries of one event: each may name an object the dispatcher reads to check
+/// it, so a resource cannot make it read without bound.
+pub const MAX_ENV_VARS: usize = 64;
+/// Most `envFrom` sources of one event (each a whole ConfigMap or Secret read per check).
+pub const MAX_ENV_FROM: usize = 16;
 /// Largest batch a single Kubernetes Job may carry. Events travel inside the Job object, whose
 /// size Kubernetes caps near 1.5 MiB, so batches stay small.
 pub const MAX_BATCH_EVENTS: u32 = 100;
@@ -114,10 +119,12 @@ pub struct EventSpec {
     /// values, or keys of ConfigMaps and Secrets of the namespace, as in a Kubernetes
     /// container. They replace same-named variables from `envFrom`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub env: Vec<EnvVar>,
     /// Every key of ConfigMaps and Secrets of the namespace as variables of the module, as in
     /// a Kubernetes container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub env_from: Vec<EnvFromSource>,
 }
 

@@ -154,7 +154,8 @@ impl Manifest {
     /// The ConfigMaps and Secrets the environment of `spec` (an event of `namespace`) reads,
     /// for [`crate::env::resolve`].
     pub fn env_sources(&self, namespace: &str, spec: &EventSpec) -> Sources {
-        let in_namespace = |meta: &kube::api::ObjectMeta, name: &str| {
+        let in_namespace = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+                            name: &str| {
             meta.namespace.as_deref() == Some(namespace) && meta.name.as_deref() == Some(name)
         };
         spec.env_references()

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use jobico_common::envelope::MAX_EVENTS_BYTES;
 
-use crate::crd::{Job, MAX_BATCH_EVENTS, MAX_EVENTS_PER_JOB};
+use crate::crd::{Job, MAX_BATCH_EVENTS, MAX_ENV_FROM, MAX_ENV_VARS, MAX_EVENTS_PER_JOB};
 
 /// Everything wrong with one `Job` resource.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +68,18 @@ fn env_problems(at: &str, event: &crate::EventSpec) -> Vec<String> {
         }
     };
     let mut shape = Vec::new();
+    if event.env.len() > MAX_ENV_VARS {
+        shape.push(format!(
+            "{at}.env: at most {MAX_ENV_VARS} entries are allowed, found {}",
+            event.env.len()
+        ));
+    }
+    if event.env_from.len() > MAX_ENV_FROM {
+        shape.push(format!(
+            "{at}.envFrom: at most {MAX_ENV_FROM} entries are allowed, found {}",
+            event.env_from.len()
+        ));
+    }
     for (j, var) in event.env.iter().enumerate() {
         let field = format!("{at}.env[{j}]");
         if !is_env_name(&var.name) {
@@ -327,7 +339,18 @@ mod tests {
             {"prefix": "1X", "configMapRef": {"name": "m"}},
         ]))
         .unwrap();
-        let err = validate_job(&job(vec![e])).unwrap_err();
+        let mut crowded = event("ev2");
+        crowded.env = (0..65)
+            .map(|i| EnvVar::value(&format!("V{i}"), ""))
+            .collect();
+        crowded.env_from = vec![Default::default(); 17];
+        crowded.env_from.iter_mut().for_each(|f| {
+            f.config_map_ref = Some(crate::env::SourceSelector {
+                name: "m".into(),
+                optional: None,
+            })
+        });
+        let err = validate_job(&job(vec![e, crowded])).unwrap_err();
         let expected = [
             "spec.events[0].env[1]: value and valueFrom exclude each other",
             "spec.events[0].env[2].valueFrom: must name exactly one of configMapKeyRef and secretKeyRef",
@@ -335,6 +358,8 @@ mod tests {
             "spec.events[0].envFrom[2].prefix: \"1X\" does not begin a valid variable name",
             "spec.events[0].env[3].valueFrom.configMapKeyRef.name: \"Not_A_Name\" is not a ConfigMap or Secret name",
             "spec.events[0].env[3].valueFrom.configMapKeyRef.key: \"a/b\" is not a valid key",
+            "spec.events[1].env: at most 64 entries are allowed, found 65",
+            "spec.events[1].envFrom: at most 16 entries are allowed, found 17",
         ];
         assert_eq!(err.problems.len(), expected.len(), "{:?}", err.problems);
         for (problem, prefix) in err.problems.iter().zip(expected) {
