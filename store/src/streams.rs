@@ -163,6 +163,13 @@ pub enum StreamError {
     },
 }
 
+/// Reads and creates tried by [`ensure`] before it gives up: a create that loses a race
+/// succeeds on the next read, and a server still deleting a stream of the same subjects
+/// answers within a few hundred milliseconds.
+const ENSURE_ATTEMPTS: u32 = 5;
+/// Pause between those attempts.
+const ENSURE_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Creates `namespace`'s stream, or brings an existing one to `settings` (a restart with new
 /// limits applies them). A change JetStream refuses on an existing stream (its retention, its
 /// storage) leaves the stream as it is, with a warning: its events keep flowing. Idempotent:
@@ -178,14 +185,29 @@ pub async fn ensure(
         message: e.to_string(),
     };
     let wanted = settings.config(namespace);
-    let mut existing = match js.get_stream(&name).await {
-        Ok(stream) => stream,
-        Err(e) if is_not_found(&e) => match js.create_stream(wanted.clone()).await {
-            Ok(stream) => return Ok(stream),
-            // Another consumer or replica created it first: use theirs, as below.
-            Err(_) => js.get_stream(&name).await.map_err(|e| nats(&e))?,
-        },
-        Err(e) => return Err(nats(&e)),
+    let mut existing = None;
+    for attempt in 1..=ENSURE_ATTEMPTS {
+        match js.get_stream(&name).await {
+            Ok(stream) => {
+                existing = Some(stream);
+                break;
+            }
+            Err(e) if is_not_found(&e) => match js.create_stream(wanted.clone()).await {
+                Ok(stream) => return Ok(stream),
+                // Another consumer or replica created it first: use theirs (the next read
+                // finds it). Or the server refused it for a while (a stream of the same
+                // subjects still being deleted): try again, then say why.
+                Err(create) if attempt == ENSURE_ATTEMPTS => return Err(nats(&create)),
+                Err(create) => {
+                    tracing::debug!(stream = name, %create, attempt, "cannot create the event stream yet");
+                    tokio::time::sleep(ENSURE_PAUSE).await;
+                }
+            },
+            Err(e) => return Err(nats(&e)),
+        }
+    }
+    let Some(mut existing) = existing else {
+        return Err(nats(&"the stream neither exists nor could be created"));
     };
     let current = existing.cached_info().config.clone();
     if current == wanted {
