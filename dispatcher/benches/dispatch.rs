@@ -31,6 +31,10 @@ use serde_json::json;
 use support::fake_api::FakeCluster;
 use tokio_util::sync::CancellationToken;
 
+/// The dispatcher binary's allocator, so the bench measures what it runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Publish acks awaited at once: async-nats blocks beyond ~5,000 outstanding.
 const PUBLISH_WINDOW: usize = 1_000;
 
