@@ -243,7 +243,7 @@ fn how_to_provide(kind: SourceKind, namespace: &str, name: &str, key: Option<&st
 
 /// Bytes one guest variable takes in the executor's `execve`: `JOBICO_GUEST_NAME=value`, its
 /// NUL and its pointer.
-fn exec_bytes(name: &str, value: &str) -> usize {
+pub(crate) fn exec_bytes(name: &str, value: &str) -> usize {
     GUEST_ENV_PREFIX.len() + name.len() + 1 + value.len() + 1 + 8
 }
 

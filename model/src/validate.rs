@@ -5,7 +5,8 @@
 
 use std::collections::HashSet;
 
-use jobico_common::envelope::MAX_EVENTS_BYTES;
+use jobico_common::envelope::{MAX_ARG_STRLEN, MAX_EVENTS_BYTES};
+use jobico_common::executor::MAX_GUEST_ENV_BYTES;
 
 use crate::crd::{Job, MAX_BATCH_EVENTS, MAX_ENV_FROM, MAX_ENV_VARS, MAX_EVENTS_PER_JOB};
 
@@ -109,6 +110,27 @@ fn env_problems(at: &str, event: &crate::EventSpec) -> Vec<String> {
                 "{field}.valueFrom: must name exactly one of configMapKeyRef and secretKeyRef"
             )),
         }
+    }
+    // Written-out values are known here: the same bounds as resolved ones (see
+    // `env::resolve`), so a resource whose values cannot fit is refused wherever it is read.
+    let mut written = 0;
+    for (j, var) in event.env.iter().enumerate() {
+        let Some(value) = var.value.as_deref() else {
+            continue;
+        };
+        let bytes = crate::env::exec_bytes(&var.name, value);
+        written += bytes;
+        if bytes - 8 > MAX_ARG_STRLEN {
+            shape.push(format!(
+                "{at}.env[{j}].value: takes {} bytes as a variable, more than the {MAX_ARG_STRLEN} Linux takes in one",
+                bytes - 8
+            ));
+        }
+    }
+    if written > MAX_GUEST_ENV_BYTES {
+        shape.push(format!(
+            "{at}.env: the values take {written} bytes as variables, more than the {MAX_GUEST_ENV_BYTES} a Job leaves the module's variables"
+        ));
     }
     for (j, from) in event.env_from.iter().enumerate() {
         let field = format!("{at}.envFrom[{j}]");
@@ -350,7 +372,13 @@ mod tests {
                 optional: None,
             })
         });
-        let err = validate_job(&job(vec![e, crowded])).unwrap_err();
+        let mut large = event("ev3");
+        large.env = vec![
+            EnvVar::value("BIG", &"x".repeat(MAX_ARG_STRLEN)),
+            EnvVar::value("MORE", &"y".repeat(100_000)),
+            EnvVar::value("EVEN", &"z".repeat(120_000)),
+        ];
+        let err = validate_job(&job(vec![e, crowded, large])).unwrap_err();
         let expected = [
             "spec.events[0].env[1]: value and valueFrom exclude each other",
             "spec.events[0].env[2].valueFrom: must name exactly one of configMapKeyRef and secretKeyRef",
@@ -360,6 +388,8 @@ mod tests {
             "spec.events[0].env[3].valueFrom.configMapKeyRef.key: \"a/b\" is not a valid key",
             "spec.events[1].env: at most 64 entries are allowed, found 65",
             "spec.events[1].envFrom: at most 16 entries are allowed, found 17",
+            "spec.events[2].env[0].value: takes 131090 bytes as a variable, more than the 131072",
+            "spec.events[2].env: the values take 351152 bytes as variables, more than the 262144",
         ];
         assert_eq!(err.problems.len(), expected.len(), "{:?}", err.problems);
         for (problem, prefix) in err.problems.iter().zip(expected) {
