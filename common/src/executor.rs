@@ -89,10 +89,16 @@ pub fn guest_env(
         else {
             continue;
         };
-        granted.retain(|(n, _)| n != name);
-        granted.push((name.to_owned(), value.to_owned()));
+        set_var(&mut granted, name.to_owned(), value.to_owned());
     }
     granted
+}
+
+/// Sets `name` to `value` in `vars` as an environment does: an earlier entry of that name is
+/// replaced, the new one comes last.
+pub fn set_var(vars: &mut Vec<(String, String)>, name: String, value: String) {
+    vars.retain(|(n, _)| *n != name);
+    vars.push((name, value));
 }
 
 /// An uploaded module a Job runs, which no volume carries into the pod: where the executor

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use jobico_common::envelope::MAX_ARG_STRLEN;
-use jobico_common::executor::{GUEST_ENV_PREFIX, MAX_GUEST_ENV_BYTES};
+use jobico_common::executor::{GUEST_ENV_PREFIX, MAX_GUEST_ENV_BYTES, set_var};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -125,6 +125,28 @@ impl fmt::Display for SourceKind {
     }
 }
 
+impl EnvVarSource {
+    /// The object and key it names: `None` unless exactly one of its fields is set.
+    pub fn selected(&self) -> Option<(SourceKind, &KeySelector)> {
+        match (&self.config_map_key_ref, &self.secret_key_ref) {
+            (Some(map), None) => Some((SourceKind::ConfigMap, map)),
+            (None, Some(secret)) => Some((SourceKind::Secret, secret)),
+            _ => None,
+        }
+    }
+}
+
+impl EnvFromSource {
+    /// The object it names: `None` unless exactly one of its fields is set.
+    pub fn selected(&self) -> Option<(SourceKind, &SourceSelector)> {
+        match (&self.config_map_ref, &self.secret_ref) {
+            (Some(map), None) => Some((SourceKind::ConfigMap, map)),
+            (None, Some(secret)) => Some((SourceKind::Secret, secret)),
+            _ => None,
+        }
+    }
+}
+
 /// One object an event's environment reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reference<'a> {
@@ -196,11 +218,7 @@ impl EventSpec {
     /// Every ConfigMap and Secret the event's environment reads, in resolution order.
     pub fn env_references(&self) -> Vec<Reference<'_>> {
         let whole = self.env_from.iter().enumerate().filter_map(|(i, from)| {
-            let (kind, selector) = match (&from.config_map_ref, &from.secret_ref) {
-                (Some(map), _) => (SourceKind::ConfigMap, map),
-                (None, Some(secret)) => (SourceKind::Secret, secret),
-                (None, None) => return None,
-            };
+            let (kind, selector) = from.selected()?;
             Some(Reference {
                 field: format!("envFrom[{i}]"),
                 kind,
@@ -210,12 +228,7 @@ impl EventSpec {
             })
         });
         let keys = self.env.iter().enumerate().filter_map(|(i, var)| {
-            let source = var.value_from.as_ref()?;
-            let (kind, selector) = match (&source.config_map_key_ref, &source.secret_key_ref) {
-                (Some(map), _) => (SourceKind::ConfigMap, map),
-                (None, Some(secret)) => (SourceKind::Secret, secret),
-                (None, None) => return None,
-            };
+            let (kind, selector) = var.value_from.as_ref()?.selected()?;
             Some(Reference {
                 field: format!("env[{i}]"),
                 kind,
@@ -279,8 +292,7 @@ pub fn resolve(
     for (i, var) in spec.env.iter().enumerate() {
         let Some(reference) = reference(format!("env[{i}]")) else {
             let value = var.value.clone().unwrap_or_default();
-            resolution.granted.retain(|(n, _)| *n != var.name);
-            resolution.granted.push((var.name.clone(), value));
+            set_var(&mut resolution.granted, var.name.clone(), value);
             continue;
         };
         let Some(source) = resolution.source(reference) else {
@@ -349,10 +361,7 @@ impl Resolution<'_> {
     /// Grants `name` the value of `key`, which must be text (WASI passes strings).
     fn set(&mut self, reference: &Reference, name: String, key: &str, bytes: &[u8]) {
         match std::str::from_utf8(bytes) {
-            Ok(text) => {
-                self.granted.retain(|(n, _)| *n != name);
-                self.granted.push((name, text.to_owned()));
-            }
+            Ok(text) => set_var(&mut self.granted, name, text.to_owned()),
             Err(_) => {
                 let what = format!(
                     "key {key:?} of {} {}/{} is not UTF-8 text",

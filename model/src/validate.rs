@@ -9,6 +9,7 @@ use jobico_common::envelope::{MAX_ARG_STRLEN, MAX_EVENTS_BYTES};
 use jobico_common::executor::MAX_GUEST_ENV_BYTES;
 
 use crate::crd::{Job, MAX_BATCH_EVENTS, MAX_ENV_FROM, MAX_ENV_VARS, MAX_EVENTS_PER_JOB};
+use crate::env::SourceKind;
 
 /// Everything wrong with one `Job` resource.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,18 +96,15 @@ fn env_problems(at: &str, event: &crate::EventSpec) -> Vec<String> {
         if var.value.is_some() {
             shape.push(format!("{field}: value and valueFrom exclude each other"));
         }
-        match (&from.config_map_key_ref, &from.secret_key_ref) {
-            (Some(r), None) => selector(
-                format!("{field}.valueFrom.configMapKeyRef"),
-                &r.name,
-                Some(&r.key),
-            ),
-            (None, Some(r)) => selector(
-                format!("{field}.valueFrom.secretKeyRef"),
-                &r.name,
-                Some(&r.key),
-            ),
-            _ => shape.push(format!(
+        match from.selected() {
+            Some((kind, r)) => {
+                let which = match kind {
+                    SourceKind::ConfigMap => "configMapKeyRef",
+                    SourceKind::Secret => "secretKeyRef",
+                };
+                selector(format!("{field}.valueFrom.{which}"), &r.name, Some(&r.key));
+            }
+            None => shape.push(format!(
                 "{field}.valueFrom: must name exactly one of configMapKeyRef and secretKeyRef"
             )),
         }
@@ -139,10 +137,15 @@ fn env_problems(at: &str, event: &crate::EventSpec) -> Vec<String> {
                 "{field}.prefix: {prefix:?} does not begin a valid variable name"
             ));
         }
-        match (&from.config_map_ref, &from.secret_ref) {
-            (Some(r), None) => selector(format!("{field}.configMapRef"), &r.name, None),
-            (None, Some(r)) => selector(format!("{field}.secretRef"), &r.name, None),
-            _ => shape.push(format!(
+        match from.selected() {
+            Some((kind, r)) => {
+                let which = match kind {
+                    SourceKind::ConfigMap => "configMapRef",
+                    SourceKind::Secret => "secretRef",
+                };
+                selector(format!("{field}.{which}"), &r.name, None);
+            }
+            None => shape.push(format!(
                 "{field}: must name exactly one of configMapRef and secretRef"
             )),
         }

@@ -185,13 +185,10 @@ pub async fn ensure(
         message: e.to_string(),
     };
     let wanted = settings.config(namespace);
-    let mut existing = None;
-    for attempt in 1..=ENSURE_ATTEMPTS {
+    let mut attempt = 1;
+    let mut existing = loop {
         match js.get_stream(&name).await {
-            Ok(stream) => {
-                existing = Some(stream);
-                break;
-            }
+            Ok(stream) => break stream,
             Err(e) if is_not_found(&e) => match js.create_stream(wanted.clone()).await {
                 Ok(stream) => return Ok(stream),
                 // Another consumer or replica created it first: use theirs (the next read
@@ -201,13 +198,11 @@ pub async fn ensure(
                 Err(create) => {
                     tracing::debug!(stream = name, %create, attempt, "cannot create the event stream yet");
                     tokio::time::sleep(ENSURE_PAUSE).await;
+                    attempt += 1;
                 }
             },
             Err(e) => return Err(nats(&e)),
         }
-    }
-    let Some(mut existing) = existing else {
-        return Err(nats(&"the stream neither exists nor could be created"));
     };
     let current = existing.cached_info().config.clone();
     if current == wanted {

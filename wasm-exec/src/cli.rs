@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use jobico_common::ExecEvent;
 use jobico_common::envelope::{EVENTS_PARTS_VAR, EVENTS_VAR, join_events};
-use jobico_common::executor::{ArtifactRef, MODULE_URL_VAR, UploadedModuleRef, guest_env};
+use jobico_common::executor::{ArtifactRef, MODULE_URL_VAR, UploadedModuleRef, guest_env, set_var};
 use jobico_common::summary::{ModuleLoad, ModuleSource};
 use jobico_common::telemetry::LogArgs;
 
@@ -192,15 +192,13 @@ fn granted_env(
     process: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
     flags: &[EnvVar],
 ) -> Vec<EnvVar> {
-    let mut env: Vec<EnvVar> = guest_env(process)
-        .into_iter()
-        .map(|(name, value)| EnvVar { name, value })
-        .collect();
+    let mut env = guest_env(process);
     for flag in flags {
-        env.retain(|var| var.name != flag.name);
-        env.push(flag.clone());
+        set_var(&mut env, flag.name.clone(), flag.value.clone());
     }
-    env
+    env.into_iter()
+        .map(|(name, value)| EnvVar { name, value })
+        .collect()
 }
 
 /// The module, from the dispatcher's artifact when the Job names one that verifies (see
