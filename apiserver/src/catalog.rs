@@ -209,7 +209,44 @@ pub fn build_cached<'a>(
         }
     }
     cache.finish_build();
+    refuse_cycles(&mut events, &mut problems);
     (events, problems)
+}
+
+/// Makes every event on a cycle of routes across a namespace's resources unavailable, with
+/// the cycle as the reason (one resource's own cycles never get here: the validation refuses
+/// them).
+fn refuse_cycles(events: &mut EventMap, problems: &mut Vec<CatalogProblem>) {
+    let namespaces: std::collections::BTreeSet<String> =
+        events.keys().map(|(ns, _)| ns.clone()).collect();
+    for namespace in namespaces {
+        let specs: Vec<&EventSpec> = events
+            .values()
+            .filter(|e| e.namespace == namespace)
+            .map(|e| &e.spec)
+            .collect();
+        let cycles = jobico_model::routes::cycles(specs);
+        for cycle in cycles {
+            let reason = format!("routes form a cycle ({cycle}): an event would lead to itself");
+            for name in cycle
+                .split(" → ")
+                .collect::<std::collections::BTreeSet<_>>()
+            {
+                let key = (namespace.clone(), name.to_owned());
+                let Some(entry) = events.get(&key) else {
+                    continue;
+                };
+                problems.push(CatalogProblem {
+                    namespace: namespace.clone(),
+                    job: entry.job.clone(),
+                    message: format!("event {name:?}: {reason}"),
+                });
+                let mut entry = (**entry).clone();
+                entry.schema = Err(reason.clone());
+                events.insert(key, Arc::new(entry));
+            }
+        }
+    }
 }
 
 fn resolve_schema<'a>(
@@ -289,6 +326,52 @@ spec:
             Lookup::Found(entry) => entry,
             other => panic!("{event}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_cycle_across_resources_makes_its_events_unavailable() {
+        const CYCLE: &str = r#"
+apiVersion: jobico.coeux.dev/v1
+kind: Job
+metadata: {name: orders}
+spec:
+  events:
+    - {name: order, wasm: m.wasm, schema: {key: s, optional: true}, then: [{event: invoice}]}
+    - {name: lone, wasm: m.wasm, schema: {key: s, optional: true}, then: [{event: order}]}
+---
+apiVersion: jobico.coeux.dev/v1
+kind: Job
+metadata: {name: billing}
+spec:
+  events:
+    - {name: invoice, wasm: m.wasm, schema: {key: s, optional: true}, then: [{event: order, when: failed}]}
+"#;
+        let mut manifest = Manifest::default();
+        manifest.read_str(Path::new("m.yaml"), CYCLE).unwrap();
+        let (events, problems) = from_manifest(&manifest);
+        let reason =
+            "routes form a cycle (invoice → order → invoice): an event would lead to itself";
+        for event in ["order", "invoice"] {
+            let entry = &events[&("default".to_owned(), event.to_owned())];
+            assert_eq!(entry.schema.as_ref().unwrap_err(), reason, "{event}");
+        }
+        assert!(
+            events[&("default".to_owned(), "lone".to_owned())]
+                .schema
+                .is_ok()
+        );
+        let mut named: Vec<_> = problems
+            .iter()
+            .map(|p| (p.job.as_str(), p.message.as_str()))
+            .collect();
+        named.sort();
+        assert_eq!(
+            named,
+            [
+                ("billing", format!("event \"invoice\": {reason}").as_str()),
+                ("orders", format!("event \"order\": {reason}").as_str()),
+            ]
+        );
     }
 
     #[test]

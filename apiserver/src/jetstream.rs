@@ -343,7 +343,72 @@ async fn connect_context(
     Ok((client, context))
 }
 
+impl JetStreamPublisher {
+    /// Publishes `record` to its dead-letter subject and waits for the ack.
+    async fn publish_dead_letter(
+        &self,
+        record: &EventRecord,
+        reason: &str,
+    ) -> Result<(), PublishError> {
+        let (namespace, event, id) = (&record.namespace, &record.event, record.id.as_str());
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(subject::HEADER_EVENT_ID, id);
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            subject::dead_letter_message_id(namespace, event, id).as_str(),
+        );
+        headers.insert(
+            subject::HEADER_DEAD_LETTER_REASON,
+            subject::header_text(reason).as_str(),
+        );
+        let payload = serde_json::to_vec(record).expect("an event record always serialises");
+        let publish = async {
+            self.context
+                .publish_with_headers(
+                    subject::dead_letter_subject(namespace, event),
+                    headers,
+                    payload.into(),
+                )
+                .await?
+                .await
+        };
+        self.bounded("cannot publish the dead letter", publish)
+            .await
+            .map(drop)
+    }
+}
+
 impl Publisher for JetStreamPublisher {
+    fn link<'a>(&'a self, links: &'a EventStatus) -> BoxFuture<'a, Result<(), PublishError>> {
+        Box::pin(async move {
+            self.bounded("cannot record the chain", self.states.link(links))
+                .await
+                .map(drop)
+        })
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        record: &'a EventRecord,
+        status: &'a EventStatus,
+    ) -> BoxFuture<'a, Result<(), PublishError>> {
+        Box::pin(async move {
+            let reason = status.reason.as_deref().unwrap_or_default();
+            tracing::error!(
+                event = %format!("{}/{} {}", record.namespace, record.event, record.id),
+                reason,
+                "dead-lettering a routed event"
+            );
+            self.publish_dead_letter(record, reason).await?;
+            self.bounded(
+                "cannot record the dead-lettered state",
+                self.states.advance(status.clone()),
+            )
+            .await
+            .map(drop)
+        })
+    }
+
     fn publish(
         &self,
         events: Vec<EventRecord>,
@@ -435,7 +500,9 @@ impl Publisher for JetStreamPublisher {
                     several => return Ok(StatusLookup::Ambiguous(several.to_vec())),
                 },
             };
-            Ok(found.map_or(StatusLookup::NotFound, StatusLookup::Found))
+            Ok(found.map_or(StatusLookup::NotFound, |status| {
+                StatusLookup::Found(Box::new(status))
+            }))
         })
     }
 }

@@ -7,6 +7,7 @@ pub mod args;
 pub mod auth;
 pub mod body;
 pub mod catalog;
+pub mod chain;
 pub mod error;
 pub mod http;
 pub mod jetstream;

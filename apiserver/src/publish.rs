@@ -93,6 +93,31 @@ pub trait Publisher: Send + Sync + 'static {
         Box::pin(async { Ok(None) })
     }
 
+    /// Adds the chain `links` names (parent, children, failed routes) to the record of its
+    /// event, keeping the state; creates an `accepted` record when there is none. The default
+    /// keeps nothing (no states are tracked).
+    fn link<'a>(&'a self, links: &'a EventStatus) -> BoxFuture<'a, Result<(), PublishError>> {
+        let _ = links;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Keeps `record`, an event that can never run (a route's data its target refuses), as a
+    /// dead letter, and records `status` (`dead-lettered`, why, its parent) under its id. The
+    /// default, without a store, logs it.
+    fn dead_letter<'a>(
+        &'a self,
+        record: &'a EventRecord,
+        status: &'a EventStatus,
+    ) -> BoxFuture<'a, Result<(), PublishError>> {
+        tracing::error!(
+            event = %format!("{}/{} {}", record.namespace, record.event, record.id),
+            data = %record.data,
+            reason = status.reason.as_deref().unwrap_or_default(),
+            "dead letter (not kept: no event store)"
+        );
+        Box::pin(async { Ok(()) })
+    }
+
     /// The recorded state of event `id` of type `event` in `namespace`, or of whichever type
     /// has an event `id` when `event` is `None`. The default says states are not tracked
     /// (local mode without NATS).
@@ -120,7 +145,7 @@ pub struct StoredModule {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StatusLookup {
     /// The event's record.
-    Found(EventStatus),
+    Found(Box<EventStatus>),
     /// No record under that id.
     NotFound,
     /// Asked by id alone, and events of several types have it: these (sorted).

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use jobico_apiserver::Catalog;
 use jobico_apiserver::Metrics;
 use jobico_apiserver::catalog::EventMap;
+use jobico_apiserver::chain::Router;
 use jobico_apiserver::jetstream::{JetStreamPublisher, PublishSettings};
 use jobico_dispatcher::metrics::Metrics as DispatcherMetrics;
 use jobico_dispatcher::state::StateStore;
@@ -42,7 +44,7 @@ pub struct Nats<'a> {
 pub async fn start(
     nats: Nats<'_>,
     manifest: &Manifest,
-    events: &EventMap,
+    catalog: &Arc<Catalog>,
     modules: Arc<Modules>,
     parallelism: usize,
     shutdown: CancellationToken,
@@ -58,16 +60,19 @@ pub async fn start(
             .with_context(|| {
                 format!("cannot use NATS at {url} as {auth} (start one with `nats-server -js`)")
             })?;
+    let publisher = Arc::new(publisher);
     let js = publisher.context().clone();
     let states = StateStore::open(&js, &jobico_store::BucketSettings::default())
         .await
         .context("cannot open the event state bucket")?;
-    let backend = LocalBackend::new(modules, states, parallelism);
+    let router = Router::new(catalog.clone(), publisher.clone());
+    let backend = LocalBackend::new(modules, states, parallelism, router);
+    let events = catalog.snapshot();
     jobico_store::streams::retire_legacy(&js)
         .await
         .context("cannot check for the event stream of an earlier release")?;
     let streams = StreamSettings::default();
-    let owners = owners(manifest, events, parallelism);
+    let owners = owners(manifest, &events, parallelism);
     // Every namespace's stream exists before the ingress answers: no 503 while the consumers
     // start.
     for namespace in owners
@@ -107,10 +112,7 @@ pub async fn start(
         shutdown.cancelled().await;
         consumers.shutdown().await;
     });
-    Ok(Durable {
-        publisher: Arc::new(publisher),
-        drained,
-    })
+    Ok(Durable { publisher, drained })
 }
 
 /// The manifest's Job resources as the consumers need them: only the events the catalog

@@ -13,6 +13,8 @@ const FILES: &[(&str, &[u8])] = &[
         "printenv.wasm",
         include_bytes!("../../samples/printenv.wasm"),
     ),
+    ("chain.yaml", include_bytes!("../../samples/chain.yaml")),
+    ("order.wasm", include_bytes!("../../samples/order.wasm")),
 ];
 
 /// A directory holding the samples, removed when dropped.

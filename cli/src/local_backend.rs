@@ -16,6 +16,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use jobico_apiserver::chain::{Routed, Router};
 use jobico_common::EventStatus;
 use jobico_common::summary::{self, FinalState, RunSummary};
 use jobico_dispatcher::backend::{Backend, Batch, DispatchError, Dispatched};
@@ -40,6 +41,8 @@ pub struct LocalBackend {
     permits: Arc<Semaphore>,
     /// `(namespace, run, id)` of the events dispatched to this process and not yet finished.
     in_flight: Arc<Mutex<HashSet<RunKey>>>,
+    /// Follows the routes of each outcome before its state is recorded.
+    router: Router,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -86,13 +89,48 @@ impl Drop for InFlight {
 impl LocalBackend {
     /// A backend running at most `parallelism` events at once (at least one), recording
     /// states in `states`.
-    pub fn new(modules: Arc<Modules>, states: StateStore, parallelism: usize) -> Self {
+    pub fn new(
+        modules: Arc<Modules>,
+        states: StateStore,
+        parallelism: usize,
+        router: Router,
+    ) -> Self {
         Self {
             modules,
             states,
             permits: Arc::new(Semaphore::new(parallelism.max(1))),
             in_flight: Arc::default(),
+            router,
         }
+    }
+
+    /// Follows the routes of each outcome (see [`Router::follow`]). A publish NATS did not
+    /// take is tried again until it is: the events have run, and their children must not be
+    /// lost (nor published twice: their ids are derived).
+    async fn route(&self, batch: &Batch, outcomes: &[EventOutcome]) -> Vec<Routed> {
+        let mut all = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            let mut warned = false;
+            let routed = loop {
+                match self
+                    .router
+                    .follow(batch.namespace(), &batch.event, outcome)
+                    .await
+                {
+                    Ok(routed) => break routed,
+                    Err(error) => {
+                        if !warned {
+                            tracing::warn!(id = %outcome.id, %error, "ran, but cannot publish its routed events yet; retrying");
+                            warned = true;
+                        }
+                        tokio::time::sleep(STATE_RETRY).await;
+                    }
+                }
+            };
+            crate::local_exec::print_routed(batch.namespace(), &batch.event, outcome, &routed);
+            all.push(routed);
+        }
+        all
     }
 
     /// Records each event's final state, decided as the cluster's tracker decides it: from
@@ -101,8 +139,8 @@ impl LocalBackend {
     /// A write that fails (NATS is away) is retried here until it succeeds: the events have
     /// run, and handing the batch back would run them a second time. Meanwhile the batch stays
     /// in flight, so a redelivery of its messages is handed back rather than run.
-    async fn record(&self, batch: &Batch, outcomes: &[EventOutcome]) {
-        for status in final_statuses(batch, outcomes) {
+    async fn record(&self, batch: &Batch, outcomes: &[EventOutcome], routed: &[Routed]) {
+        for status in final_statuses(batch, outcomes, routed) {
             let mut warned = false;
             while let Err(error) = self.states.advance(status.clone()).await {
                 if !warned {
@@ -117,8 +155,9 @@ impl LocalBackend {
 
 /// The `succeeded` or `failed` record of each event that ran, through
 /// [`summary::final_states`] like the cluster's tracker: the run's exit code, the event's
-/// outcome as the termination message kept it, and why it failed.
-fn final_statuses(batch: &Batch, outcomes: &[EventOutcome]) -> Vec<EventStatus> {
+/// outcome as the termination message kept it, and why it failed; with the events its routes
+/// published (`routed`, one per outcome).
+fn final_statuses(batch: &Batch, outcomes: &[EventOutcome], routed: &[Routed]) -> Vec<EventStatus> {
     let run = RunSummary::new(outcomes);
     let exit_code = run.exit_code();
     let message = run.termination_message().to_json();
@@ -126,7 +165,8 @@ fn final_statuses(batch: &Batch, outcomes: &[EventOutcome]) -> Vec<EventStatus> 
     summary::final_states(&ids, Some(exit_code), Some(&message))
         .into_iter()
         .zip(outcomes)
-        .map(|(decided, outcome)| {
+        .zip(routed.iter().map(Some).chain(std::iter::repeat(None)))
+        .map(|((decided, outcome), routed)| {
             // Every event that ran is in the message's states (a batch has at most 100); the
             // outcome itself is the fallback should that ever not hold.
             let decided = decided.unwrap_or_else(|| FinalState {
@@ -145,6 +185,9 @@ fn final_statuses(batch: &Batch, outcomes: &[EventOutcome]) -> Vec<EventStatus> 
             status.summary = decided
                 .outcome
                 .map(|o| serde_json::to_value(o).expect("an outcome serialises"));
+            if let Some(routed) = routed {
+                routed.record_on(&mut status);
+            }
             status
         })
         .collect()
@@ -183,7 +226,8 @@ impl Backend for LocalBackend {
         .map_err(|error| DispatchError::Permanent {
             reason: format!("the executor of {job} failed: {error}"),
         })?;
-        self.record(batch, &outcomes).await;
+        let routed = self.route(batch, &outcomes).await;
+        self.record(batch, &outcomes, &routed).await;
         Ok(Dispatched { job, created: true })
     }
 
@@ -287,7 +331,7 @@ mod tests {
         ];
         for (error, message, state, exit_code, reason) in cases {
             let outcome = outcome("e1", error, message);
-            let statuses = final_statuses(&batch(&["e1"]), std::slice::from_ref(&outcome));
+            let statuses = final_statuses(&batch(&["e1"]), std::slice::from_ref(&outcome), &[]);
             let status = &statuses[0];
             assert_eq!(
                 (status.state, status.exit_code, status.reason.as_deref()),
@@ -325,7 +369,7 @@ mod tests {
             })
             .collect();
         let names: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let statuses = final_statuses(&batch(&names), &outcomes);
+        let statuses = final_statuses(&batch(&names), &outcomes, &[]);
         let succeeded = statuses
             .iter()
             .filter(|s| s.state == EventState::Succeeded)

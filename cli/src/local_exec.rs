@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use jobico_apiserver::catalog::EventMap;
+use jobico_apiserver::chain::{Routed, Router};
 use jobico_common::EventRecord;
 use jobico_model::{EventSpec, Manifest};
 use tokio::sync::{Semaphore, mpsc};
@@ -47,6 +48,8 @@ pub struct Modules {
 pub struct LocalExecutor {
     modules: Arc<Modules>,
     parallelism: usize,
+    /// Follows each outcome's routes, publishing into the same queue.
+    router: Router,
 }
 
 /// Where a module's bytes were found.
@@ -177,6 +180,8 @@ impl Modules {
                             .into_iter()
                             .map(|(name, value)| EnvVar { name, value })
                             .collect(),
+                        // Routes hand on a WASI command's standard output.
+                        stdout_result: !entry.spec.then.is_empty(),
                         ..Capabilities::default()
                     };
                     prepared.insert(
@@ -225,11 +230,13 @@ impl Modules {
 }
 
 impl LocalExecutor {
-    /// An executor running at most `parallelism` events at once (at least one).
-    pub fn new(modules: Arc<Modules>, parallelism: usize) -> Self {
+    /// An executor running at most `parallelism` events at once (at least one), following
+    /// their routes with `router`.
+    pub fn new(modules: Arc<Modules>, parallelism: usize, router: Router) -> Self {
         Self {
             modules,
             parallelism: parallelism.max(1),
+            router,
         }
     }
 
@@ -250,13 +257,23 @@ impl LocalExecutor {
                 break;
             };
             let modules = self.modules.clone();
-            tokio::task::spawn_blocking(move || {
-                if modules.run(&record).is_none() {
-                    // Cannot happen: the ingress only accepts events whose module is prepared.
-                    tracing::error!(event = %format!("{}/{} {}", record.namespace, record.event, record.id),
-                        "no module prepared for this event; event dropped");
+            let router = self.router.clone();
+            tokio::spawn(async move {
+                let ran = tokio::task::spawn_blocking(move || {
+                    let outcome = modules.run(&record);
+                    if outcome.is_none() {
+                        // Cannot happen: the ingress only accepts events whose module is
+                        // prepared.
+                        tracing::error!(event = %format!("{}/{} {}", record.namespace, record.event, record.id),
+                            "no module prepared for this event; event dropped");
+                    }
+                    drop(permit);
+                    outcome.map(|outcome| (record, outcome))
+                })
+                .await;
+                if let Ok(Some((record, outcome))) = ran {
+                    route(&router, &record, &outcome).await;
                 }
-                drop(permit);
             });
         }
         // Wait for the events still running.
@@ -279,6 +296,51 @@ impl OutputSink for TaggedStdout<'_> {
     fn framing(&self, _event_id: &str) -> usize {
         self.tag.len() + 6
     }
+}
+
+/// Follows `outcome`'s routes into the in-memory queue, waiting while it is full (the
+/// executor drains it meanwhile).
+async fn route(router: &Router, record: &EventRecord, outcome: &EventOutcome) {
+    let mut warned = false;
+    loop {
+        match router
+            .follow(&record.namespace, &record.event, outcome)
+            .await
+        {
+            Ok(routed) => {
+                print_routed(&record.namespace, &record.event, outcome, &routed);
+                return;
+            }
+            Err(error) => {
+                if !warned {
+                    tracing::warn!(id = %outcome.id, %error, "cannot queue the routed events yet; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(ROUTE_RETRY).await;
+            }
+        }
+    }
+}
+
+/// Pause before queueing routed events again when the queue is full.
+const ROUTE_RETRY: Duration = Duration::from_millis(200);
+
+/// Prints one line per route followed, tagged like the event's output:
+/// `[ns/order id] routed to invoice <child id>` or `... route to alert refused: <why>`.
+pub fn print_routed(namespace: &str, event: &str, outcome: &EventOutcome, routed: &Routed) {
+    let tag = format!("{namespace}/{event} {}", outcome.id);
+    let mut out = std::io::stdout().lock();
+    for child in &routed.children {
+        let _ = writeln!(out, "[{tag}] routed to {} {}", child.event, child.id);
+    }
+    for failure in &routed.failures {
+        let _ = writeln!(
+            out,
+            "[{tag}] {} (dead-lettered as {})",
+            failure.reason, failure.id
+        );
+    }
+    let _ = out.flush();
 }
 
 /// One line saying how an event ended.

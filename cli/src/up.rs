@@ -15,6 +15,7 @@ use actix_web::web;
 use anyhow::Context;
 use clap::Args;
 use jobico_apiserver::auth::{Auth, StaticTokens};
+use jobico_apiserver::chain::Router;
 use jobico_apiserver::http::DEFAULT_MAX_BODY_BYTES;
 use jobico_apiserver::{AppState, Catalog, MemoryQueue, Publisher, catalog, server};
 use jobico_dispatcher::consumer::ACK_WAIT;
@@ -180,7 +181,8 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
     let (publisher, worker, mode): (Arc<dyn Publisher>, _, _) = match &args.nats {
         None => {
             let (queue, receiver) = MemoryQueue::new(args.queue_capacity);
-            let executor = LocalExecutor::new(modules, parallelism);
+            let router = Router::new(catalog.clone(), Arc::new(queue.clone()));
+            let executor = LocalExecutor::new(modules, parallelism, router);
             let worker = tokio::spawn(executor.run(receiver, shutdown.clone()));
             let mode =
                 "in-memory queue: accepted events not yet run are lost if this process is killed"
@@ -197,7 +199,7 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
             let durable = durable::start(
                 nats,
                 &manifest,
-                &events,
+                &catalog,
                 modules,
                 parallelism,
                 shutdown.clone(),

@@ -17,6 +17,8 @@ fn sample_modules_match_their_sources_and_config_maps() {
         ("echo", "job-for-ev1"),
         ("logecho", "job-for-ev2"),
         ("printenv", "job-for-ev3"),
+        ("order", "job-for-orders"),
+        ("echo", "job-for-orders"),
     ] {
         let built = wat::parse_file(samples().join(format!("{module}.wat"))).unwrap();
         let committed = std::fs::read(samples().join(format!("{module}.wasm"))).unwrap();

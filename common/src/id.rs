@@ -98,6 +98,13 @@ impl EventId {
         Self::hashed("cloudevent", &[source, id])
     }
 
+    /// The id of the event route `route` (its index in `then`) of event `event` publishes for
+    /// the parent `parent` in `namespace`: the same parent and route always give the same id,
+    /// so a redelivered or re-run parent publishes no second child.
+    pub fn routed(namespace: &str, event: &str, parent: &str, route: usize) -> Self {
+        Self::hashed("route", &[namespace, event, parent, &route.to_string()])
+    }
+
     /// `h--` followed by the first 40 hex digits of the SHA-256 of `domain` and `parts`, each
     /// followed by NUL (which no key, index or attribute contains: headers and JSON strings
     /// validated as visible text), so each kind of derivation has its own ids.

@@ -6,6 +6,7 @@
 //! process plumbing every binary shares (telemetry and shutdown). This crate depends on neither
 //! kube nor wasmtime so that every binary, including the small `wasm-exec` image, can use it.
 
+pub mod chain;
 pub mod envelope;
 pub mod executor;
 pub mod id;
@@ -17,4 +18,4 @@ pub mod telemetry;
 
 pub use envelope::{EventRecord, ExecEvent};
 pub use id::{EventId, InvalidEventId};
-pub use state::{EventState, EventStatus};
+pub use state::{EventLink, EventState, EventStatus, RouteFailure};

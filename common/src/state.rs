@@ -59,6 +59,36 @@ pub struct EventStatus {
     /// Why the event failed or was dead-lettered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The event whose outcome a route turned into this one (chaining).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<EventLink>,
+    /// The events this one's routes published.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<EventLink>,
+    /// This event's routes that could not publish their event, and why (the event was
+    /// dead-lettered under its id instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route_failures: Vec<RouteFailure>,
+}
+
+/// An event of the same namespace, named by type and id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventLink {
+    /// Event name.
+    pub event: String,
+    /// Event id.
+    pub id: String,
+}
+
+/// A route whose event could not be published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteFailure {
+    /// The target event.
+    pub event: String,
+    /// The id the routed event has (its dead-lettered record is under it).
+    pub id: String,
+    /// Why it was refused (not JSON, invalid for the target's schema, no such event).
+    pub reason: String,
 }
 
 impl EventStatus {
@@ -80,6 +110,30 @@ impl EventStatus {
             exit_code: None,
             summary: None,
             reason: None,
+            parent: None,
+            children: Vec::new(),
+            route_failures: Vec::new(),
+        }
+    }
+
+    /// Takes from `stored` what this newer record of the same event leaves empty: the Job
+    /// that ran it and the chain around it, so no state written later loses them.
+    pub fn inherit(&mut self, stored: &EventStatus) {
+        if self.job.is_none() {
+            self.job.clone_from(&stored.job);
+        }
+        if self.parent.is_none() {
+            self.parent.clone_from(&stored.parent);
+        }
+        for child in &stored.children {
+            if !self.children.contains(child) {
+                self.children.push(child.clone());
+            }
+        }
+        for failure in &stored.route_failures {
+            if !self.route_failures.iter().any(|f| f.id == failure.id) {
+                self.route_failures.push(failure.clone());
+            }
         }
     }
 }
@@ -116,6 +170,9 @@ mod tests {
             exit_code: None,
             summary: None,
             reason: None,
+            parent: None,
+            children: vec![],
+            route_failures: vec![],
         };
         let text = serde_json::to_string(&status).unwrap();
         assert_eq!(

@@ -89,6 +89,27 @@ pub fn dead_letter_subject(namespace: &str, event: &str) -> String {
     format!("{DEAD_LETTER_PREFIX}.{namespace}.{event}")
 }
 
+/// Header on dead-lettered messages saying why.
+pub const HEADER_DEAD_LETTER_REASON: &str = "Jobico-Dead-Letter-Reason";
+
+/// The `Nats-Msg-Id` of event `id`'s dead letter, so a second attempt keeps one.
+pub fn dead_letter_message_id(namespace: &str, event: &str, id: &str) -> String {
+    format!("dlq-{namespace}.{event}.{id}")
+}
+
+/// `text` as a header value: a single line of visible ASCII (anything else becomes a space).
+pub fn header_text(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect()
+}
+
 /// The state-bucket key of an event: `<namespace>.<event>.<id>`. An event is identified by
 /// all three: two event types (or two CloudEvents sources) may use the same id.
 pub fn state_key(namespace: &str, event: &str, id: &str) -> String {

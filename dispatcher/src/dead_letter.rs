@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{AckKind, Message};
-use jobico_common::subject::{HEADER_EVENT_ID, dead_letter_subject};
+pub use jobico_common::subject::HEADER_DEAD_LETTER_REASON;
+use jobico_common::subject::{
+    HEADER_EVENT_ID, dead_letter_message_id, dead_letter_subject, header_text,
+};
 use jobico_common::{EventRecord, EventState};
 
 use crate::backend::Backend;
@@ -16,8 +19,6 @@ use crate::state::{self, Advanced};
 
 /// The stream holding dead-lettered events (subjects `jobico-dlq.>`), so they are durable.
 pub const DEAD_LETTER_STREAM: &str = "JOBICO_DLQ";
-/// Header on dead-lettered messages saying why.
-pub const HEADER_DEAD_LETTER_REASON: &str = "Jobico-Dead-Letter-Reason";
 /// How long dead-lettered events are kept: two weeks to notice and replay them.
 pub const DEAD_LETTER_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
 /// How long a message whose dead-letter publish failed waits before it comes back.
@@ -107,21 +108,10 @@ async fn publish<B: Backend>(
         headers.insert(HEADER_EVENT_ID, id);
         headers.insert(
             async_nats::header::NATS_MESSAGE_ID,
-            format!("dlq-{namespace}.{event}.{id}").as_str(),
+            dead_letter_message_id(namespace, event, id).as_str(),
         );
     }
-    // Header values are single lines of visible ASCII.
-    let reason_header: String = reason
-        .chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                ' '
-            }
-        })
-        .collect();
-    headers.insert(HEADER_DEAD_LETTER_REASON, reason_header.as_str());
+    headers.insert(HEADER_DEAD_LETTER_REASON, header_text(reason).as_str());
     let subject = dead_letter_subject(namespace, event);
     let published = match ctx
         .js

@@ -493,7 +493,7 @@ async fn claim_one<B: Backend>(
     debug_assert!(free);
     match ctx
         .states
-        .take_over(namespace, event, id, job, revision)
+        .take_over(namespace, event, id, job, (&current, revision))
         .await
     {
         Ok(Claim::Claimed { revision }) => Claimed::Yes(revision),

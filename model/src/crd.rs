@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::env::{EnvFromSource, EnvVar};
+pub use crate::routes::Route;
 
 /// Pattern for event names: alphanumeric, 1 to 10 characters (JobicoK8S's documented rule).
 pub const EVENT_NAME_PATTERN: &str = "^[A-Za-z0-9]{1,10}$";
@@ -126,6 +127,12 @@ pub struct EventSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub env_from: Vec<EnvFromSource>,
+    /// Events of the same namespace that receive this event's outcome: its result parsed as
+    /// JSON on success, an object describing the failure on failure. Routes may not form a
+    /// cycle.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub then: Vec<Route>,
 }
 
 /// Reference to a JSON Schema in a ConfigMap, the shape of a `ConfigMapKeySelector`.

@@ -84,6 +84,7 @@ mod tests {
             limits: None,
             env: vec![],
             env_from: vec![],
+            then: vec![],
         };
         assert_eq!(
             spec.effective_batch(),

@@ -9,6 +9,7 @@ pub mod crd;
 pub mod effective;
 pub mod env;
 pub mod manifest;
+pub mod routes;
 pub mod validate;
 
 pub use crd::{
@@ -18,4 +19,5 @@ pub use crd::{
 pub use effective::{EffectiveBatch, ModuleRef, UPLOADED_MODULE_PREFIX};
 pub use env::{SECRET_GRANT_LABEL, SourceKind};
 pub use manifest::{Manifest, ManifestError};
+pub use routes::{Route, RouteWhen};
 pub use validate::{InvalidJob, MAX_NAME_LEN, validate_job};

@@ -158,6 +158,33 @@ fn env_problems(at: &str, event: &crate::EventSpec) -> Vec<String> {
 /// Kubernetes Job, and label values are at most 63 characters.
 pub const MAX_NAME_LEN: usize = 63;
 
+fn route_problems(at: &str, event: &crate::EventSpec) -> Vec<String> {
+    let mut problems = Vec::new();
+    if event.then.len() > crate::routes::MAX_ROUTES {
+        problems.push(format!(
+            "{at}.then: at most {} routes are allowed, found {}",
+            crate::routes::MAX_ROUTES,
+            event.then.len()
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (j, route) in event.then.iter().enumerate() {
+        if !is_event_name(&route.event) {
+            problems.push(format!(
+                "{at}.then[{j}].event: {:?} must be 1 to 10 ASCII letters or digits",
+                route.event
+            ));
+        } else if !seen.insert((route.event.as_str(), route.when)) {
+            problems.push(format!(
+                "{at}.then[{j}]: a route to {:?} when {} is declared twice",
+                route.event,
+                serde_json::to_value(route.when).expect("a route condition serialises")
+            ));
+        }
+    }
+    problems
+}
+
 /// Checks one resource; returns every problem found, not just the first. The ingress, the
 /// dispatcher and local mode all use this one check, so an event one of them refuses is never
 /// accepted by another.
@@ -228,6 +255,14 @@ pub fn validate_job(job: &Job) -> Result<(), InvalidJob> {
             problems.push(format!("{at}.concurrency: must be at least 1"));
         }
         problems.extend(env_problems(&at, event));
+        problems.extend(route_problems(&at, event));
+    }
+    // Cycles within this resource; those across resources of a namespace are found where
+    // they meet (the catalog, the dispatcher's consumers) with the same `routes::cycles`.
+    for cycle in crate::routes::cycles(events) {
+        problems.push(format!(
+            "spec.events[].then: routes form a cycle ({cycle}): an event would lead to itself"
+        ));
     }
     if problems.is_empty() {
         Ok(())
@@ -260,6 +295,7 @@ mod tests {
             limits: None,
             env: vec![],
             env_from: vec![],
+            then: vec![],
         }
     }
 
@@ -398,6 +434,61 @@ mod tests {
         for (problem, prefix) in err.problems.iter().zip(expected) {
             assert!(problem.starts_with(prefix), "{problem:?} vs {prefix:?}");
         }
+    }
+
+    #[test]
+    fn routes_name_events_and_form_no_cycle_within_the_resource() {
+        use crate::{Route, RouteWhen};
+        let route = |event: &str, when| Route {
+            event: event.into(),
+            when,
+        };
+        let mut order = event("order");
+        order.then = vec![
+            route("invoice", RouteWhen::Succeeded),
+            route("alert", RouteWhen::Failed),
+        ];
+        let mut invoice = event("invoice");
+        invoice.then = vec![route("archive", RouteWhen::Always)];
+        assert_eq!(
+            validate_job(&job(vec![order.clone(), invoice.clone()])),
+            Ok(())
+        );
+
+        let mut bad = order.clone();
+        bad.then = vec![
+            route("not-a-name", RouteWhen::Succeeded),
+            route("alert", RouteWhen::Failed),
+            route("alert", RouteWhen::Failed),
+        ];
+        let problems = validate_job(&job(vec![bad])).unwrap_err().problems;
+        assert_eq!(
+            problems,
+            [
+                "spec.events[0].then[0].event: \"not-a-name\" must be 1 to 10 ASCII letters or digits",
+                "spec.events[0].then[2]: a route to \"alert\" when \"failed\" is declared twice",
+            ]
+        );
+        let mut many = order.clone();
+        many.then = (0..9)
+            .map(|i| route(&format!("e{i}"), RouteWhen::Always))
+            .collect();
+        let problems = validate_job(&job(vec![many])).unwrap_err().problems;
+        assert_eq!(
+            problems,
+            ["spec.events[0].then: at most 8 routes are allowed, found 9"]
+        );
+
+        invoice.then.push(route("order", RouteWhen::Failed));
+        let problems = validate_job(&job(vec![order, invoice]))
+            .unwrap_err()
+            .problems;
+        assert_eq!(
+            problems,
+            [
+                "spec.events[].then: routes form a cycle (invoice → order → invoice): an event would lead to itself"
+            ]
+        );
     }
 
     #[test]

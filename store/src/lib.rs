@@ -223,14 +223,18 @@ impl StateStore {
                 // An accepted record may become held (same rank, news for the reader).
                 let held_now =
                     current.state == EventState::Accepted && next.state == EventState::Held;
+                // A final state may still gain the chain it was written without (local
+                // mode records the children with the outcome, whichever write came first).
+                let adds_links = current.state == next.state && adds_links(current, &next);
                 if rank(current.state) >= rank(next.state)
                     && !adds_summary
                     && !new_reason
                     && !held_now
+                    && !adds_links
                 {
                     return Ok(Advanced::Skipped);
                 }
-                next.job = next.job.or_else(|| current.job.clone());
+                next.inherit(current);
             }
             let outcome = match &current {
                 Some(current) if current.state == next.state => Advanced::Amended,
@@ -274,6 +278,10 @@ impl StateStore {
         }
         for _ in 0..CAS_ATTEMPTS {
             let (entry, current) = self.read(&key).await?;
+            if let Some(current) = &current {
+                // The chain recorded before the claim (a routed event's parent) stays.
+                next.inherit(current);
+            }
             if let (Some(current), Some(entry)) = (&current, &entry) {
                 if rank(current.state) > rank(EventState::Dispatched) {
                     return Ok(Claim::Done(current.clone()));
@@ -305,25 +313,66 @@ impl StateStore {
         })
     }
 
-    /// Replaces the claim read at `revision` (see [`Claim::Elsewhere`], or one's own claim for a
-    /// Job name that will not be used) by a claim for `job`. When the record changed since,
-    /// nothing is written and the answer is what [`StateStore::claim`] finds now.
+    /// Replaces the claim `current` read at `revision` (see [`Claim::Elsewhere`], or one's own
+    /// claim for a Job name that will not be used) by a claim for `job`, keeping its chain.
+    /// When the record changed since, nothing is written and the answer is what
+    /// [`StateStore::claim`] finds now.
     pub async fn take_over(
         &self,
         namespace: &str,
         event: &str,
         id: &str,
         job: &str,
-        revision: u64,
+        (current, revision): (&EventStatus, u64),
     ) -> Result<Claim, StateError> {
         let key = state_key(namespace, event, id);
         let mut next = status(namespace, event, id, EventState::Dispatched);
         next.job = Some(job.to_owned());
+        next.inherit(current);
         let body = serde_json::to_vec(&next).expect("a status serialises");
         match self.kv.update(&key, body.into(), revision).await {
             Ok(revision) => Ok(Claim::Claimed { revision }),
             Err(_) => self.claim(namespace, event, id, job).await,
         }
+    }
+
+    /// Adds the chain `links` names (its `parent`, `children`, `route_failures`) to the record
+    /// of `links`' event, keeping its state; creates an `accepted` record with them when there
+    /// is none yet (a routed event written before its claim). Returns whether it wrote.
+    pub async fn link(&self, links: &EventStatus) -> Result<bool, StateError> {
+        let key = state_key(&links.namespace, &links.event, &links.id);
+        for _ in 0..CAS_ATTEMPTS {
+            let (entry, current) = self.read(&key).await?;
+            let next = match &current {
+                Some(current) if !adds_links(current, links) => return Ok(false),
+                Some(current) => {
+                    let mut next = current.clone();
+                    next.inherit(links);
+                    next
+                }
+                None => {
+                    let mut next = status(
+                        &links.namespace,
+                        &links.event,
+                        &links.id,
+                        EventState::Accepted,
+                    );
+                    next.inherit(links);
+                    next
+                }
+            };
+            match self.write_at(&key, entry.as_ref(), &next).await {
+                Ok(_) => return Ok(true),
+                Err(WriteError::Raced(message)) => {
+                    tracing::debug!(key, message, "state link raced, retrying")
+                }
+                Err(WriteError::Failed(message)) => return Err(StateError { key, message }),
+            }
+        }
+        Err(StateError {
+            key,
+            message: format!("gave up after {CAS_ATTEMPTS} conflicting writes"),
+        })
     }
 
     /// The entry under `key` (a deleted or purged key counts as absent) and its record.
@@ -370,6 +419,16 @@ impl StateStore {
                 }),
         }
     }
+}
+
+/// Whether `next` names a parent, child or route failure `current` does not.
+fn adds_links(current: &EventStatus, next: &EventStatus) -> bool {
+    (current.parent.is_none() && next.parent.is_some())
+        || next.children.iter().any(|c| !current.children.contains(c))
+        || next
+            .route_failures
+            .iter()
+            .any(|f| !current.route_failures.iter().any(|c| c.id == f.id))
 }
 
 /// Why a conditional write did not happen.

@@ -183,13 +183,13 @@ async fn a_claim_never_overwrites_another_jobs_claim_unless_taken_over_at_its_re
     assert_eq!((current.job.as_deref(), seen), (Some("job-a"), revision));
     // A take-over at a stale revision changes nothing.
     let stale = store
-        .take_over("ns", "ev1", "e", "job-b", revision + 100)
+        .take_over("ns", "ev1", "e", "job-b", (&current, revision + 100))
         .await
         .unwrap();
     assert!(matches!(stale, Claim::Elsewhere { .. }), "{stale:?}");
     assert!(matches!(
         store
-            .take_over("ns", "ev1", "e", "job-b", revision)
+            .take_over("ns", "ev1", "e", "job-b", (&current, revision))
             .await
             .unwrap(),
         Claim::Claimed { .. }
@@ -226,4 +226,86 @@ async fn a_claim_never_overwrites_another_jobs_claim_unless_taken_over_at_its_re
         Claim::Claimed { .. }
     ));
     assert_eq!(store.advance(held).await.unwrap(), Advanced::Skipped);
+}
+
+#[tokio::test]
+async fn the_chain_around_an_event_survives_every_later_state() {
+    use jobico_common::{EventLink, RouteFailure};
+    let (_server, js) = nats().await;
+    let store = open(&js).await;
+    let parent = EventLink {
+        event: "order".into(),
+        id: "p".into(),
+    };
+    // A routed event's parent is linked before anything claims it.
+    let mut child = state::status("ns", "invoice", "c", EventState::Accepted);
+    child.parent = Some(parent.clone());
+    assert!(store.link(&child).await.unwrap());
+    assert!(
+        !store.link(&child).await.unwrap(),
+        "a second link writes nothing"
+    );
+    assert!(matches!(
+        store.claim("ns", "invoice", "c", "job-a").await.unwrap(),
+        Claim::Claimed { .. }
+    ));
+    let Claim::Elsewhere { current, revision } =
+        store.claim("ns", "invoice", "c", "job-b").await.unwrap()
+    else {
+        panic!("job-a holds it");
+    };
+    store
+        .take_over("ns", "invoice", "c", "job-b", (&current, revision))
+        .await
+        .unwrap();
+    store
+        .advance(state::status("ns", "invoice", "c", EventState::Succeeded))
+        .await
+        .unwrap();
+    let done = store.get("ns", "invoice", "c").await.unwrap().unwrap();
+    assert_eq!(
+        (done.state, done.job.as_deref(), done.parent.as_ref()),
+        (EventState::Succeeded, Some("job-b"), Some(&parent))
+    );
+
+    // The parent, claimed, gains its children and a failed route; its final state keeps them.
+    store.claim("ns", "order", "p", "job-p").await.unwrap();
+    let mut links = state::status("ns", "order", "p", EventState::Accepted);
+    links.children = vec![EventLink {
+        event: "invoice".into(),
+        id: "c".into(),
+    }];
+    links.route_failures = vec![RouteFailure {
+        event: "alert".into(),
+        id: "d".into(),
+        reason: "not JSON".into(),
+    }];
+    assert!(store.link(&links).await.unwrap());
+    let linked = store.get("ns", "order", "p").await.unwrap().unwrap();
+    assert_eq!(
+        linked.state,
+        EventState::Dispatched,
+        "a link keeps the state"
+    );
+    store
+        .advance(state::status("ns", "order", "p", EventState::Succeeded))
+        .await
+        .unwrap();
+    let done = store.get("ns", "order", "p").await.unwrap().unwrap();
+    assert_eq!(done.children, links.children);
+    assert_eq!(done.route_failures, links.route_failures);
+    // A final record written without them gains them once they come.
+    let mut late = state::status("ns", "order", "q", EventState::Succeeded);
+    store.advance(late.clone()).await.unwrap();
+    late.children = links.children.clone();
+    assert_eq!(store.advance(late).await.unwrap(), Advanced::Amended);
+    assert_eq!(
+        store
+            .get("ns", "order", "q")
+            .await
+            .unwrap()
+            .unwrap()
+            .children,
+        links.children
+    );
 }

@@ -173,6 +173,7 @@ pub fn run(args: &RunArgs) -> u8 {
     let capabilities = Capabilities {
         dirs: args.dirs.clone(),
         env: granted_env(std::env::vars_os(), &args.env),
+        stdout_result: false,
     };
     tracing::debug!(module = module.name(), abi = %module.abi(), events = events.len(), "running");
     let mut sink = StdoutSink::new();

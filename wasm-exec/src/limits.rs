@@ -50,6 +50,9 @@ pub struct Capabilities {
     pub dirs: Vec<DirGrant>,
     /// Environment variables the guest sees.
     pub env: Vec<EnvVar>,
+    /// Keep a WASI command's standard output (up to the output cap) as the event's result,
+    /// what its routes hand on. Not a grant to the guest: what the host keeps of its run.
+    pub stdout_result: bool,
 }
 
 /// A host directory made visible to the guest: `HOST::GUEST[:ro]`.

@@ -133,6 +133,9 @@ impl Module {
         let _slot = self.inner.engine.acquire_slot();
         let started = Instant::now();
         let capture = SharedCapture::new(limits.output_cap_bytes, sink.framing(&event.id));
+        if capabilities.stdout_result && self.abi() == Abi::Wasi {
+            capture.lock().keep_stdout_result();
+        }
         let (ending, memory_refused) = self.execute(event, limits, capabilities, &capture);
         let captured = capture.lock().finish();
         for (stream, line) in captured.lines() {
@@ -160,7 +163,7 @@ impl Module {
             duration: started.elapsed(),
             output_bytes: captured.produced,
             output_truncated: captured.truncated,
-            result: ending.result,
+            result: ending.result.or(captured.stdout_result),
         };
         if let Some(warning) = &outcome.warning {
             tracing::warn!(id = %outcome.id, warning, "event kept despite a guest error");

@@ -242,6 +242,10 @@ pub(crate) struct Capture {
     text: String,
     /// Each kept line's stream and where its text ends in `text`.
     lines: Vec<(Stream, usize)>,
+    /// Standard output as the guest wrote it, when kept as the result (at most `cap` bytes).
+    stdout_result: Option<Vec<u8>>,
+    /// Whether standard output went beyond what `stdout_result` holds.
+    stdout_result_cut: bool,
 }
 
 impl Capture {
@@ -256,7 +260,15 @@ impl Capture {
             partial_stderr: Vec::new(),
             text: String::new(),
             lines: Vec::new(),
+            stdout_result: None,
+            stdout_result_cut: false,
         }
+    }
+
+    /// Keeps standard output's bytes as they are (up to the cap) besides its lines: the
+    /// result of a WASI command.
+    pub(crate) fn keep_stdout_result(&mut self) {
+        self.stdout_result = Some(Vec::new());
     }
 
     /// Bytes the sink may still write under the cap.
@@ -329,6 +341,15 @@ impl Capture {
     /// of them than could be written).
     pub(crate) fn write(&mut self, stream: Stream, bytes: &[u8]) {
         self.produced += bytes.len() as u64;
+        if stream == Stream::Stdout
+            && let Some(result) = &mut self.stdout_result
+        {
+            let room = usize::try_from(self.cap)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(result.len());
+            result.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            self.stdout_result_cut |= bytes.len() > room;
+        }
         let mut rest = bytes;
         while !self.truncated {
             let newline = rest.iter().position(|&b| b == b'\n');
@@ -373,7 +394,15 @@ impl Capture {
                 self.emit_partial(stream);
             }
         }
+        let stdout_result = self.stdout_result.take().map(|bytes| {
+            let mut text = String::from_utf8_lossy(&bytes).into_owned();
+            if self.stdout_result_cut {
+                text.push('…');
+            }
+            text
+        });
         Captured {
+            stdout_result,
             text: std::mem::take(&mut self.text),
             lines: std::mem::take(&mut self.lines),
             produced: self.produced,
@@ -389,6 +418,8 @@ fn strip_cr(line: &[u8]) -> &[u8] {
 
 /// What one event printed.
 pub(crate) struct Captured {
+    /// Standard output as text, when kept as the result; `…` ends it when it was cut.
+    pub(crate) stdout_result: Option<String>,
     text: String,
     lines: Vec<(Stream, usize)>,
     /// Bytes the guest produced.
@@ -444,6 +475,25 @@ mod tests {
 
     fn lines(captured: &Captured) -> Vec<(Stream, &str)> {
         captured.lines().collect()
+    }
+
+    #[test]
+    fn standard_output_kept_as_the_result_is_the_bytes_written_up_to_the_cap() {
+        let mut capture = Capture::new(16, 0);
+        capture.keep_stdout_result();
+        capture.write(Stream::Stdout, b"{\"a\":\t1}\n");
+        capture.write(Stream::Stderr, b"not the result\n");
+        let captured = capture.finish();
+        assert_eq!(captured.stdout_result.as_deref(), Some("{\"a\":\t1}\n"));
+
+        let mut capture = Capture::new(8, 0);
+        capture.keep_stdout_result();
+        capture.write(Stream::Stdout, b"0123456789");
+        assert_eq!(capture.finish().stdout_result.as_deref(), Some("01234567…"));
+
+        let mut capture = Capture::new(8, 0);
+        capture.write(Stream::Stdout, b"{}");
+        assert_eq!(capture.finish().stdout_result, None, "kept only when asked");
     }
 
     #[test]

@@ -25,6 +25,28 @@ fn echo_prints_the_event_json_on_stdout() {
 }
 
 #[test]
+fn standard_output_is_the_result_only_when_kept_for_routes() {
+    let module = load("wasi_modes.wat");
+    let (plain, _) = run(&module, json!({"total": 12}));
+    assert_eq!(plain.result, None);
+    let capabilities = Capabilities {
+        stdout_result: true,
+        ..Capabilities::default()
+    };
+    let mut sink = VecSink::new();
+    let kept = module.run(
+        &event("e1", json!({"total": 12})),
+        &Limits::default(),
+        &capabilities,
+        &mut sink,
+    );
+    assert_eq!(kept.status, Status::Succeeded, "{kept:?}");
+    assert_eq!(kept.result.as_deref(), Some("{\"total\":12}\n"));
+    // The log still has the line, as without routes.
+    assert_eq!(sink.texts(Stream::Stdout), [r#"{"total":12}"#]);
+}
+
+#[test]
 fn infinite_loop_stops_at_the_deadline() {
     let module = load("wasi_modes.wat");
     let limits = Limits {
@@ -143,6 +165,7 @@ fn granted_directories_and_env_are_visible() {
     let capabilities = Capabilities {
         dirs: vec![grant],
         env: vec!["A=1".parse::<EnvVar>().unwrap()],
+        ..Capabilities::default()
     };
     let mut sink = VecSink::new();
     let outcome = module.run(
@@ -211,7 +234,7 @@ fn missing_granted_directory_is_a_host_failure() {
     let module = load("wasi_modes.wat");
     let capabilities = Capabilities {
         dirs: vec!["/nonexistent/wasm-exec-test::/data".parse().unwrap()],
-        env: vec![],
+        ..Capabilities::default()
     };
     let mut sink = VecSink::new();
     let outcome = module.run(
