@@ -486,3 +486,105 @@ fn module_upload_puts_a_large_module_into_the_store_through_the_ingress() {
     assert_eq!(kept, Some(module));
     assert!(up.stop().0.success());
 }
+
+#[test]
+fn routes_chain_events_and_the_records_show_the_chain() {
+    let nats = NatsServer::start();
+    let samples = repo().join("samples");
+    let mut up = Up::start(
+        &repo(),
+        &[
+            "--nats",
+            &nats.url(),
+            "--manifests",
+            samples.to_str().unwrap(),
+        ],
+    );
+    up.wait_for(|l| l.contains("local mode ready (durable"));
+    let child_of = |parent: &Value, event: &str| -> String {
+        let children = parent["children"].as_array().expect("children listed");
+        assert_eq!(children.len(), 1, "{parent}");
+        assert_eq!(children[0]["event"], event, "{parent}");
+        children[0]["id"].as_str().unwrap().to_owned()
+    };
+
+    // Success: the order's result is the invoice's data.
+    let order = accepted_id(&up, "/execute/default/order", r#"{"item":"book","qty":2}"#);
+    let parent = wait_for_state(&up, &order, |r| r["state"] == "succeeded");
+    let invoice = child_of(&parent, "invoice");
+    let child = wait_for_state(&up, &invoice, |r| r["state"] == "succeeded");
+    assert_eq!(child["event"], "invoice", "{child}");
+    assert_eq!(
+        child["parent"],
+        serde_json::json!({"event": "order", "id": order})
+    );
+    let echoed = up.wait_for(|l| l.starts_with(&format!("[default/invoice {invoice}] stdout:")));
+    assert!(
+        echoed.ends_with(r#"{"order":{"item":"book","qty":2}}"#),
+        "{echoed}"
+    );
+
+    // Failure: the alert gets what went wrong.
+    let failing = accepted_id(&up, "/execute/default/order", r#"{"item":"book","qty":0}"#);
+    let parent = wait_for_state(&up, &failing, |r| r["state"] == "failed");
+    let alert = child_of(&parent, "alert");
+    let child = wait_for_state(&up, &alert, |r| r["state"] == "succeeded");
+    assert_eq!(child["parent"]["id"], failing.as_str(), "{child}");
+    let echoed = up.wait_for(|l| l.starts_with(&format!("[default/alert {alert}] stdout:")));
+    assert!(
+        echoed.contains(&format!(
+            r#""error":"exit","event":"order","exitCode":3,"id":"{failing}""#
+        )),
+        "{echoed}"
+    );
+
+    // A result its target refuses: recorded on the parent, dead-lettered under the child's id.
+    let big = accepted_id(
+        &up,
+        "/execute/default/order",
+        r#"{"item":"book","qty":500}"#,
+    );
+    let parent = wait_for_state(&up, &big, |r| r["state"] == "succeeded");
+    assert!(parent["children"].is_null(), "{parent}");
+    let failure = &parent["routeFailures"][0];
+    assert_eq!(failure["event"], "invoice", "{parent}");
+    let reason = failure["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("/order/qty (maximum): 500 is greater than the maximum of 100"),
+        "{reason}"
+    );
+    let dead = wait_for_state(&up, failure["id"].as_str().unwrap(), |r| {
+        r["state"] == "dead-lettered"
+    });
+    assert_eq!(dead["reason"], reason, "{dead}");
+    assert_eq!(dead["parent"]["id"], big.as_str(), "{dead}");
+
+    // The same order again (same key, same id): no second run, no second invoice.
+    let again = |up: &Up| {
+        let (status, body) = up.put_headers(
+            "/execute/default/order",
+            r#"{"item":"pen","qty":1}"#,
+            &[("Idempotency-Key", "order-42")],
+        );
+        assert_eq!(status, 202, "{body}");
+        body["ids"][0].as_str().unwrap().to_owned()
+    };
+    let keyed = again(&up);
+    let parent = wait_for_state(&up, &keyed, |r| r["state"] == "succeeded");
+    let invoice = child_of(&parent, "invoice");
+    wait_for_state(&up, &invoice, |r| r["state"] == "succeeded");
+    assert_eq!(again(&up), keyed);
+    let (status, lines) = up.stop();
+    assert!(status.success(), "{status}");
+    let ran = runs(&lines);
+    let invoices = ran
+        .iter()
+        .filter(|l| l.starts_with("[default/invoice "))
+        .count();
+    assert_eq!(invoices, 2, "one invoice per accepted order: {ran:?}");
+    assert_eq!(
+        ran.len(),
+        4 + 3,
+        "four orders, two invoices, one alert: {ran:?}"
+    );
+}

@@ -300,3 +300,35 @@ fn an_uploaded_module_runs_from_the_manifest_file_with_its_digest() {
     );
     assert!(up.stop().0.success());
 }
+
+#[test]
+fn routes_chain_events_through_the_in_memory_queue() {
+    let mut up = Up::start(&repo(), &[]);
+    let (status, body) = up.put("/execute/default/order", r#"{"item":"book","qty":2}"#);
+    assert_eq!(status, 202, "{body}");
+    let order = body["ids"][0].as_str().unwrap().to_owned();
+    let routed = up.wait_for(|l| l.starts_with(&format!("[default/order {order}] routed to")));
+    let invoice = routed.rsplit(' ').next().unwrap().to_owned();
+    assert!(routed.contains("routed to invoice h--"), "{routed}");
+    let echoed = up.wait_for(|l| l.starts_with(&format!("[default/invoice {invoice}] stdout:")));
+    assert!(
+        echoed.ends_with(r#"{"order":{"item":"book","qty":2}}"#),
+        "{echoed}"
+    );
+
+    let (status, body) = up.put("/execute/default/order", r#"{"item":"book","qty":500}"#);
+    assert_eq!(status, 202, "{body}");
+    let big = body["ids"][0].as_str().unwrap().to_owned();
+    let refused = up.wait_for(|l| l.starts_with(&format!("[default/order {big}] route to")));
+    assert!(
+        refused.contains(r#"route to "invoice" refused: the data is invalid for its schema: /order/qty (maximum)"#),
+        "{refused}"
+    );
+    let (status, lines) = up.stop();
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        runs(&lines).len(),
+        3,
+        "two orders and one invoice ran: {lines:?}"
+    );
+}

@@ -1,0 +1,161 @@
+//! Following routes against a real nats-server: children published once however often a
+//! parent's outcome is followed, linked to their parent, refused ones dead-lettered.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use jobico_apiserver::chain::Router;
+use jobico_apiserver::jetstream::{JetStreamPublisher, PublishSettings};
+use jobico_apiserver::{Catalog, Metrics, catalog};
+use jobico_common::summary::{EventOutcome, Status};
+use jobico_common::{EventId, EventState};
+use jobico_model::Manifest;
+use jobico_store::{BucketSettings, NatsAuth, StateStore, StreamSettings};
+use jobico_testkit::NatsServer;
+
+const MANIFEST: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: schema-invoice}
+data:
+  schema-invoice.json: '{"type": "object", "required": ["total"], "properties": {"total": {"type": "integer"}}}'
+---
+apiVersion: jobico.coeux.dev/v1
+kind: Job
+metadata: {name: orders}
+spec:
+  events:
+    - {name: order, wasm: m.wasm, schema: {key: any, optional: true}, then: [{event: invoice}, {event: invoice, when: always}]}
+    - {name: invoice, wasm: m.wasm, schema: {key: schema-invoice}}
+"#;
+
+fn succeeded(id: &str, result: &str) -> EventOutcome {
+    EventOutcome {
+        id: id.into(),
+        status: Status::Succeeded,
+        exit_code: Some(0),
+        error: None,
+        message: None,
+        warning: None,
+        duration: Duration::ZERO,
+        output_bytes: result.len() as u64,
+        output_truncated: false,
+        result: Some(result.into()),
+    }
+}
+
+async fn messages(context: &jetstream::Context, stream: &str) -> u64 {
+    context
+        .get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+#[tokio::test]
+async fn a_parent_followed_twice_publishes_each_child_once_and_dead_letters_what_its_target_refuses()
+ {
+    let nats = NatsServer::start();
+    let publisher = JetStreamPublisher::connect(
+        &nats.url(),
+        &NatsAuth::default(),
+        PublishSettings::default(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let context = publisher.context().clone();
+    jobico_store::streams::ensure(&context, "default", &StreamSettings::default())
+        .await
+        .unwrap();
+    // The dispatcher's dead-letter stream.
+    context
+        .create_stream(jetstream::stream::Config {
+            name: "JOBICO_DLQ".into(),
+            subjects: vec!["jobico-dlq.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut manifest = Manifest::default();
+    manifest.read_str(Path::new("m.yaml"), MANIFEST).unwrap();
+    let (events, problems) = catalog::from_manifest(&manifest);
+    assert!(problems.is_empty(), "{problems:?}");
+    let catalog = Arc::new(Catalog::new());
+    catalog.replace(events);
+    let router = Router::new(catalog, Arc::new(publisher));
+    let states = StateStore::open(&context, &BucketSettings::default())
+        .await
+        .unwrap();
+
+    // Two routes apply; a re-run (the same outcome followed again) publishes nothing new.
+    let outcome = succeeded("p1", "{\"total\": 12}\n");
+    let first = router.follow("default", "order", &outcome).await.unwrap();
+    let again = router.follow("default", "order", &outcome).await.unwrap();
+    assert_eq!(first, again);
+    let ids: Vec<&str> = first.children.iter().map(|c| c.id.as_str()).collect();
+    let expected: Vec<String> = (0..2)
+        .map(|route| EventId::routed("default", "order", "p1", route).to_string())
+        .collect();
+    assert_eq!(ids, expected);
+    assert_eq!(messages(&context, "JOBICO-default").await, 2);
+    for id in &expected {
+        let child = states.get("default", "invoice", id).await.unwrap().unwrap();
+        assert_eq!(child.state, EventState::Accepted);
+        assert_eq!(child.parent.as_ref().map(|p| p.id.as_str()), Some("p1"));
+    }
+
+    // A result the target's schema refuses: no event, a dead letter and its record instead.
+    let bad = succeeded("p2", "{\"total\": \"twelve\"}");
+    let routed = router.follow("default", "order", &bad).await.unwrap();
+    assert!(routed.children.is_empty());
+    assert_eq!(routed.failures.len(), 2);
+    assert!(
+        routed.failures[0].reason.starts_with(
+            "route to \"invoice\" refused: the data is invalid for its schema: /total (type)"
+        ),
+        "{:?}",
+        routed.failures
+    );
+    router.follow("default", "order", &bad).await.unwrap();
+    assert_eq!(messages(&context, "JOBICO-default").await, 2);
+    assert_eq!(
+        messages(&context, "JOBICO_DLQ").await,
+        2,
+        "one dead letter per route"
+    );
+    let dead = states
+        .get("default", "invoice", &routed.failures[0].id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(dead.state, EventState::DeadLettered);
+    assert_eq!(
+        dead.reason.as_deref(),
+        Some(routed.failures[0].reason.as_str())
+    );
+
+    // A failed parent takes only the `always` route, with the failure as its data.
+    let mut failed = succeeded("p3", "");
+    failed.status = Status::Failed;
+    failed.error = Some(jobico_common::summary::ErrorKind::Trap);
+    failed.result = None;
+    let routed = router.follow("default", "order", &failed).await.unwrap();
+    assert_eq!(routed.children.len() + routed.failures.len(), 1);
+    assert_eq!(
+        routed.failures[0].id,
+        EventId::routed("default", "order", "p3", 1).to_string()
+    );
+    assert!(
+        routed.failures[0]
+            .reason
+            .contains("\"total\" is a required property"),
+        "{routed:?}"
+    );
+}
