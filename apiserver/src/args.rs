@@ -10,8 +10,8 @@ use actix_web::web;
 use anyhow::Context;
 use clap::Parser;
 use futures::future::BoxFuture;
-use jobico_common::EventRecord;
 use jobico_common::telemetry::LogArgs;
+use jobico_common::{EventRecord, EventStatus};
 use jobico_model::Manifest;
 use jobico_store::NatsAuthArgs;
 use tokio_util::sync::CancellationToken;
@@ -98,6 +98,12 @@ pub struct Args {
     /// Longest a request's publish may take before the client gets 503, in milliseconds.
     #[arg(long, env = "JOBICO_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
     pub publish_timeout_ms: u64,
+    /// File holding the key results tokens are signed with (at least 32 bytes; the
+    /// dispatcher's `--results-key-file`, the same Secret): executors of events with `then`
+    /// routes post their outcomes to `POST /results/<namespace>/<event>` with such a token.
+    /// Without it that route answers 404 and routes are followed only in local mode.
+    #[arg(long, env = "JOBICO_RESULTS_KEY_FILE", value_name = "FILE")]
+    pub results_key_file: Option<PathBuf>,
     /// Benchmark only: skip validation and publishing (measures the HTTP ceiling).
     #[arg(long, hide = true)]
     pub bench_http_ceiling: bool,
@@ -125,6 +131,24 @@ impl LazyPublisher {
 }
 
 impl Publisher for LazyPublisher {
+    fn link<'a>(&'a self, links: &'a EventStatus) -> BoxFuture<'a, Result<(), PublishError>> {
+        match self.inner.get() {
+            Some(inner) => inner.link(links),
+            None => Box::pin(async { Err(Self::not_yet()) }),
+        }
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        record: &'a EventRecord,
+        status: &'a EventStatus,
+    ) -> BoxFuture<'a, Result<(), PublishError>> {
+        match self.inner.get() {
+            Some(inner) => inner.dead_letter(record, status),
+            None => Box::pin(async { Err(Self::not_yet()) }),
+        }
+    }
+
     fn publish(
         &self,
         events: Vec<EventRecord>,
@@ -170,6 +194,12 @@ impl Args {
         // First: a credentials file that cannot be read stops the process here, not at the
         // first connection attempt in the background.
         let nats_auth = self.nats_auth.load()?;
+        let results_key = match &self.results_key_file {
+            Some(path) => Some(Arc::new(
+                jobico_common::chain::read_results_key(path).map_err(anyhow::Error::msg)?,
+            )),
+            None => None,
+        };
         let shutdown = jobico_common::shutdown::on_signals();
         let metrics = Metrics::new();
         let catalog = Arc::new(Catalog::new());
@@ -287,6 +317,7 @@ impl Args {
             validate: !self.bench_http_ceiling,
             catalog_synced: synced,
             module_uploads: crate::http::module_upload_slots(),
+            results_key,
         });
         let public = server::bind(self.listen, self.http_workers, state.clone())
             .with_context(|| format!("cannot listen on {}", self.listen))?;

@@ -110,6 +110,11 @@ pub enum ApiError {
         "modules cannot be uploaded here: local mode with the in-memory queue has no module store (run with NATS)"
     )]
     ModulesNotStored,
+    /// A results post to an ingress started without a results key.
+    #[error(
+        "this ingress takes no results: start it with --results-key-file (the key the dispatcher signs results tokens with)"
+    )]
+    ResultsNotTaken,
     /// An upload that is not a WebAssembly binary module.
     #[error("not a WebAssembly module: {0}")]
     NotAModule(String),
@@ -162,7 +167,8 @@ impl ResponseError for ApiError {
             | ApiError::UnknownEvent { .. }
             | ApiError::UnknownEventId { .. }
             | ApiError::StatesNotTracked
-            | ApiError::ModulesNotStored => StatusCode::NOT_FOUND,
+            | ApiError::ModulesNotStored
+            | ApiError::ResultsNotTaken => StatusCode::NOT_FOUND,
             ApiError::AmbiguousEventId { .. } => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,

@@ -62,6 +62,12 @@ pub const EVENTS_ROUTE: &str = "/events/{namespace}/{id}";
 pub const EVENT_STATUS_ROUTE: &str = "/events/{namespace}/{event}/{id}";
 /// Route of module uploads for a Job resource (modules above a ConfigMap's 1 MiB).
 pub const MODULES_ROUTE: &str = "/modules/{namespace}/{job}";
+/// Route of executors' outcomes of events with routes (cluster chaining).
+pub const RESULTS_ROUTE: &str = "/results/{namespace}/{event}";
+/// Largest results post: a batch's outcomes, each result at most
+/// [`jobico_common::chain::MAX_RESULT_BYTES`], plus room for the rest of each outcome.
+pub const MAX_RESULTS_BODY_BYTES: usize =
+    jobico_model::crd::MAX_BATCH_EVENTS as usize * (jobico_common::chain::MAX_RESULT_BYTES + 8192);
 /// Metrics label of requests matching no route.
 const OTHER_ROUTE: &str = "other";
 
@@ -71,6 +77,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     (EVENTS_ROUTE, &["GET"]),
     (EVENT_STATUS_ROUTE, &["GET"]),
     (MODULES_ROUTE, &["PUT"]),
+    (RESULTS_ROUTE, &["POST"]),
 ];
 
 /// Shared state of the HTTP handlers.
@@ -93,6 +100,8 @@ pub struct AppState {
     pub catalog_synced: Arc<AtomicBool>,
     /// Module uploads read at once (each holds up to 64 MiB in memory).
     pub module_uploads: Arc<tokio::sync::Semaphore>,
+    /// The key results tokens are checked with; `None`: no results are taken.
+    pub results_key: Option<Arc<Vec<u8>>>,
 }
 
 /// Module uploads an ingress reads at once: 4 × 64 MiB bounds their memory; more wait for
@@ -121,6 +130,7 @@ impl AppState {
             validate: true,
             catalog_synced: Arc::new(AtomicBool::new(true)),
             module_uploads: module_upload_slots(),
+            results_key: None,
         }
     }
 
@@ -177,6 +187,11 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
                 web::resource(MODULES_ROUTE)
                     .route(web::put().to(upload_module))
                     .default_service(method_not_allowed(MODULES_ROUTE, "PUT")),
+            )
+            .service(
+                web::resource(RESULTS_ROUTE)
+                    .route(web::post().to(results))
+                    .default_service(method_not_allowed(RESULTS_ROUTE, "POST")),
             )
             .default_service(web::to(
                 |req: HttpRequest, state: web::Data<AppState>| async move {
@@ -530,6 +545,98 @@ async fn accept(
     let duplicate = published.iter().all(|p| p.duplicate);
     let ids = published.into_iter().map(|p| p.id).collect();
     Ok(HttpResponse::Accepted().json(AcceptedBody { ids, duplicate }))
+}
+
+async fn results(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let _in_flight = InFlight::new(&state.metrics);
+    let (namespace, event) = path.into_inner();
+    let result = follow_results(&req, namespace, event, payload, &state).await;
+    respond(&state, RESULTS_ROUTE, result)
+}
+
+/// What the routes of one posted outcome did.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RoutedBody {
+    id: String,
+    children: Vec<jobico_common::EventLink>,
+    route_failures: Vec<jobico_common::RouteFailure>,
+}
+
+/// An executor's outcomes: the token (checked before the body is read) must be the
+/// dispatcher's for exactly these ids; each outcome's routes are followed and the chain
+/// recorded on its event. Host failures are skipped: their Job runs them again. Answers 503
+/// when NATS cannot take it (the executor retries; nothing is published twice).
+#[tracing::instrument(level = "debug", skip_all, fields(namespace = %namespace, event = %event))]
+async fn follow_results(
+    req: &HttpRequest,
+    namespace: String,
+    event: String,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    use jobico_common::chain::{RESULTS_BATCH_HEADER, ResultsReport, results_token_valid};
+    let key = state
+        .results_key
+        .as_ref()
+        .ok_or(ApiError::ResultsNotTaken)?;
+    let token = header_str(req, header::AUTHORIZATION.as_str())?
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::Unauthorized("a results post needs its Job's bearer token".into())
+        })?;
+    let digest = header_str(req, RESULTS_BATCH_HEADER)?.ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "header {RESULTS_BATCH_HEADER} (the batch digest) is missing"
+        ))
+    })?;
+    if !results_token_valid(key, &namespace, &event, digest, token) {
+        return Err(ApiError::Forbidden(format!(
+            "the token is not the one for this batch of {namespace}/{event}"
+        )));
+    }
+    let bytes = read_body(req, payload, MAX_RESULTS_BODY_BYTES, state.body_timeout).await?;
+    let report: ResultsReport = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("not a results report: {e}")))?;
+    let ids: Vec<&str> = report.outcomes.iter().map(|o| o.id.as_str()).collect();
+    if jobico_common::summary::batch_digest(&ids) != digest {
+        return Err(ApiError::Forbidden(
+            "the outcomes are not those of the batch the token is for".into(),
+        ));
+    }
+    let router = crate::chain::Router::new(state.catalog.clone(), state.publisher.clone());
+    let mut answered = Vec::new();
+    for outcome in &report.outcomes {
+        if outcome.error.is_some_and(|kind| kind.is_host()) {
+            continue;
+        }
+        let routed = router
+            .follow(&namespace, &event, outcome)
+            .await
+            .map_err(unavailable)?;
+        if routed.is_empty() {
+            continue;
+        }
+        let mut links = jobico_store::status(
+            &namespace,
+            &event,
+            &outcome.id,
+            jobico_common::EventState::Accepted,
+        );
+        routed.record_on(&mut links);
+        state.publisher.link(&links).await.map_err(unavailable)?;
+        answered.push(RoutedBody {
+            id: outcome.id.clone(),
+            children: routed.children,
+            route_failures: routed.failures,
+        });
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "routed": answered })))
 }
 
 async fn event_status(

@@ -1,6 +1,8 @@
 //! Following routes against a real nats-server: children published once however often a
 //! parent's outcome is followed, linked to their parent, refused ones dead-lettered.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -157,5 +159,109 @@ async fn a_parent_followed_twice_publishes_each_child_once_and_dead_letters_what
             .reason
             .contains("\"total\" is a required property"),
         "{routed:?}"
+    );
+}
+
+#[actix_web::test]
+async fn the_results_endpoint_follows_routes_only_for_the_batch_its_token_names() {
+    use actix_web::http::StatusCode;
+    use actix_web::test::TestRequest;
+    use jobico_common::chain::{RESULTS_BATCH_HEADER, ResultsReport, results_token};
+    use jobico_common::summary::batch_digest;
+
+    let nats = NatsServer::start();
+    let publisher = JetStreamPublisher::connect(
+        &nats.url(),
+        &NatsAuth::default(),
+        PublishSettings::default(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let context = publisher.context().clone();
+    jobico_store::streams::ensure(&context, "default", &StreamSettings::default())
+        .await
+        .unwrap();
+    let mut manifest = Manifest::default();
+    manifest.read_str(Path::new("m.yaml"), MANIFEST).unwrap();
+    let catalog = Arc::new(Catalog::new());
+    catalog.replace(catalog::from_manifest(&manifest).0);
+    let key = b"a results key of at least 32 bytes!".to_vec();
+    let mut state = jobico_apiserver::AppState::new(catalog, Arc::new(publisher), 1 << 16);
+    let report = ResultsReport {
+        outcomes: vec![
+            succeeded("p1", "{\"total\": 12}"),
+            succeeded("p2", "{\"total\": 1}"),
+        ],
+    };
+    let body = serde_json::to_string(&report).unwrap();
+    let digest = batch_digest(&["p1", "p2"]);
+    let token = results_token(&key, "default", "order", &["p1", "p2"]);
+    let post = |token: Option<&str>, digest: &str, body: &str| {
+        let mut req = TestRequest::post()
+            .uri("/results/default/order")
+            .insert_header((RESULTS_BATCH_HEADER, digest.to_owned()))
+            .set_payload(body.to_owned());
+        if let Some(token) = token {
+            req = req.insert_header(("authorization", format!("Bearer {token}")));
+        }
+        req
+    };
+
+    // An ingress without the key takes no results.
+    let without = actix_web::web::Data::new(jobico_apiserver::AppState::new(
+        Arc::new(Catalog::new()),
+        Arc::new(jobico_apiserver::NullPublisher),
+        1 << 16,
+    ));
+    let (status, _, answer) = common::send(&without, post(Some(&token), &digest, &body)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+
+    state.results_key = Some(Arc::new(key.clone()));
+    let state = actix_web::web::Data::new(state);
+    let (status, _, answer) = common::send(&state, post(None, &digest, &body)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
+    // Another batch's token, another event's, or outcomes the digest does not name: refused.
+    let other = results_token(&key, "default", "order", &["p1"]);
+    let (status, _, answer) = common::send(&state, post(Some(&other), &digest, &body)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    let invoice = results_token(&key, "default", "invoice", &["p1", "p2"]);
+    let (status, _, _) = common::send(&state, post(Some(&invoice), &digest, &body)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let forged = serde_json::to_string(&ResultsReport {
+        outcomes: vec![
+            succeeded("p1", "{\"total\": 12}"),
+            succeeded("victim", "{\"total\": 1}"),
+        ],
+    })
+    .unwrap();
+    let (status, _, answer) = common::send(&state, post(Some(&token), &digest, &forged)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert_eq!(
+        messages(&context, "JOBICO-default").await,
+        0,
+        "nothing published yet"
+    );
+
+    // The right token: both outcomes' routes followed, twice harmlessly.
+    for _ in 0..2 {
+        let (status, _, answer) = common::send(&state, post(Some(&token), &digest, &body)).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["routed"].as_array().unwrap().len(), 2, "{answer}");
+        assert_eq!(
+            answer["routed"][0]["children"].as_array().unwrap().len(),
+            2,
+            "{answer}"
+        );
+    }
+    assert_eq!(messages(&context, "JOBICO-default").await, 4);
+    let states = StateStore::open(&context, &BucketSettings::default())
+        .await
+        .unwrap();
+    let parent = states.get("default", "order", "p1").await.unwrap().unwrap();
+    assert_eq!(parent.children.len(), 2, "{parent:?}");
+    assert_eq!(
+        parent.children[0].id,
+        EventId::routed("default", "order", "p1", 0).to_string()
     );
 }
