@@ -586,6 +586,11 @@ pub fn final_states(
 ) -> Vec<Option<FinalState>> {
     let message: Option<TerminationMessage> =
         termination_message.and_then(|text| serde_json::from_str(text).ok());
+    // A run that ended in a host error (it could not start, or its outcomes could not be
+    // handed on for their routes) decides nothing, whatever it lists: the Job runs it again.
+    if message.as_ref().is_some_and(|m| m.error.is_some()) {
+        return vec![None; ids.len()];
+    }
     let states = message.as_ref().and_then(|m| {
         let states = m.states.as_ref()?;
         (states.0.len() == ids.len() && m.batch.as_deref() == Some(&*batch_digest(ids)))

@@ -17,7 +17,7 @@ use crate::controller::{self, Context};
 use crate::kubernetes::KubeBackend;
 use crate::leader::{Elector, LeaseConfig};
 use crate::metrics::Metrics;
-use crate::render::{Renderer, TemplateChecker};
+use crate::render::{Renderer, ResultsConfig, TemplateChecker};
 use crate::tracker;
 use crate::trust::Signer;
 
@@ -64,6 +64,22 @@ pub struct Args {
     /// once, here, and pods load the compiled code; without it, every pod compiles its module.
     #[arg(long, env = "JOBICO_ARTIFACTS_URL", value_name = "URL", value_parser = parse_http_url)]
     pub artifacts_url: Option<String>,
+    /// Base URL at which executor pods reach the ingress (for example
+    /// `http://jobico-apiserver.jobico-system.svc:8080`): executors of events with `then`
+    /// routes post their outcomes there. Needs --results-key-file; events with routes are
+    /// held without them.
+    #[arg(long, env = "JOBICO_RESULTS_URL", value_name = "URL", value_parser = parse_http_url,
+          requires = "results_key_file")]
+    pub results_url: Option<String>,
+    /// File holding the key the results tokens are signed with (the ingress's
+    /// `--results-key-file`, the same Secret; at least 32 bytes).
+    #[arg(
+        long,
+        env = "JOBICO_RESULTS_KEY_FILE",
+        value_name = "FILE",
+        requires = "results_url"
+    )]
+    pub results_key_file: Option<std::path::PathBuf>,
     /// Address of the artifact server (used with --artifacts-url).
     #[arg(long, env = "JOBICO_ARTIFACTS_LISTEN", default_value = "0.0.0.0:8083")]
     pub artifacts_listen: SocketAddr,
@@ -100,6 +116,13 @@ fn parse_http_url(text: &str) -> Result<String, String> {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // First: an unreadable credentials file stops the process before anything else starts.
     let nats_auth = args.nats_auth.load()?;
+    let results = match (&args.results_url, &args.results_key_file) {
+        (Some(base_url), Some(path)) => Some(ResultsConfig {
+            base_url: base_url.clone(),
+            key: jobico_common::chain::read_results_key(path).map_err(anyhow::Error::msg)?,
+        }),
+        _ => None,
+    };
     let shutdown = jobico_common::shutdown::on_signals();
     let metrics = Arc::new(Metrics::new());
     let readiness = Readiness::default();
@@ -171,8 +194,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     jobico_store::streams::retire_legacy(&js)
         .await
         .context("checking for the event stream of an earlier release")?;
-    let mut backend =
-        KubeBackend::new(client.clone(), Renderer::new(&args.exec_image)).with_signer(signer);
+    let renderer = || {
+        let renderer = Renderer::new(&args.exec_image);
+        match &results {
+            Some(results) => renderer.with_results(results.clone()),
+            None => renderer,
+        }
+    };
+    let mut backend = KubeBackend::new(client.clone(), renderer()).with_signer(signer);
     if let Some(artifacts) = &artifacts {
         backend = backend.with_artifacts(artifacts.clone());
     }
@@ -196,9 +225,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         consumers.clone(),
         Some(args.identity.clone()),
     )
-    .with_templates(Arc::new(TemplateChecker::new(Renderer::new(
-        &args.exec_image,
-    ))));
+    .with_templates(Arc::new(TemplateChecker::new(renderer())));
     if let Some(artifacts) = artifacts {
         ctx = ctx.with_artifacts(artifacts);
     }

@@ -83,6 +83,11 @@ pub enum RenderError {
     /// The output breaks the pod policy.
     #[error("rendered Job breaks the pod policy: {}", policy::describe(.0))]
     Policy(Vec<Violation>),
+    /// The event has `then` routes, and this dispatcher has nowhere to send their outcomes.
+    #[error(
+        "event {0:?} has `then` routes, which this dispatcher cannot follow: start it with --results-url and --results-key-file (see deploy/README.md)"
+    )]
+    RoutesNeedResults(String),
 }
 
 impl RenderError {
@@ -91,7 +96,11 @@ impl RenderError {
     pub fn is_template_fault(&self) -> bool {
         matches!(
             self,
-            Self::Template(_) | Self::Parse(_) | Self::Identity { .. } | Self::Policy(_)
+            Self::Template(_)
+                | Self::Parse(_)
+                | Self::Identity { .. }
+                | Self::Policy(_)
+                | Self::RoutesNeedResults(_)
         )
     }
 }
@@ -146,6 +155,26 @@ pub struct Renderer {
     registry: Handlebars<'static>,
     default: BoundedTemplate,
     image: String,
+    /// Where executors of events with routes post their outcomes, when configured.
+    results: Option<std::sync::Arc<ResultsConfig>>,
+}
+
+/// Where executors of events with `then` routes post their outcomes: the ingress, and the
+/// key their tokens are signed with (the ingress's `--results-key-file`, the same Secret).
+#[derive(Clone)]
+pub struct ResultsConfig {
+    /// The ingress's base URL as pods reach it (`http://jobico-apiserver.jobico-system.svc:8080`).
+    pub base_url: String,
+    /// The signing key.
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ResultsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResultsConfig")
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Renderer {
@@ -219,7 +248,15 @@ impl Renderer {
             default: BoundedTemplate::compile(DEFAULT_TEMPLATE)
                 .expect("the embedded template compiles within the bounds"),
             image: image.into(),
+            results: None,
         }
+    }
+
+    /// The renderer with executors of events with routes told to post their outcomes to
+    /// `results`.
+    pub fn with_results(mut self, results: ResultsConfig) -> Self {
+        self.results = Some(std::sync::Arc::new(results));
+        self
     }
 
     /// The executor image every Job must run.
@@ -393,6 +430,7 @@ impl Renderer {
             .spec()
             .ok_or_else(|| RenderError::UnknownEvent(batch.event.clone()))?;
         set_guest_env(&mut job, spec);
+        set_results(&mut job, batch, spec, self.results.as_deref())?;
         let owner = OwnerReference {
             api_version: context.owner["apiVersion"].clone(),
             kind: context.owner["kind"].clone(),
@@ -491,6 +529,51 @@ fn set_delivery(job: &mut BatchJob, delivery: &ModuleDelivery, module_key: &str)
             value_from: None,
         }));
     }
+}
+
+/// Removes the results variables from the Job's containers and, when `spec` has routes,
+/// gives the executor container where to post its outcomes and the token for exactly this
+/// batch. Routes without a results configuration are refused: the events would run and
+/// their routes never be followed.
+fn set_results(
+    job: &mut BatchJob,
+    batch: &Batch,
+    spec: &EventSpec,
+    results: Option<&ResultsConfig>,
+) -> Result<(), RenderError> {
+    use jobico_common::chain::{RESULTS_TOKEN_VAR, RESULTS_URL_VAR, results_token};
+    let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else {
+        return Ok(());
+    };
+    let ours = |name: &str| name == RESULTS_URL_VAR || name == RESULTS_TOKEN_VAR;
+    for container in &mut pod.containers {
+        if let Some(env) = container.env.as_mut() {
+            env.retain(|var| !ours(&var.name));
+        }
+    }
+    if spec.then.is_empty() {
+        return Ok(());
+    }
+    let results = results.ok_or_else(|| RenderError::RoutesNeedResults(spec.name.clone()))?;
+    let namespace = batch.namespace();
+    let url = format!("{}/results/{namespace}/{}", results.base_url, batch.event);
+    let token = results_token(&results.key, namespace, &batch.event, &batch.ids());
+    for container in &mut pod.containers {
+        if container.name == policy::EXEC_CONTAINER {
+            let env = container.env.get_or_insert_with(Vec::new);
+            for (name, value) in [
+                (RESULTS_URL_VAR, url.clone()),
+                (RESULTS_TOKEN_VAR, token.clone()),
+            ] {
+                env.push(EnvVar {
+                    name: name.to_owned(),
+                    value: Some(value),
+                    value_from: None,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes the module's variables of `spec` into the executor container, each under

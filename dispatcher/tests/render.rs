@@ -333,3 +333,67 @@ fn the_direct_default_job_is_exactly_what_the_default_template_renders() {
         }
     }
 }
+
+#[test]
+fn an_event_with_routes_tells_its_executor_where_to_post_with_a_token_for_its_batch() {
+    use jobico_common::chain::{RESULTS_TOKEN_VAR, RESULTS_URL_VAR, results_token};
+    use jobico_dispatcher::render::ResultsConfig;
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.spec.events[0].then = serde_json::from_value(json!([{"event": "ev2"}])).unwrap();
+    let owner = std::sync::Arc::new(owner);
+    let ids = ["a1", "b2"];
+    // Without a results configuration the events are held: they would run and their routes
+    // never be followed.
+    let unconfigured = Renderer::new(IMAGE).render(&batch(&owner, &ids), None);
+    let error = unconfigured.unwrap_err();
+    assert!(
+        matches!(error, RenderError::RoutesNeedResults(_)),
+        "{error}"
+    );
+    assert!(error.is_template_fault());
+
+    let key = b"a results key of at least 32 bytes!".to_vec();
+    let renderer = Renderer::new(IMAGE).with_results(ResultsConfig {
+        base_url: "http://jobico-apiserver.jobico-system.svc:8080".into(),
+        key: key.clone(),
+    });
+    // A template's own results variables are replaced, never kept.
+    let forged = DEFAULT_TEMPLATE.replace(
+        "          env: {{json env}}\n",
+        "          env:\n{{#each env}}\n            - {{json this}}\n{{/each}}\n            - {name: JOBICO_RESULTS_URL, value: \"http://evil\"}\n            - {name: JOBICO_RESULTS_TOKEN, value: \"forged\"}\n",
+    );
+    let text = renderer
+        .render_text(&batch(&owner, &ids), Some(&forged))
+        .unwrap();
+    assert!(text.contains("value: \"http://evil\""), "{text}");
+    for template in [None, Some(forged.as_str())] {
+        let job = renderer.render(&batch(&owner, &ids), template).unwrap();
+        let env = job.spec.unwrap().template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        let values = |name: &str| -> Vec<String> {
+            env.iter()
+                .filter(|v| v.name == name)
+                .map(|v| v.value.clone().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            values(RESULTS_URL_VAR),
+            ["http://jobico-apiserver.jobico-system.svc:8080/results/default/ev1"]
+        );
+        assert_eq!(
+            values(RESULTS_TOKEN_VAR),
+            [results_token(&key, "default", "ev1", &ids)]
+        );
+    }
+    // An event without routes gets neither.
+    let plain = renderer
+        .render(&batch(&sample("ev1.yaml"), &ids), None)
+        .unwrap();
+    let env = plain.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    assert!(env.iter().all(|v| !v.name.starts_with("JOBICO_RESULTS_")));
+}

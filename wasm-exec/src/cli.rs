@@ -16,6 +16,7 @@ use jobico_common::summary::{ModuleLoad, ModuleSource};
 use jobico_common::telemetry::LogArgs;
 
 use crate::limits::{parse_bytes, parse_duration};
+use crate::results::ResultsTarget;
 use crate::{
     Capabilities, DirGrant, EXIT_HOST_ERROR, EXIT_OK, EnvVar, Limits, RunSummary, Runtime,
     RuntimeConfig, StdoutSink, run_exit_code, write_termination_message,
@@ -160,6 +161,16 @@ pub fn run(args: &RunArgs) -> u8 {
         Ok(events) => events,
         Err(error) => return fail(args, 0, &error),
     };
+    let results = match ResultsTarget::from_env(|name| std::env::var(name).ok()) {
+        Ok(results) => results,
+        Err(error) => {
+            return fail(
+                args,
+                events.len(),
+                &anyhow::anyhow!("the Job's results: {error}"),
+            );
+        }
+    };
     let (module, load) = match load(args) {
         Ok(loaded) => loaded,
         Err(error) => return fail(args, events.len(), &error),
@@ -173,7 +184,8 @@ pub fn run(args: &RunArgs) -> u8 {
     let capabilities = Capabilities {
         dirs: args.dirs.clone(),
         env: granted_env(std::env::vars_os(), &args.env),
-        stdout_result: false,
+        // The routes hand on a WASI command's standard output.
+        stdout_result: results.is_some(),
     };
     tracing::debug!(module = module.name(), abi = %module.abi(), events = events.len(), "running");
     let mut sink = StdoutSink::new();
@@ -183,6 +195,16 @@ pub fn run(args: &RunArgs) -> u8 {
         .collect();
     let mut summary = RunSummary::new(&outcomes);
     summary.module = Some(load);
+    if let Some(target) = &results
+        && let Err(error) = crate::results::post(target, &outcomes)
+    {
+        // Run again rather than lose the routes: the routed events' ids are derived, so
+        // nothing is published twice.
+        tracing::error!(%error, "the outcomes' routes could not be followed");
+        summary.error = Some(format!(
+            "the events ran, but their outcomes could not be posted for their routes: {error}"
+        ));
+    }
     finish(args, &summary)
 }
 

@@ -32,6 +32,7 @@ mod jobicolet;
 pub mod limits;
 mod module;
 pub mod output;
+pub mod results;
 mod runtime;
 pub mod summary;
 mod wasi;

@@ -328,3 +328,124 @@ fn precompiled_modules_are_refused_unless_trusted() {
     let summary = last_line_summary(&output);
     assert_eq!(summary.outcomes[0].result.as_deref(), Some(r#"{"k":"v"}"#));
 }
+
+/// A one-shot HTTP server on a free port answering each request with `status`; hands back
+/// each request's head and body.
+fn results_server(
+    statuses: Vec<u16>,
+) -> (
+    String,
+    std::thread::JoinHandle<Vec<(String, serde_json::Value)>>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://{}/results/default/order",
+        listener.local_addr().unwrap()
+    );
+    let handle = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for status in statuses {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut head = String::new();
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let answer = format!(
+                "HTTP/1.1 {status} X\r\ncontent-length: 2\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{{}}"
+            );
+            reader.get_mut().write_all(answer.as_bytes()).unwrap();
+            seen.push((head, serde_json::from_slice(&body).unwrap()));
+        }
+        seen
+    });
+    (url, handle)
+}
+
+#[test]
+fn a_job_with_routes_posts_every_outcome_with_the_stdout_as_result_before_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("termination-log");
+    let (url, server) = results_server(vec![503, 200]);
+    let events = r#"[{"id":"a","data":{"total":12}},{"id":"b","data":"unreachable"}]"#;
+    let output = wasm_exec(
+        &[
+            fixture("wasi_modes.wat").to_str().unwrap(),
+            "--events-json",
+            events,
+        ],
+        &[
+            ("JOBICO_RESULTS_URL", &url),
+            ("JOBICO_RESULTS_TOKEN", "batch-token"),
+        ],
+        &log,
+    );
+    // b trapped in the guest: exit 1, and the post got through on its second attempt.
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_GUEST_FAILED.into()),
+        "{output:?}"
+    );
+    let seen = server.join().unwrap();
+    assert_eq!(seen.len(), 2);
+    let (head, body) = &seen[1];
+    assert!(head.starts_with("POST /results/default/order "), "{head}");
+    assert!(head.contains("authorization: Bearer batch-token"), "{head}");
+    let digest = jobico_common::summary::batch_digest(&["a", "b"]);
+    assert!(head.contains(&format!("jobico-batch: {digest}")), "{head}");
+    let outcomes = body["outcomes"].as_array().unwrap();
+    assert_eq!(outcomes.len(), 2, "{body}");
+    assert_eq!(outcomes[0]["result"], "{\"total\":12}\n", "{body}");
+    assert_eq!(outcomes[1]["status"], "failed", "{body}");
+    assert_eq!(outcomes[1]["error"], "trap", "{body}");
+}
+
+#[test]
+fn outcomes_the_ingress_refuses_make_a_host_error_so_the_pod_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("termination-log");
+    let (url, server) = results_server(vec![403]);
+    let output = wasm_exec(
+        &[
+            fixture("wasi_modes.wat").to_str().unwrap(),
+            "--events-json",
+            r#"[{"id":"a","data":1}]"#,
+        ],
+        &[
+            ("JOBICO_RESULTS_URL", &url),
+            ("JOBICO_RESULTS_TOKEN", "wrong"),
+        ],
+        &log,
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_HOST_ERROR.into()),
+        "{output:?}"
+    );
+    assert_eq!(server.join().unwrap().len(), 1, "a 4xx is not retried");
+    let message: TerminationMessage =
+        serde_json::from_str(&std::fs::read_to_string(&log).unwrap()).unwrap();
+    let error = message.error.clone().unwrap();
+    assert!(error.contains("answered 403"), "{error}");
+    // The tracker leaves such a run to the Job, which runs the pod again.
+    assert_eq!(
+        final_states(
+            &["a"],
+            Some(EXIT_HOST_ERROR.into()),
+            Some(&message.to_json())
+        ),
+        [None]
+    );
+}
