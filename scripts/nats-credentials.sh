@@ -6,6 +6,9 @@
 #   jobico-nats-dispatcher  key `password`: NATS user jobico-dispatcher
 #   jobico-nats-routes      key `password`: the route user NATS servers of one cluster join
 #                           each other with (deploy/production/; unused by a single server)
+#   jobico-results-key      key `key`: what the dispatcher signs results tokens with and the
+#                           ingress checks them with (chaining: executors of events with
+#                           `then` routes post their outcomes to the ingress); both mount it
 #
 # NATS reads both from its environment (deploy/nats.yaml); each component mounts only its own.
 # Each password is 40 random letters and digits from /dev/urandom (~238 bits), starting with a
@@ -47,6 +50,23 @@ password() {
 
 secret() {
     local name="$1" user="$2"
+    if [ "$user" = "-" ]; then
+        cat <<YAML
+apiVersion: v1
+kind: Secret
+metadata:
+  name: $name
+  namespace: $namespace
+  labels:
+    app.kubernetes.io/part-of: jobico
+  annotations:
+    jobico.coeux.dev/purpose: results-token-key
+type: Opaque
+stringData:
+  key: $(password)
+YAML
+        return
+    fi
     cat <<YAML
 apiVersion: v1
 kind: Secret
@@ -64,7 +84,7 @@ YAML
 }
 
 first=1
-for pair in jobico-nats-apiserver:jobico-apiserver jobico-nats-dispatcher:jobico-dispatcher jobico-nats-routes:jobico-route; do
+for pair in jobico-nats-apiserver:jobico-apiserver jobico-nats-dispatcher:jobico-dispatcher jobico-nats-routes:jobico-route jobico-results-key:-; do
     name="${pair%%:*}"
     user="${pair#*:}"
     case "$mode" in
@@ -83,7 +103,11 @@ for pair in jobico-nats-apiserver:jobico-apiserver jobico-nats-dispatcher:jobico
             ;;
         rotate)
             secret "$name" "$user" | kubectl apply -f - >/dev/null
-            echo "secret $namespace/$name replaced: restart NATS and $user"
+            if [ "$user" = "-" ]; then
+                echo "secret $namespace/$name replaced: restart jobico-apiserver and jobico-dispatcher"
+            else
+                echo "secret $namespace/$name replaced: restart NATS and $user"
+            fi
             ;;
     esac
 done

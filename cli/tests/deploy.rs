@@ -437,7 +437,8 @@ fn only_the_ingress_and_the_dispatcher_reach_nats_and_executors_reach_only_the_a
             .unwrap()
             .contains(&"Egress".to_owned())
     );
-    // Egress: the dispatcher pods on their artifact port, and DNS; nothing else.
+    // Egress: the dispatcher pods on their artifact port, the ingress on its HTTP port, and
+    // DNS; nothing else.
     let artifact_port = pod_spec(
         &named(deployments.clone(), "jobico-dispatcher")
             .spec
@@ -457,7 +458,21 @@ fn only_the_ingress_and_the_dispatcher_reach_nats_and_executors_reach_only_the_a
     )]);
     let dns = BTreeMap::from([("k8s-app".to_owned(), "kube-dns".to_owned())]);
     let rules = spec.egress.as_deref().expect("egress rules");
-    assert_eq!(rules.len(), 2, "{rules:?}");
+    // The ingress's port, where the executor of an event with routes posts its outcomes.
+    let http_port = pod_spec(
+        &named(deployments.clone(), "jobico-apiserver")
+            .spec
+            .unwrap()
+            .template,
+    )
+    .containers[0]
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("http"))
+        .unwrap()
+        .container_port;
+    assert_eq!(rules.len(), 3, "{rules:?}");
     for rule in rules {
         let peers = rule.to.as_deref().expect("every rule names its peers");
         assert!(!peers.is_empty());
@@ -472,6 +487,9 @@ fn only_the_ingress_and_the_dispatcher_reach_nats_and_executors_reach_only_the_a
             if selects(pods, &dispatcher) {
                 assert!(selects(namespaces, &system_namespace) && !selects(pods, &apiserver));
                 assert_eq!(ports, [artifact_port], "only the artifact port");
+            } else if selects(pods, &apiserver) {
+                assert!(selects(namespaces, &system_namespace));
+                assert_eq!(ports, [http_port], "only the HTTP port (results)");
             } else {
                 assert!(selects(pods, &dns) && !selects(pods, &nats), "{peer:?}");
                 assert_eq!(ports, [53, 53], "only DNS");
