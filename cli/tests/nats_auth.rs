@@ -18,9 +18,7 @@ use common::repo;
 use futures::TryStreamExt;
 use jobico_apiserver::jetstream::{JetStreamPublisher, PublishSettings};
 use jobico_apiserver::{Metrics, Publisher, StatusLookup};
-use jobico_common::subject::{
-    DISPATCHER_INBOX, INGRESS_INBOX, STATE_BUCKET, event_subject, stream_name,
-};
+use jobico_common::subject::{DISPATCHER_INBOX, INGRESS_INBOX, event_subject, stream_name};
 use jobico_common::{EventId, EventRecord, EventState};
 use jobico_dispatcher::consumer::{self, DEAD_LETTER_STREAM, consumer_name};
 use jobico_dispatcher::metrics::Metrics as DispatcherMetrics;
