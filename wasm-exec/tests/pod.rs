@@ -691,3 +691,118 @@ async fn pods_run_an_uploaded_module_too_large_for_a_configmap() {
     assert_eq!(code, Some(EXIT_HOST_ERROR.into()), "{stdout}");
     shutdown.cancel();
 }
+
+/// Chaining in a cluster, end to end: the dispatcher renders the Job of an event with routes,
+/// the pod runs and posts its outcomes to a real ingress (over HTTP, with the batch's token),
+/// which publishes the routed event into a real nats-server and records the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_of_an_event_with_routes_publishes_its_children_through_the_ingress() {
+    use jobico_apiserver::jetstream::{JetStreamPublisher, PublishSettings};
+    use jobico_apiserver::{AppState, Catalog, Metrics, catalog, server};
+    use jobico_dispatcher::render::ResultsConfig;
+    use jobico_store::{BucketSettings, NatsAuth, StateStore, StreamSettings};
+
+    let nats = jobico_testkit::NatsServer::start();
+    let publisher = JetStreamPublisher::connect(
+        &nats.url(),
+        &NatsAuth::default(),
+        PublishSettings::default(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let context = publisher.context().clone();
+    jobico_store::streams::ensure(&context, "default", &StreamSettings::default())
+        .await
+        .unwrap();
+    context
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "JOBICO_DLQ".into(),
+            subjects: vec!["jobico-dlq.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/chain.yaml");
+    let mut manifest = Manifest::default();
+    manifest.read_path(&path).unwrap();
+    let catalog_map = Arc::new(Catalog::new());
+    catalog_map.replace(catalog::from_manifest(&manifest).0);
+    let key = b"the cluster's results key, 32+ bytes".to_vec();
+    let mut state = AppState::new(catalog_map, Arc::new(publisher), 1 << 18);
+    state.results_key = Some(Arc::new(key.clone()));
+    let bound = server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        1,
+        actix_web::web::Data::new(state),
+    )
+    .unwrap();
+    let ingress = format!("http://{}", bound.local_addr);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(bound.run(stop.clone()));
+
+    let mut owner = manifest.jobs.into_iter().next().unwrap();
+    owner.metadata.uid = Some("0d6c2f3e-5a4b-4c1d-8e9f-112233445566".into());
+    let owner = Arc::new(owner);
+    let orders = [
+        ("o1", json!({"item": "book", "qty": 2})),
+        ("o2", json!({"item": "book", "qty": 500})),
+    ];
+    let batch = Batch {
+        owner: owner.clone(),
+        event: "order".into(),
+        events: orders
+            .iter()
+            .map(|(id, data)| EventRecord {
+                id: EventId::parse(*id).unwrap(),
+                namespace: "default".into(),
+                event: "order".into(),
+                data: data.clone(),
+                attributes: BTreeMap::new(),
+            })
+            .collect(),
+    };
+    let job = Renderer::new("ghcr.io/coeux/wasm-exec:test")
+        .with_results(ResultsConfig {
+            base_url: ingress,
+            key,
+        })
+        .render(&batch, None)
+        .unwrap();
+    let config_maps = manifest.config_maps.clone();
+    let (code, stdout, _) = tokio::task::spawn_blocking(move || start_pod(&job, &config_maps))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(EXIT_OK.into()), "{stdout}");
+
+    // o1's invoice is in the stream under its derived id; o2's was refused and dead-lettered.
+    let states = StateStore::open(&context, &BucketSettings::default())
+        .await
+        .unwrap();
+    let invoice = EventId::routed("default", "order", "o1", 0).to_string();
+    let child = states
+        .get("default", "invoice", &invoice)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(child.parent.as_ref().map(|p| p.id.as_str()), Some("o1"));
+    let message = context
+        .get_stream("JOBICO-default")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(&format!("jobico.default.invoice.{invoice}"))
+        .await
+        .unwrap();
+    let record: EventRecord = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(record.data, json!({"order": {"item": "book", "qty": 2}}));
+    let parent = states.get("default", "order", "o1").await.unwrap().unwrap();
+    assert_eq!(parent.children.len(), 1, "{parent:?}");
+    let refused = states.get("default", "order", "o2").await.unwrap().unwrap();
+    assert_eq!(refused.route_failures.len(), 1, "{refused:?}");
+    assert!(
+        refused.route_failures[0].reason.contains("maximum of 100"),
+        "{refused:?}"
+    );
+    stop.cancel();
+    served.await.unwrap().unwrap();
+}
