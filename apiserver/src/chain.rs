@@ -63,7 +63,8 @@ impl Router {
         Self { catalog, publisher }
     }
 
-    /// Follows the routes of event `event` of `namespace` that apply to `outcome`: publishes
+    /// Follows the routes of event `event` of `namespace` that apply to `outcome` (none for a
+    /// host failure): publishes
     /// each routed event (linked to its parent), dead-letters each that cannot be, and says
     /// which. An error means the publisher could not keep them now: call again (nothing is
     /// published twice).
@@ -73,6 +74,11 @@ impl Router {
         event: &str,
         outcome: &EventOutcome,
     ) -> Result<Routed, PublishError> {
+        // A host failure is not the module's outcome: a cluster runs it again, and no route
+        // hands on what the host did wrong.
+        if outcome.error.is_some_and(|kind| kind.is_host()) {
+            return Ok(Routed::default());
+        }
         let Lookup::Found(entry) = self.catalog.lookup(namespace, event) else {
             return Ok(Routed::default());
         };

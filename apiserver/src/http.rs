@@ -570,7 +570,7 @@ struct RoutedBody {
 
 /// An executor's outcomes: the token (checked before the body is read) must be the
 /// dispatcher's for exactly these ids; each outcome's routes are followed and the chain
-/// recorded on its event. Host failures are skipped: their Job runs them again. Answers 503
+/// recorded on its event (host failures follow none: their Job runs them again). Answers 503
 /// when NATS cannot take it (the executor retries; nothing is published twice).
 #[tracing::instrument(level = "debug", skip_all, fields(namespace = %namespace, event = %event))]
 async fn follow_results(
@@ -612,9 +612,6 @@ async fn follow_results(
     let router = crate::chain::Router::new(state.catalog.clone(), state.publisher.clone());
     let mut answered = Vec::new();
     for outcome in &report.outcomes {
-        if outcome.error.is_some_and(|kind| kind.is_host()) {
-            continue;
-        }
         let routed = router
             .follow(&namespace, &event, outcome)
             .await

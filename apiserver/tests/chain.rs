@@ -160,6 +160,18 @@ async fn a_parent_followed_twice_publishes_each_child_once_and_dead_letters_what
             .contains("\"total\" is a required property"),
         "{routed:?}"
     );
+
+    // A host failure follows no route, not even `always`.
+    let mut host = failed.clone();
+    host.id = "p4".into();
+    host.error = Some(jobico_common::summary::ErrorKind::Host);
+    assert!(
+        router
+            .follow("default", "order", &host)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[actix_web::test]

@@ -38,6 +38,8 @@ pub fn parse_consumer_name(name: &str) -> Option<(String, String)> {
 
 struct Running {
     owner: String,
+    /// The event as its owner declares it (its routes, for the cycle check).
+    spec: jobico_model::EventSpec,
     /// The owner's [`JobicoJob::claim_order`].
     order: (Option<Time>, String),
     fingerprint: String,
@@ -154,6 +156,7 @@ impl<B: Backend> ConsumerSet<B> {
                 slot,
                 Running {
                     owner: key.clone(),
+                    spec: spec.clone(),
                     order: order.clone(),
                     fingerprint,
                     token,
@@ -162,6 +165,28 @@ impl<B: Backend> ConsumerSet<B> {
             );
         }
         conflicts
+    }
+
+    /// The cycles (see [`jobico_model::routes::cycles`]) the routes of the events consumed
+    /// in `owner`'s namespace form through one of `owner`'s events: routes of several
+    /// resources that, together, lead an event back to itself.
+    pub fn route_cycles(&self, owner: &JobicoJob) -> Vec<String> {
+        let namespace = owner.metadata.namespace.clone().unwrap_or_default();
+        let running = self.running.lock().expect("consumer set lock");
+        let specs = running
+            .iter()
+            .filter(|((ns, _), _)| *ns == namespace)
+            .map(|(_, r)| &r.spec);
+        jobico_model::routes::cycles(specs)
+            .into_iter()
+            .filter(|cycle| {
+                owner
+                    .spec
+                    .events
+                    .iter()
+                    .any(|e| jobico_model::routes::on_cycle(cycle, &e.name))
+            })
+            .collect()
     }
 
     /// Stops every consumer of resource `namespace/name`.

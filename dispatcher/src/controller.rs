@@ -46,6 +46,9 @@ const INPUTS_RECHECK: Duration = Duration::from_secs(5);
 /// Reason: the resource's template ConfigMap is missing, or its template (the default
 /// included, with the resource's settings) is refused or renders a Job the pod policy refuses.
 pub const REASON_INVALID_TEMPLATE: &str = "InvalidTemplate";
+/// Reason: the routes (`then`) of this and other resources of the namespace lead an event
+/// back to itself.
+pub const REASON_ROUTE_CYCLE: &str = "RouteCycle";
 /// How often a healthy resource is reconciled without a change (a safety net only).
 const RESYNC: Duration = Duration::from_secs(300);
 /// Wait before retrying a failed reconcile.
@@ -281,6 +284,7 @@ async fn apply<B: Backend>(
             Some(templates) => template_problem(&ctx.client, templates, &cr).await?,
             None => None,
         };
+        let cycles = ctx.consumers.route_cycles(&cr);
         if !conflicts.is_empty() {
             (ready, reason, message) = conflicted(&conflicts);
             tracing::warn!(
@@ -289,6 +293,20 @@ async fn apply<B: Backend>(
                 message,
                 "event names held by older resources"
             );
+        } else if !cycles.is_empty() {
+            // The ingress refuses these events (and the routed events reaching them); a
+            // change to either resource breaking the cycle triggers a reconcile of that one
+            // only: look again soon.
+            (ready, reason, message) = (
+                false,
+                REASON_ROUTE_CYCLE,
+                format!(
+                    "routes of this and other resources of the namespace form a cycle ({}): an event would lead to itself",
+                    cycles.join("; ")
+                ),
+            );
+            requeue = INPUTS_RECHECK;
+            tracing::warn!(namespace, name, message, "routes form a cycle");
         } else if let Some(problem) = template {
             // A template that breaks the pod policy or a rendering bound: not ready before
             // any event is dispatched. Its ConfigMap's edits trigger no reconcile: look again

@@ -1067,6 +1067,50 @@ async fn the_oldest_resource_keeps_a_contested_event_name() {
     consumers.shutdown().await;
 }
 
+#[tokio::test]
+async fn routes_of_two_resources_forming_a_cycle_are_found_for_both() {
+    let (_server, js) = nats().await;
+    let dispatcher = Dispatcher::connect(
+        js,
+        Nothing,
+        Arc::new(Metrics::new()),
+        RetryPolicy::default(),
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumers = ConsumerSet::new(dispatcher, shutdown.clone());
+    let declaring = |name: &str, event: &str, then: Value| {
+        let mut cr = (*declaring_ev1(name, "2026-01-01T00:00:00Z")).clone();
+        cr.spec.events[0].name = event.into();
+        cr.spec.events[0].then = serde_json::from_value(then).unwrap();
+        Arc::new(cr)
+    };
+    let orders = declaring("orders", "order", json!([{"event": "invoice"}]));
+    let billing = declaring(
+        "billing",
+        "invoice",
+        json!([{"event": "order", "when": "failed"}]),
+    );
+    let other = declaring("other", "audit", json!([{"event": "order"}]));
+    for cr in [&orders, &billing, &other] {
+        assert_eq!(consumers.ensure(cr.clone()), vec![]);
+    }
+    let cycle = "invoice → order → invoice".to_owned();
+    assert_eq!(consumers.route_cycles(&orders), [cycle.clone()]);
+    assert_eq!(consumers.route_cycles(&billing), [cycle]);
+    assert!(
+        consumers.route_cycles(&other).is_empty(),
+        "audit only leads into it"
+    );
+    // Breaking it on either side clears both.
+    let billing = declaring("billing", "invoice", json!([]));
+    consumers.ensure(billing.clone());
+    assert!(consumers.route_cycles(&orders).is_empty());
+    assert!(consumers.route_cycles(&billing).is_empty());
+    consumers.shutdown().await;
+}
+
 /// Serves the tracker's lists and watches: each list of a kind answers the next of `lists`
 /// (the last one again when they run out); a watch answers 410 Gone while more lists of its
 /// kind are queued (forcing a relist) and otherwise stays open and quiet. A GET of one Job
