@@ -1096,8 +1096,8 @@ async fn routes_of_two_resources_forming_a_cycle_are_found_for_both() {
     for cr in [&orders, &billing, &other] {
         assert_eq!(consumers.ensure(cr.clone()), vec![]);
     }
-    let cycle = "invoice → order → invoice".to_owned();
-    assert_eq!(consumers.route_cycles(&orders), [cycle.clone()]);
+    let cycle = "invoice → order → invoice";
+    assert_eq!(consumers.route_cycles(&orders), [cycle]);
     assert_eq!(consumers.route_cycles(&billing), [cycle]);
     assert!(
         consumers.route_cycles(&other).is_empty(),
