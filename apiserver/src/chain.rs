@@ -108,26 +108,25 @@ impl Router {
             return Ok(routed);
         }
         for record in &records {
-            self.publisher
-                .link(&linked(
-                    &record.namespace,
-                    &record.event,
-                    record.id.as_str(),
-                    &parent,
-                ))
-                .await?;
-        }
-        for record in &records {
             routed.children.push(EventLink {
                 event: record.event.clone(),
                 id: record.id.to_string(),
             });
         }
+        // Published first, linked after: a record never names a parent for an event that was
+        // not kept. Should the link be lost (a crash in between), the caller follows again.
+        let links: Vec<EventStatus> = records
+            .iter()
+            .map(|r| linked(&r.namespace, &r.event, r.id.as_str(), &parent))
+            .collect();
         if !records.is_empty() {
             self.publisher
                 .publish(records)
                 .await
                 .map_err(|failure| failure.error)?;
+        }
+        for link in &links {
+            self.publisher.link(link).await?;
         }
         for (target, id, data, reason) in refused {
             let reason = format!("route to {target:?} refused: {reason}");
