@@ -18,7 +18,7 @@ use jobico_common::summary::{EventOutcome, batch_digest};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest one post may take (a batch of large results, routes published in NATS).
 const POST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Pauses between attempts: about half a minute in all, through an ingress restart.
+/// Pauses between attempts: about 15 s in all, through an ingress restart.
 const RETRY_PAUSES: [Duration; 5] = [
     Duration::from_millis(500),
     Duration::from_secs(1),
