@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use jobico_common::chain::routed_data;
+use jobico_common::chain::{dead_letter_data, routed_data};
 use jobico_common::summary::EventOutcome;
 use jobico_common::{EventId, EventLink, EventRecord, EventState, EventStatus, RouteFailure};
 
@@ -134,7 +134,7 @@ impl Router {
                 id: id.clone(),
                 namespace: namespace.to_owned(),
                 event: target.clone(),
-                data,
+                data: dead_letter_data(data),
                 attributes: BTreeMap::new(),
             };
             let mut dead = linked(namespace, &target, id.as_str(), &parent);

@@ -161,6 +161,17 @@ async fn a_parent_followed_twice_publishes_each_child_once_and_dead_letters_what
         "{routed:?}"
     );
 
+    // A result larger than a NATS message (local mode keeps up to the 1 MiB output cap and
+    // more with framing): refused, and its dead letter still fits.
+    let huge = succeeded("p5", &"x".repeat(1_200_000));
+    let routed = router.follow("default", "order", &huge).await.unwrap();
+    assert_eq!(routed.failures.len(), 2, "{:?}", routed.failures);
+    assert!(
+        routed.failures[0].reason.contains("longer than"),
+        "{:?}",
+        routed.failures
+    );
+
     // A host failure follows no route, not even `always`.
     let mut host = failed.clone();
     host.id = "p4".into();

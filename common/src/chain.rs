@@ -122,8 +122,7 @@ pub fn routed_data(event: &str, outcome: &EventOutcome) -> Result<Value, String>
     };
     if result.len() > MAX_RESULT_BYTES {
         return Err(format!(
-            "the result is {} bytes, more than the {MAX_RESULT_BYTES} a route hands on",
-            result.len()
+            "the result is longer than the {MAX_RESULT_BYTES} bytes a route hands on"
         ));
     }
     if outcome.output_truncated || result.ends_with('…') {
@@ -137,6 +136,17 @@ pub fn routed_data(event: &str, outcome: &EventOutcome) -> Result<Value, String>
         ));
     }
     Ok(data)
+}
+
+/// `data` as kept with a dead letter: itself when its JSON fits in [`MAX_RESULT_BYTES`], else
+/// the start of that JSON as a string ending in `…`, so a dead letter always fits in a NATS
+/// message.
+pub fn dead_letter_data(data: Value) -> Value {
+    let text = serde_json::to_string(&data).expect("JSON values serialise");
+    if text.len() <= MAX_RESULT_BYTES {
+        return data;
+    }
+    Value::String(format!("{}…", cut(&text, MAX_RESULT_BYTES)))
 }
 
 fn cut(text: &str, limit: usize) -> &str {
@@ -222,6 +232,21 @@ mod tests {
         ));
         assert!(!results_token_valid(key, "ns", "order", &ab, "zz"));
         assert!(!results_token_valid(key, "ns", "order", &ab, ""));
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_at_most_the_bytes_a_route_hands_on() {
+        assert_eq!(dead_letter_data(json!({"a": 1})), json!({"a": 1}));
+        let big = json!("é".repeat(MAX_RESULT_BYTES));
+        let kept = dead_letter_data(big);
+        let text = kept.as_str().unwrap();
+        assert!(text.len() <= MAX_RESULT_BYTES + '…'.len_utf8() && text.ends_with('…'));
+        let long = outcome(Status::Succeeded, Some(&"x".repeat(MAX_RESULT_BYTES + 1)));
+        assert!(
+            routed_data("order", &long)
+                .unwrap_err()
+                .contains("longer than")
+        );
     }
 
     #[test]
