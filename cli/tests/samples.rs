@@ -46,7 +46,7 @@ fn sample_modules_match_their_sources_and_config_maps() {
 fn sample_jobs_are_valid() {
     let mut manifest = Manifest::default();
     manifest.read_path(&samples()).unwrap();
-    assert_eq!(manifest.jobs.len(), 3);
+    assert_eq!(manifest.jobs.len(), 4);
     for job in &manifest.jobs {
         jobico_model::validate_job(job).unwrap();
     }
