@@ -60,9 +60,15 @@ async fn messages(context: &jetstream::Context, stream: &str) -> u64 {
         .messages
 }
 
-#[tokio::test]
-async fn a_parent_followed_twice_publishes_each_child_once_and_dead_letters_what_its_target_refuses()
- {
+/// A nats-server with what the ingress meets in a cluster: the namespace's stream and the
+/// dead-letter stream (the dispatcher's), the ingress's publisher on it, and [`MANIFEST`]'s
+/// catalog.
+async fn ingress() -> (
+    NatsServer,
+    JetStreamPublisher,
+    jetstream::Context,
+    Arc<Catalog>,
+) {
     let nats = NatsServer::start();
     let publisher = JetStreamPublisher::connect(
         &nats.url(),
@@ -76,7 +82,6 @@ async fn a_parent_followed_twice_publishes_each_child_once_and_dead_letters_what
     jobico_store::streams::ensure(&context, "default", &StreamSettings::default())
         .await
         .unwrap();
-    // The dispatcher's dead-letter stream.
     context
         .create_stream(jetstream::stream::Config {
             name: "JOBICO_DLQ".into(),
@@ -91,6 +96,13 @@ async fn a_parent_followed_twice_publishes_each_child_once_and_dead_letters_what
     assert!(problems.is_empty(), "{problems:?}");
     let catalog = Arc::new(Catalog::new());
     catalog.replace(events);
+    (nats, publisher, context, catalog)
+}
+
+#[tokio::test]
+async fn a_parent_followed_twice_publishes_each_child_once_and_dead_letters_what_its_target_refuses()
+ {
+    let (_nats, publisher, context, catalog) = ingress().await;
     let router = Router::new(catalog, Arc::new(publisher));
     let states = StateStore::open(&context, &BucketSettings::default())
         .await
@@ -192,23 +204,7 @@ async fn the_results_endpoint_follows_routes_only_for_the_batch_its_token_names(
     use jobico_common::chain::{RESULTS_BATCH_HEADER, ResultsReport, results_token};
     use jobico_common::summary::batch_digest;
 
-    let nats = NatsServer::start();
-    let publisher = JetStreamPublisher::connect(
-        &nats.url(),
-        &NatsAuth::default(),
-        PublishSettings::default(),
-        Metrics::new(),
-    )
-    .await
-    .unwrap();
-    let context = publisher.context().clone();
-    jobico_store::streams::ensure(&context, "default", &StreamSettings::default())
-        .await
-        .unwrap();
-    let mut manifest = Manifest::default();
-    manifest.read_str(Path::new("m.yaml"), MANIFEST).unwrap();
-    let catalog = Arc::new(Catalog::new());
-    catalog.replace(catalog::from_manifest(&manifest).0);
+    let (_nats, publisher, context, catalog) = ingress().await;
     let key = b"a results key of at least 32 bytes!".to_vec();
     let mut state = jobico_apiserver::AppState::new(catalog, Arc::new(publisher), 1 << 16);
     let report = ResultsReport {

@@ -24,7 +24,7 @@ use jobico_dispatcher::state::{self, StateStore};
 use tokio::sync::Semaphore;
 use wasm_exec::EventOutcome;
 
-use crate::local_exec::Modules;
+use crate::local_exec::{Modules, follow_routes};
 
 /// Pause between attempts to record a state NATS did not take: it is reconnecting, which
 /// takes about a second.
@@ -104,31 +104,13 @@ impl LocalBackend {
         }
     }
 
-    /// Follows the routes of each outcome (see [`Router::follow`]). A publish NATS did not
-    /// take is tried again until it is: the events have run, and their children must not be
-    /// lost (nor published twice: their ids are derived).
+    /// Follows the routes of each outcome (see [`Router::follow`]), trying again while NATS
+    /// does not take them.
     async fn route(&self, batch: &Batch, outcomes: &[EventOutcome]) -> Vec<Routed> {
         let mut all = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {
-            let mut warned = false;
-            let routed = loop {
-                match self
-                    .router
-                    .follow(batch.namespace(), &batch.event, outcome)
-                    .await
-                {
-                    Ok(routed) => break routed,
-                    Err(error) => {
-                        if !warned {
-                            tracing::warn!(id = %outcome.id, %error, "ran, but cannot publish its routed events yet; retrying");
-                            warned = true;
-                        }
-                        tokio::time::sleep(STATE_RETRY).await;
-                    }
-                }
-            };
-            crate::local_exec::print_routed(batch.namespace(), &batch.event, outcome, &routed);
-            all.push(routed);
+            let event = (batch.namespace(), batch.event.as_str());
+            all.push(follow_routes(&self.router, event, outcome, STATE_RETRY).await);
         }
         all
     }

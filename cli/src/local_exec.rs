@@ -272,7 +272,8 @@ impl LocalExecutor {
                 })
                 .await;
                 if let Ok(Some((record, outcome))) = ran {
-                    route(&router, &record, &outcome).await;
+                    let event = (record.namespace.as_str(), record.event.as_str());
+                    follow_routes(&router, event, &outcome, ROUTE_RETRY).await;
                 }
             });
         }
@@ -298,25 +299,29 @@ impl OutputSink for TaggedStdout<'_> {
     }
 }
 
-/// Follows `outcome`'s routes into the in-memory queue, waiting while it is full (the
-/// executor drains it meanwhile).
-async fn route(router: &Router, record: &EventRecord, outcome: &EventOutcome) {
+/// Follows `outcome`'s routes (of event `namespace/event`) until the publisher keeps them,
+/// waiting `pause` between attempts (a full in-memory queue drains, NATS reconnects): the
+/// event has run, and its routed events must not be lost (nor published twice: their ids are
+/// derived). Prints what the routes did and returns it.
+pub async fn follow_routes(
+    router: &Router,
+    (namespace, event): (&str, &str),
+    outcome: &EventOutcome,
+    pause: Duration,
+) -> Routed {
     let mut warned = false;
     loop {
-        match router
-            .follow(&record.namespace, &record.event, outcome)
-            .await
-        {
+        match router.follow(namespace, event, outcome).await {
             Ok(routed) => {
-                print_routed(&record.namespace, &record.event, outcome, &routed);
-                return;
+                print_routed(namespace, event, outcome, &routed);
+                return routed;
             }
             Err(error) => {
                 if !warned {
-                    tracing::warn!(id = %outcome.id, %error, "cannot queue the routed events yet; retrying");
+                    tracing::warn!(id = %outcome.id, %error, "ran, but cannot publish its routed events yet; retrying");
                     warned = true;
                 }
-                tokio::time::sleep(ROUTE_RETRY).await;
+                tokio::time::sleep(pause).await;
             }
         }
     }
@@ -327,7 +332,7 @@ const ROUTE_RETRY: Duration = Duration::from_millis(200);
 
 /// Prints one line per route followed, tagged like the event's output:
 /// `[ns/order id] routed to invoice <child id>` or `... route to alert refused: <why>`.
-pub fn print_routed(namespace: &str, event: &str, outcome: &EventOutcome, routed: &Routed) {
+fn print_routed(namespace: &str, event: &str, outcome: &EventOutcome, routed: &Routed) {
     let tag = format!("{namespace}/{event} {}", outcome.id);
     let mut out = std::io::stdout().lock();
     for child in &routed.children {
