@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q -p jobico
-for pair in echo:ev1 logecho:ev2 printenv:ev3 order:chain echo:chain; do
+for pair in echo:ev1 logecho:ev2 printenv:ev3 order:chain echo:chain echo:sink; do
   module=${pair%%:*} manifest=${pair##*:}
   target/debug/jobico wat2wasm "samples/$module.wat" -o "samples/$module.wasm"
   b64=$(base64 -w0 "samples/$module.wasm")

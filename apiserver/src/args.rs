@@ -10,6 +10,7 @@ use actix_web::web;
 use anyhow::Context;
 use clap::Parser;
 use futures::future::BoxFuture;
+use jobico_common::sink::SinkMessage;
 use jobico_common::telemetry::LogArgs;
 use jobico_common::{EventRecord, EventStatus};
 use jobico_model::Manifest;
@@ -145,6 +146,13 @@ impl Publisher for LazyPublisher {
     ) -> BoxFuture<'a, Result<(), PublishError>> {
         match self.inner.get() {
             Some(inner) => inner.dead_letter(record, status),
+            None => Box::pin(async { Err(Self::not_yet()) }),
+        }
+    }
+
+    fn sink<'a>(&'a self, message: &'a SinkMessage) -> BoxFuture<'a, Result<(), PublishError>> {
+        match self.inner.get() {
+            Some(inner) => inner.sink(message),
             None => Box::pin(async { Err(Self::not_yet()) }),
         }
     }

@@ -1,4 +1,5 @@
-//! Chaining: following an event's `then` routes once its outcome is known.
+//! Chaining: following an event's `then` routes (and handing the outcome to its `sink`) once
+//! its outcome is known.
 //!
 //! [`Router::follow`] turns one outcome into the events its routes publish, each validated
 //! against its target's schema like any request and published through the same
@@ -14,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use jobico_common::chain::{dead_letter_data, routed_data};
+use jobico_common::sink::{CloudEvent, SinkMessage};
 use jobico_common::summary::EventOutcome;
 use jobico_common::{EventId, EventLink, EventRecord, EventState, EventStatus, RouteFailure};
 
@@ -29,12 +31,14 @@ pub struct Routed {
     pub children: Vec<EventLink>,
     /// The routes that could not publish, each dead-lettered under its child's id.
     pub failures: Vec<RouteFailure>,
+    /// The sink URL the outcome was kept for, when the event has a sink.
+    pub sink: Option<String>,
 }
 
 impl Routed {
-    /// Whether no route applied.
+    /// Whether no route applied and no sink took the outcome.
     pub fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.failures.is_empty()
+        self.children.is_empty() && self.failures.is_empty() && self.sink.is_none()
     }
 
     /// Adds the chain to `status`, the parent's record.
@@ -64,10 +68,10 @@ impl Router {
     }
 
     /// Follows the routes of event `event` of `namespace` that apply to `outcome` (none for a
-    /// host failure): publishes
-    /// each routed event (linked to its parent), dead-letters each that cannot be, and says
-    /// which. An error means the publisher could not keep them now: call again (nothing is
-    /// published twice).
+    /// host failure): publishes each routed event (linked to its parent), dead-letters each
+    /// that cannot be, keeps the outcome for the event's sink, and says which. An error means
+    /// the publisher could not keep them now: call again (nothing is published or delivered
+    /// twice on that account).
     pub async fn follow(
         &self,
         namespace: &str,
@@ -87,6 +91,22 @@ impl Router {
             id: outcome.id.clone(),
         };
         let mut routed = Routed::default();
+        if let Some(sink) = &entry.spec.sink {
+            let message = SinkMessage {
+                namespace: namespace.to_owned(),
+                event: event.to_owned(),
+                url: sink.url.clone(),
+                cloud_event: CloudEvent::of_outcome(
+                    namespace,
+                    &entry.job,
+                    event,
+                    outcome,
+                    jobico_store::now(),
+                ),
+            };
+            self.publisher.sink(&message).await?;
+            routed.sink = Some(sink.url.clone());
+        }
         let mut records = Vec::new();
         let mut refused = Vec::new();
         for (index, route) in entry.spec.then.iter().enumerate() {

@@ -566,6 +566,8 @@ struct RoutedBody {
     id: String,
     children: Vec<jobico_common::EventLink>,
     route_failures: Vec<jobico_common::RouteFailure>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sink: Option<String>,
 }
 
 /// An executor's outcomes: the token (checked before the body is read) must be the
@@ -631,6 +633,7 @@ async fn follow_results(
             id: outcome.id.clone(),
             children: routed.children,
             route_failures: routed.failures,
+            sink: routed.sink,
         });
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "routed": answered })))

@@ -21,6 +21,7 @@ use async_nats::connection::State;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use futures::TryStreamExt;
 use futures::future::{BoxFuture, join_all};
+use jobico_common::sink::{self, SinkMessage};
 use jobico_common::subject::{self, STATE_BUCKET};
 use jobico_common::{EventRecord, EventState, EventStatus};
 use jobico_store::{BucketSettings, NatsAuth, StateStore, streams};
@@ -379,6 +380,40 @@ impl JetStreamPublisher {
 }
 
 impl Publisher for JetStreamPublisher {
+    fn sink<'a>(&'a self, message: &'a SinkMessage) -> BoxFuture<'a, Result<(), PublishError>> {
+        Box::pin(async move {
+            let (namespace, event, id) = (
+                &message.namespace,
+                &message.event,
+                message.cloud_event.id.as_str(),
+            );
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(subject::HEADER_NAMESPACE, namespace.as_str());
+            headers.insert(subject::HEADER_EVENT, event.as_str());
+            headers.insert(subject::HEADER_EVENT_ID, id);
+            headers.insert(sink::HEADER_SINK_URL, message.url.as_str());
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                sink::sink_message_id(namespace, event, id).as_str(),
+            );
+            let payload =
+                serde_json::to_vec(&message.cloud_event).expect("a CloudEvent serialises");
+            let publish = async {
+                self.context
+                    .publish_with_headers(
+                        sink::sink_subject(namespace, event),
+                        headers,
+                        payload.into(),
+                    )
+                    .await?
+                    .await
+            };
+            self.bounded("cannot keep the outcome for its sink", publish)
+                .await
+                .map(drop)
+        })
+    }
+
     fn link<'a>(&'a self, links: &'a EventStatus) -> BoxFuture<'a, Result<(), PublishError>> {
         Box::pin(async move {
             self.bounded("cannot record the chain", self.states.link(links))

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use jobico_common::sink::SinkMessage;
 use jobico_common::{EventId, EventRecord, EventStatus};
 use tokio::sync::mpsc;
 
@@ -114,6 +115,18 @@ pub trait Publisher: Send + Sync + 'static {
             data = %record.data,
             reason = status.reason.as_deref().unwrap_or_default(),
             "dead letter (not kept: no event store)"
+        );
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Keeps `message`, an outcome for its event's sink, until it is delivered (at least
+    /// once: keeping the same event's outcome again keeps nothing more). The default, without
+    /// an outbox, logs it undelivered.
+    fn sink<'a>(&'a self, message: &'a SinkMessage) -> BoxFuture<'a, Result<(), PublishError>> {
+        tracing::warn!(
+            event = %format!("{}/{} {}", message.namespace, message.event, message.cloud_event.id),
+            url = message.url,
+            "outcome not delivered to its sink (no outbox)"
         );
         Box::pin(async { Ok(()) })
     }

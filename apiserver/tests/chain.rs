@@ -31,6 +31,7 @@ spec:
   events:
     - {name: order, wasm: m.wasm, schema: {key: any, optional: true}, then: [{event: invoice}, {event: invoice, when: always}]}
     - {name: invoice, wasm: m.wasm, schema: {key: schema-invoice}}
+    - {name: ship, wasm: m.wasm, schema: {key: any, optional: true}, sink: {url: "http://receiver.apps.svc/events"}}
 "#;
 
 fn succeeded(id: &str, result: &str) -> EventOutcome {
@@ -283,4 +284,67 @@ async fn the_results_endpoint_follows_routes_only_for_the_batch_its_token_names(
         parent.children[0].id,
         EventId::routed("default", "order", "p1", 0).to_string()
     );
+}
+
+#[actix_web::test]
+async fn posted_outcomes_of_an_event_with_a_sink_wait_in_the_outbox_once_each() {
+    use actix_web::http::StatusCode;
+    use actix_web::test::TestRequest;
+    use jobico_common::chain::{RESULTS_BATCH_HEADER, ResultsReport, results_token};
+    use jobico_common::sink::SINK_STREAM;
+    use jobico_common::summary::batch_digest;
+
+    let (_nats, publisher, context, catalog) = ingress().await;
+    let key = b"a results key of at least 32 bytes!".to_vec();
+    let mut state = jobico_apiserver::AppState::new(catalog, Arc::new(publisher), 1 << 16);
+    state.results_key = Some(Arc::new(key.clone()));
+    let state = actix_web::web::Data::new(state);
+    let mut host = succeeded("s2", "");
+    host.status = Status::Failed;
+    host.error = Some(jobico_common::summary::ErrorKind::Host);
+    host.result = None;
+    let report = ResultsReport {
+        outcomes: vec![succeeded("s1", "{\"shipped\": true}"), host],
+    };
+    let body = serde_json::to_string(&report).unwrap();
+    let ids = ["s1", "s2"];
+    let post = || {
+        TestRequest::post()
+            .uri("/results/default/ship")
+            .insert_header((RESULTS_BATCH_HEADER, batch_digest(&ids)))
+            .insert_header((
+                "authorization",
+                format!("Bearer {}", results_token(&key, "default", "ship", &ids)),
+            ))
+            .set_payload(body.clone())
+    };
+
+    // Until the dispatcher has created the outbox the outcomes cannot be kept: 503, and the
+    // executor posts again.
+    let (status, _, answer) = common::send(&state, post()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+
+    jobico_store::streams::ensure_sink_outbox(&context, &StreamSettings::default())
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let (status, _, answer) = common::send(&state, post()).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        // The host failure is not an outcome: its Job runs it again.
+        assert_eq!(
+            answer["routed"],
+            serde_json::json!([{"id": "s1", "children": [], "routeFailures": [],
+                                "sink": "http://receiver.apps.svc/events"}])
+        );
+    }
+    assert_eq!(messages(&context, SINK_STREAM).await, 1);
+    let stream = context.get_stream(SINK_STREAM).await.unwrap();
+    let kept = stream
+        .get_last_raw_message_by_subject("jobico-sinks.default.ship")
+        .await
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_slice(&kept.payload).unwrap();
+    assert_eq!(event["id"], "s1");
+    assert_eq!(event["type"], "dev.coeux.jobico.ship.succeeded");
+    assert_eq!(event["data"], serde_json::json!({"shipped": true}));
 }

@@ -12,6 +12,7 @@ use jobico_apiserver::catalog::EventMap;
 use jobico_apiserver::chain::Router;
 use jobico_apiserver::jetstream::{JetStreamPublisher, PublishSettings};
 use jobico_dispatcher::metrics::Metrics as DispatcherMetrics;
+use jobico_dispatcher::sinks::{SinkClient, SinkSettings};
 use jobico_dispatcher::state::StateStore;
 use jobico_dispatcher::{ConsumerSet, Dispatcher, RetryPolicy};
 use jobico_model::{Job as JobicoJob, Manifest};
@@ -66,7 +67,7 @@ pub async fn start(
         .await
         .context("cannot open the event state bucket")?;
     let router = Router::new(catalog.clone(), publisher.clone());
-    let backend = LocalBackend::new(modules, states, parallelism, router);
+    let backend = LocalBackend::new(modules, states.clone(), parallelism, router);
     let events = catalog.snapshot();
     jobico_store::streams::retire_legacy(&js)
         .await
@@ -84,6 +85,20 @@ pub async fn start(
             .await
             .with_context(|| format!("cannot set up the event stream of namespace {namespace}"))?;
     }
+    // Outcomes wait in the outbox and are delivered as in a cluster (loopback receivers
+    // allowed: the user is the operator).
+    jobico_store::streams::ensure_sink_outbox(&js, &streams)
+        .await
+        .context("cannot set up the sink outbox")?;
+    let sink_settings = SinkSettings::default();
+    tokio::spawn(jobico_dispatcher::sinks::run(
+        js.clone(),
+        states.clone(),
+        SinkClient::new(crate::local_sinks::local_policy(), sink_settings.timeout),
+        sink_settings,
+        streams.clone(),
+        shutdown.clone(),
+    ));
     let dispatcher = Dispatcher::connect_with(
         js,
         backend,

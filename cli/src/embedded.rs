@@ -15,6 +15,8 @@ const FILES: &[(&str, &[u8])] = &[
     ),
     ("chain.yaml", include_bytes!("../../samples/chain.yaml")),
     ("order.wasm", include_bytes!("../../samples/order.wasm")),
+    ("sink.yaml", include_bytes!("../../samples/sink.yaml")),
+    ("receiver.py", include_bytes!("../../samples/receiver.py")),
 ];
 
 /// A directory holding the samples, removed when dropped.

@@ -6,6 +6,7 @@ pub mod embedded;
 pub mod kube_client;
 pub mod local_backend;
 pub mod local_exec;
+pub mod local_sinks;
 pub mod logs;
 pub mod push;
 pub mod send;

@@ -181,7 +181,7 @@ impl Modules {
                             .map(|(name, value)| EnvVar { name, value })
                             .collect(),
                         // Routes hand on a WASI command's standard output.
-                        stdout_result: !entry.spec.then.is_empty(),
+                        stdout_result: entry.spec.hands_on_outcomes(),
                         ..Capabilities::default()
                     };
                     prepared.insert(

@@ -18,6 +18,9 @@ use jobico_apiserver::auth::{Auth, StaticTokens};
 use jobico_apiserver::chain::Router;
 use jobico_apiserver::http::DEFAULT_MAX_BODY_BYTES;
 use jobico_apiserver::{AppState, Catalog, MemoryQueue, Publisher, catalog, server};
+use jobico_dispatcher::sinks::SinkSettings;
+
+use crate::local_sinks::DirectSinks;
 use jobico_dispatcher::consumer::ACK_WAIT;
 use jobico_model::Manifest;
 use jobico_store::NatsAuthArgs;
@@ -181,7 +184,8 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
     let (publisher, worker, mode): (Arc<dyn Publisher>, _, _) = match &args.nats {
         None => {
             let (queue, receiver) = MemoryQueue::new(args.queue_capacity);
-            let router = Router::new(catalog.clone(), Arc::new(queue.clone()));
+            let sinks = DirectSinks::new(queue.clone(), SinkSettings::default());
+            let router = Router::new(catalog.clone(), Arc::new(sinks));
             let executor = LocalExecutor::new(modules, parallelism, router);
             let worker = tokio::spawn(executor.run(receiver, shutdown.clone()));
             let mode =

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Up, repo, runs};
+use common::{Receiver, Up, repo, runs, sink_sample};
 use jobico_testkit::NatsServer;
 use serde_json::Value;
 
@@ -587,4 +587,42 @@ fn routes_chain_events_and_the_records_show_the_chain() {
         4 + 3,
         "four orders, two invoices, one alert: {ran:?}"
     );
+}
+
+#[test]
+fn outcomes_reach_a_sink_through_the_outbox_and_the_record_shows_the_attempts() {
+    let nats = NatsServer::start();
+    let receiver = Receiver::start(&[500, 502]);
+    let dir = tempfile::tempdir().unwrap();
+    sink_sample(dir.path(), &receiver.url);
+    let mut up = Up::start(
+        &repo(),
+        &[
+            "--nats",
+            &nats.url(),
+            "--manifests",
+            dir.path().to_str().unwrap(),
+        ],
+    );
+    up.wait_for(|l| l.contains("local mode ready (durable"));
+    let id = accepted_id(
+        &up,
+        "/execute/default/ship",
+        r#"{"item":"pen","to":"Alan"}"#,
+    );
+    let record = wait_for_state(&up, &id, |r| {
+        r["state"] == "succeeded" && r["sink"]["deliveredAt"].is_string()
+    });
+    assert_eq!(record["sink"]["url"], receiver.url.as_str(), "{record}");
+    assert_eq!(record["sink"]["attempts"], 3, "{record}");
+    assert!(record["sink"]["lastError"].is_null(), "{record}");
+    let received = receiver.received();
+    assert_eq!(received.len(), 3);
+    assert!(received.iter().all(|(_, event)| *event == received[2].1));
+    assert_eq!(
+        received[2].1["data"],
+        serde_json::json!({"item": "pen", "to": "Alan"})
+    );
+    assert_eq!(received[2].1["subject"], id.as_str());
+    assert!(up.stop().0.success());
 }

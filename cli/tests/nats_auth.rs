@@ -382,6 +382,73 @@ async fn only_jobico_users_connect_and_each_does_its_work_and_nothing_more() {
     assert!(fetched.is_ok(), "{fetched:?}: {:?}", violations(&server));
     serving.cancel();
 
+    // Sinks: the dispatcher creates the outbox and its consumer, delivers and records the
+    // delivery; the ingress keeps an outcome in the outbox.
+    let receiver = common::Receiver::start(&[]);
+    let delivering = CancellationToken::new();
+    let deliverer = tokio::spawn(jobico_dispatcher::sinks::run(
+        js.clone(),
+        dispatcher.states.clone(),
+        jobico_dispatcher::sinks::SinkClient::new(
+            jobico::local_sinks::local_policy(),
+            Duration::from_secs(5),
+        ),
+        jobico_dispatcher::sinks::SinkSettings::default(),
+        jobico_store::StreamSettings::default(),
+        delivering.clone(),
+    ));
+    let deadline = Instant::now() + WAIT;
+    while js
+        .get_stream(jobico_common::sink::SINK_STREAM)
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the outbox never appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outcome: jobico_common::summary::EventOutcome = serde_json::from_value(
+        serde_json::json!({"id": "ok-1", "status": "succeeded", "duration_ms": 1, "output_bytes": 2, "result": "{}"}),
+    )
+    .unwrap();
+    let message = jobico_common::sink::SinkMessage {
+        namespace: "default".into(),
+        event: "ev1".into(),
+        url: receiver.url.clone(),
+        cloud_event: jobico_common::sink::CloudEvent::of_outcome(
+            "default",
+            "job-for-ev1",
+            "ev1",
+            &outcome,
+            jobico_store::now(),
+        ),
+    };
+    ingress
+        .sink(&message)
+        .await
+        .expect("the ingress keeps an outcome for its sink");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let StatusLookup::Found(status) = ingress
+            .status("default", Some("ev1"), "ok-1")
+            .await
+            .unwrap()
+        else {
+            panic!("no record of ok-1");
+        };
+        if status
+            .sink
+            .as_ref()
+            .is_some_and(|s| s.delivered_at.is_some())
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never delivered: {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(receiver.received().len(), 1);
+    delivering.cancel();
+    deliverer.await.unwrap().unwrap();
+
     assert_eq!(
         violations(&server),
         Vec::<String>::new(),

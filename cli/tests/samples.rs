@@ -19,6 +19,7 @@ fn sample_modules_match_their_sources_and_config_maps() {
         ("printenv", "job-for-ev3"),
         ("order", "job-for-orders"),
         ("echo", "job-for-orders"),
+        ("echo", "job-for-ship"),
     ] {
         let built = wat::parse_file(samples().join(format!("{module}.wat"))).unwrap();
         let committed = std::fs::read(samples().join(format!("{module}.wasm"))).unwrap();
@@ -46,7 +47,7 @@ fn sample_modules_match_their_sources_and_config_maps() {
 fn sample_jobs_are_valid() {
     let mut manifest = Manifest::default();
     manifest.read_path(&samples()).unwrap();
-    assert_eq!(manifest.jobs.len(), 4);
+    assert_eq!(manifest.jobs.len(), 5);
     for job in &manifest.jobs {
         jobico_model::validate_job(job).unwrap();
     }

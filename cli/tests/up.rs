@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Up, repo, runs};
+use common::{Receiver, Up, repo, runs, sink_sample};
 use serde_json::json;
 
 #[test]
@@ -331,4 +331,44 @@ fn routes_chain_events_through_the_in_memory_queue() {
         3,
         "two orders and one invoice ran: {lines:?}"
     );
+}
+
+#[test]
+fn outcomes_reach_a_sink_as_cloud_events_retried_until_taken() {
+    let receiver = Receiver::start(&[503]);
+    let dir = tempfile::tempdir().unwrap();
+    sink_sample(dir.path(), &receiver.url);
+    let mut up = Up::start(&repo(), &["--manifests", dir.path().to_str().unwrap()]);
+    let (status, body) = up.put("/execute/default/ship", r#"{"item":"book","to":"Ada"}"#);
+    assert_eq!(status, 202, "{body}");
+    let id = body["ids"][0].as_str().unwrap().to_owned();
+    let tag = format!("[default/ship {id}] sink:");
+    let failed = up.wait_for(|l| l.starts_with(&tag) && l.contains("attempt 1"));
+    assert_eq!(
+        failed,
+        format!(
+            "{tag} attempt 1 to {} failed: the receiver answered 503 Service Unavailable; retrying",
+            receiver.url
+        )
+    );
+    let delivered = up.wait_for(|l| l.starts_with(&tag) && l.contains("delivered"));
+    assert_eq!(
+        delivered,
+        format!("{tag} delivered to {} (attempt 2)", receiver.url)
+    );
+    let received = receiver.received();
+    assert_eq!(received.len(), 2);
+    let (content_type, event) = &received[1];
+    assert_eq!(content_type, "application/cloudevents+json");
+    assert_eq!(event["type"], "dev.coeux.jobico.ship.succeeded");
+    assert_eq!(event["id"], id.as_str());
+    assert_eq!(
+        event["source"],
+        "/apis/jobico.coeux.dev/v1/namespaces/default/jobs/job-for-ship"
+    );
+    assert_eq!(
+        event["data"],
+        serde_json::json!({"item": "book", "to": "Ada"})
+    );
+    assert!(up.stop().0.success());
 }

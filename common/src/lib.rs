@@ -11,6 +11,7 @@ pub mod envelope;
 pub mod executor;
 pub mod id;
 pub mod shutdown;
+pub mod sink;
 pub mod state;
 pub mod subject;
 pub mod summary;

@@ -69,6 +69,9 @@ pub struct EventStatus {
     /// dead-lettered under its id instead).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub route_failures: Vec<RouteFailure>,
+    /// Delivering the outcome to the event's sink, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink: Option<crate::sink::SinkStatus>,
 }
 
 /// An event of the same namespace, named by type and id.
@@ -113,11 +116,13 @@ impl EventStatus {
             parent: None,
             children: Vec::new(),
             route_failures: Vec::new(),
+            sink: None,
         }
     }
 
     /// Takes from `stored` what this newer record of the same event leaves empty: the Job
-    /// that ran it and the chain around it, so no state written later loses them.
+    /// that ran it, the chain around it and its sink delivery, so no state written later
+    /// loses them.
     pub fn inherit(&mut self, stored: &EventStatus) {
         if self.job.is_none() {
             self.job.clone_from(&stored.job);
@@ -134,6 +139,13 @@ impl EventStatus {
             if !self.route_failures.iter().any(|f| f.id == failure.id) {
                 self.route_failures.push(failure.clone());
             }
+        }
+        match (&self.sink, &stored.sink) {
+            (None, Some(_)) => self.sink.clone_from(&stored.sink),
+            (Some(mine), Some(theirs)) if theirs.supersedes(mine) => {
+                self.sink = Some(theirs.clone());
+            }
+            _ => {}
         }
     }
 }
@@ -173,6 +185,7 @@ mod tests {
             parent: None,
             children: vec![],
             route_failures: vec![],
+            sink: None,
         };
         let text = serde_json::to_string(&status).unwrap();
         assert_eq!(

@@ -18,6 +18,7 @@ use crate::kubernetes::KubeBackend;
 use crate::leader::{Elector, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::render::{Renderer, ResultsConfig, TemplateChecker};
+use crate::sinks::{self, SinkArgs, SinkClient, SinkPolicy};
 use crate::tracker;
 use crate::trust::Signer;
 
@@ -87,6 +88,9 @@ pub struct Args {
     /// 3.4 MB module compiles to about 35 MB).
     #[arg(long, env = "JOBICO_ARTIFACT_STORE_BYTES", default_value_t = DEFAULT_ARTIFACT_STORE_BYTES)]
     pub artifact_store_bytes: i64,
+    /// Delivering outcomes to the events' sinks.
+    #[command(flatten)]
+    pub sinks: SinkArgs,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -136,8 +140,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
-    let client = kube::Client::try_default()
+    let kube_config = kube::Config::infer()
         .await
+        .context("loading the kubeconfig or in-cluster configuration")?;
+    let kube_api = kube_config.cluster_url.to_string();
+    let client = kube::Client::try_from(kube_config)
         .context("loading the kubeconfig or in-cluster configuration")?;
     controller::check_crd(&client).await?;
     let nats = nats_auth
@@ -242,6 +249,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         },
         work.clone(),
     ));
+    // Sinks never reach the services this process holds credentials for.
+    let mut own_services: Vec<String> = args.nats.split(',').map(str::to_owned).collect();
+    own_services.push(kube_api);
+    let policy = SinkPolicy {
+        allow_loopback: false,
+        denied: args.sinks.sink_deny_cidr.clone(),
+    }
+    .denying_hosts_of(&own_services)
+    .await;
+    let sink_settings = args.sinks.settings();
+    let mut sinks = tokio::spawn(sinks::run(
+        dispatcher.js.clone(),
+        dispatcher.states.clone(),
+        SinkClient::new(policy, sink_settings.timeout),
+        sink_settings,
+        args.streams.settings(),
+        work.clone(),
+    ));
     let counters = tokio::spawn(controller::flush_counters(
         client.clone(),
         dispatcher.counters.clone(),
@@ -260,6 +285,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // On SIGTERM these end too (their token is a child of `shutdown`): not a failure.
         _ = &mut tracker => (!shutdown.is_cancelled()).then_some("the state tracker stopped"),
         _ = &mut controller => (!shutdown.is_cancelled()).then_some("the controller stopped"),
+        stopped = &mut sinks => {
+            if let Ok(Err(error)) = &stopped {
+                tracing::error!(error = format!("{error:#}"), "the sink deliverer stopped");
+            }
+            (!shutdown.is_cancelled()).then_some("the sink deliverer stopped")
+        }
     };
     work.cancel();
     // Drain: in-flight batches finish and are acked before the process ends.
@@ -268,6 +299,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         if !task.is_finished() {
             let _ = task.await;
         }
+    }
+    if !sinks.is_finished() {
+        let _ = sinks.await;
     }
     metrics.leader.set(0);
     if let Some(failure) = failure {

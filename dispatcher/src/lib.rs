@@ -10,6 +10,7 @@
 //! - [`state`]: event state records in the NATS KV bucket.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the admin port.
 //! - [`controller`]: the Job resource controller; [`tracker`]: Job and pod watches for states.
+//! - [`sinks`]: delivering outcomes to the events' sinks as CloudEvents.
 //! - [`leader`]: Lease-based leader election; [`app`]: the binary's wiring.
 
 pub mod admin;
@@ -27,6 +28,7 @@ pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod render;
+pub mod sinks;
 pub mod state;
 pub mod template;
 pub mod tracker;

@@ -83,11 +83,12 @@ pub enum RenderError {
     /// The output breaks the pod policy.
     #[error("rendered Job breaks the pod policy: {}", policy::describe(.0))]
     Policy(Vec<Violation>),
-    /// The event has `then` routes, and this dispatcher has nowhere to send their outcomes.
+    /// The event has `then` routes or a `sink`, and this dispatcher has nowhere to send its
+    /// outcomes.
     #[error(
-        "event {0:?} has `then` routes, which this dispatcher cannot follow: start it with --results-url and --results-key-file (see deploy/README.md)"
+        "event {0:?} has `then` routes or a `sink`, which need its outcomes: start the dispatcher with --results-url and --results-key-file (see deploy/README.md)"
     )]
-    RoutesNeedResults(String),
+    OutcomesNeedResults(String),
 }
 
 impl RenderError {
@@ -100,7 +101,7 @@ impl RenderError {
                 | Self::Parse(_)
                 | Self::Identity { .. }
                 | Self::Policy(_)
-                | Self::RoutesNeedResults(_)
+                | Self::OutcomesNeedResults(_)
         )
     }
 }
@@ -551,10 +552,10 @@ fn set_results(
             env.retain(|var| !ours(&var.name));
         }
     }
-    if spec.then.is_empty() {
+    if !spec.hands_on_outcomes() {
         return Ok(());
     }
-    let results = results.ok_or_else(|| RenderError::RoutesNeedResults(spec.name.clone()))?;
+    let results = results.ok_or_else(|| RenderError::OutcomesNeedResults(spec.name.clone()))?;
     let namespace = batch.namespace();
     let url = format!("{}/results/{namespace}/{}", results.base_url, batch.event);
     let token = results_token(&results.key, namespace, &batch.event, &batch.ids());

@@ -347,7 +347,7 @@ fn an_event_with_routes_tells_its_executor_where_to_post_with_a_token_for_its_ba
     let unconfigured = Renderer::new(IMAGE).render(&batch(&owner, &ids), None);
     let error = unconfigured.unwrap_err();
     assert!(
-        matches!(error, RenderError::RoutesNeedResults(_)),
+        matches!(error, RenderError::OutcomesNeedResults(_)),
         "{error}"
     );
     assert!(error.is_template_fault());
@@ -396,4 +396,22 @@ fn an_event_with_routes_tells_its_executor_where_to_post_with_a_token_for_its_ba
         .clone()
         .unwrap();
     assert!(env.iter().all(|v| !v.name.starts_with("JOBICO_RESULTS_")));
+    // An event with a sink and no routes posts its outcomes too (the ingress keeps them for
+    // the sink), and is held without a results configuration.
+    let mut sinking = (*sample("ev1.yaml")).clone();
+    sinking.spec.events[0].sink = Some(jobico_model::Sink {
+        url: "http://receiver.apps.svc/events".into(),
+    });
+    let sinking = std::sync::Arc::new(sinking);
+    assert!(matches!(
+        Renderer::new(IMAGE).render(&batch(&sinking, &ids), None),
+        Err(RenderError::OutcomesNeedResults(_))
+    ));
+    let job = renderer.render(&batch(&sinking, &ids), None).unwrap();
+    let env = job.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    assert!(env.iter().any(|v| v.name == RESULTS_URL_VAR));
+    assert!(env.iter().any(|v| v.name == RESULTS_TOKEN_VAR));
 }

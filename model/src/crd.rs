@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::env::{EnvFromSource, EnvVar};
 pub use crate::routes::Route;
+pub use crate::sink::Sink;
 
 /// Pattern for event names: alphanumeric, 1 to 10 characters (JobicoK8S's documented rule).
 pub const EVENT_NAME_PATTERN: &str = "^[A-Za-z0-9]{1,10}$";
@@ -133,6 +134,9 @@ pub struct EventSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub then: Vec<Route>,
+    /// Where each outcome of this event is POSTed as a CloudEvent, retried until it is taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink: Option<Sink>,
 }
 
 /// Reference to a JSON Schema in a ConfigMap, the shape of a `ConfigMapKeySelector`.

@@ -38,6 +38,12 @@ pub struct EffectiveBatch {
 }
 
 impl EventSpec {
+    /// Whether something follows this event's outcomes (`then` routes or a `sink`), so its
+    /// executor keeps the result and hands the outcomes on.
+    pub fn hands_on_outcomes(&self) -> bool {
+        !self.then.is_empty() || self.sink.is_some()
+    }
+
     /// Where the module comes from: `wasm: sha256:<hex>` is an uploaded module, anything else
     /// a ConfigMap key. `None` for a `sha256:` value that is not a digest (validation refuses
     /// it).
@@ -85,6 +91,7 @@ mod tests {
             env: vec![],
             env_from: vec![],
             then: vec![],
+            sink: None,
         };
         assert_eq!(
             spec.effective_batch(),

@@ -10,6 +10,7 @@ pub mod effective;
 pub mod env;
 pub mod manifest;
 pub mod routes;
+pub mod sink;
 pub mod validate;
 
 pub use crd::{
@@ -20,4 +21,5 @@ pub use effective::{EffectiveBatch, ModuleRef, UPLOADED_MODULE_PREFIX};
 pub use env::{SECRET_GRANT_LABEL, SourceKind};
 pub use manifest::{Manifest, ManifestError};
 pub use routes::{Route, RouteWhen};
+pub use sink::Sink;
 pub use validate::{InvalidJob, MAX_NAME_LEN, validate_job};

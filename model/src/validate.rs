@@ -256,6 +256,13 @@ pub fn validate_job(job: &Job) -> Result<(), InvalidJob> {
         }
         problems.extend(env_problems(&at, event));
         problems.extend(route_problems(&at, event));
+        if let Some(sink) = &event.sink {
+            problems.extend(
+                sink.problems()
+                    .into_iter()
+                    .map(|problem| format!("{at}.sink.url: {problem}")),
+            );
+        }
     }
     // Cycles within this resource; those across resources of a namespace are found where
     // they meet (the catalog, the dispatcher's consumers) with the same `routes::cycles`.
@@ -296,6 +303,7 @@ mod tests {
             env: vec![],
             env_from: vec![],
             then: vec![],
+            sink: None,
         }
     }
 
@@ -434,6 +442,25 @@ mod tests {
         for (problem, prefix) in err.problems.iter().zip(expected) {
             assert!(problem.starts_with(prefix), "{problem:?} vs {prefix:?}");
         }
+    }
+
+    #[test]
+    fn sinks_are_checked_with_the_resource() {
+        let mut ship = event("ship");
+        ship.sink = Some(crate::Sink {
+            url: "https://hooks.example.com/jobico".into(),
+        });
+        assert_eq!(validate_job(&job(vec![ship.clone()])), Ok(()));
+        ship.sink = Some(crate::Sink {
+            url: "gopher://example.com/".into(),
+        });
+        let problems = validate_job(&job(vec![ship])).unwrap_err().problems;
+        assert_eq!(
+            problems,
+            [
+                "spec.events[0].sink.url: \"gopher://example.com/\" must be an http:// or https:// URL, not gopher://"
+            ]
+        );
     }
 
     #[test]

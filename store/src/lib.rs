@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use futures::TryStreamExt;
+use jobico_common::sink::SinkStatus;
 use jobico_common::subject::{STATE_BUCKET, state_key, state_key_filter};
 use jobico_common::{EventState, EventStatus};
 
@@ -340,31 +341,69 @@ impl StateStore {
     /// of `links`' event, keeping its state; creates an `accepted` record with them when there
     /// is none yet (a routed event written before its claim). Returns whether it wrote.
     pub async fn link(&self, links: &EventStatus) -> Result<bool, StateError> {
-        let key = state_key(&links.namespace, &links.event, &links.id);
+        self.amend(&links.namespace, &links.event, &links.id, |current| {
+            let mut next = match current {
+                Some(current) if !adds_links(current, links) => return None,
+                Some(current) => current.clone(),
+                None => status(
+                    &links.namespace,
+                    &links.event,
+                    &links.id,
+                    EventState::Accepted,
+                ),
+            };
+            next.inherit(links);
+            Some(next)
+        })
+        .await
+    }
+
+    /// Records `sink`, how delivering event `id`'s outcome to its sink went, on its record,
+    /// keeping the state, unless the record already says more (a later attempt, delivered);
+    /// creates an `accepted` record when there is none yet. Returns whether it wrote.
+    pub async fn record_sink(
+        &self,
+        namespace: &str,
+        event: &str,
+        id: &str,
+        sink: &SinkStatus,
+    ) -> Result<bool, StateError> {
+        self.amend(namespace, event, id, |current| {
+            let mut next = match current {
+                Some(current) => {
+                    if current.sink.as_ref().is_some_and(|s| !sink.supersedes(s)) {
+                        return None;
+                    }
+                    current.clone()
+                }
+                None => status(namespace, event, id, EventState::Accepted),
+            };
+            next.sink = Some(sink.clone());
+            Some(next)
+        })
+        .await
+    }
+
+    /// Writes `change(current)` over event `id`'s record, keeping whatever else was written
+    /// in between (read again and decided again on a race); `None` from `change` writes
+    /// nothing. Returns whether it wrote.
+    async fn amend(
+        &self,
+        namespace: &str,
+        event: &str,
+        id: &str,
+        change: impl Fn(Option<&EventStatus>) -> Option<EventStatus>,
+    ) -> Result<bool, StateError> {
+        let key = state_key(namespace, event, id);
         for _ in 0..CAS_ATTEMPTS {
             let (entry, current) = self.read(&key).await?;
-            let next = match &current {
-                Some(current) if !adds_links(current, links) => return Ok(false),
-                Some(current) => {
-                    let mut next = current.clone();
-                    next.inherit(links);
-                    next
-                }
-                None => {
-                    let mut next = status(
-                        &links.namespace,
-                        &links.event,
-                        &links.id,
-                        EventState::Accepted,
-                    );
-                    next.inherit(links);
-                    next
-                }
+            let Some(next) = change(current.as_ref()) else {
+                return Ok(false);
             };
             match self.write_at(&key, entry.as_ref(), &next).await {
                 Ok(_) => return Ok(true),
                 Err(WriteError::Raced(message)) => {
-                    tracing::debug!(key, message, "state link raced, retrying")
+                    tracing::debug!(key, message, "state amendment raced, retrying")
                 }
                 Err(WriteError::Failed(message)) => return Err(StateError { key, message }),
             }

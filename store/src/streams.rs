@@ -16,6 +16,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
+use jobico_common::sink::{SINK_STREAM, SINK_SUBJECTS};
 use jobico_common::subject::{LEGACY_STREAM, stream_name, stream_subjects};
 
 /// Retention of the event streams.
@@ -179,12 +180,48 @@ pub async fn ensure(
     namespace: &str,
     settings: &StreamSettings,
 ) -> Result<stream::Stream, StreamError> {
-    let name = stream_name(namespace);
+    ensure_config(js, settings.config(namespace)).await
+}
+
+/// The sink outbox ([`SINK_STREAM`]): the CloudEvents not yet delivered, one per event
+/// (deduplicated by its id), removed once delivered (work queue). Its limits are one
+/// namespace's, so a receiver that is down for hours fills it, and its outcomes are then
+/// refused (retried by their executors) rather than crowding out the event streams.
+pub fn sink_outbox_config(settings: &StreamSettings) -> stream::Config {
+    stream::Config {
+        name: SINK_STREAM.to_owned(),
+        subjects: vec![SINK_SUBJECTS.to_owned()],
+        description: Some("Jobico outcomes waiting for delivery to their sinks".to_owned()),
+        retention: stream::RetentionPolicy::WorkQueue,
+        discard: stream::DiscardPolicy::New,
+        max_bytes: settings.max_bytes,
+        max_messages: settings.max_messages,
+        max_message_size: settings.max_message_size,
+        duplicate_window: settings.duplicate_window,
+        num_replicas: settings.replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// Creates the sink outbox, or brings it to `settings`, like [`ensure`].
+pub async fn ensure_sink_outbox(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<stream::Stream, StreamError> {
+    ensure_config(js, sink_outbox_config(settings)).await
+}
+
+/// Creates the stream `wanted` describes, or brings an existing one to it.
+async fn ensure_config(
+    js: &jetstream::Context,
+    wanted: stream::Config,
+) -> Result<stream::Stream, StreamError> {
+    let name = wanted.name.clone();
     let nats = |e: &dyn std::fmt::Display| StreamError::Nats {
         stream: name.clone(),
         message: e.to_string(),
     };
-    let wanted = settings.config(namespace);
     let mut attempt = 1;
     let mut existing = loop {
         match js.get_stream(&name).await {

@@ -271,3 +271,64 @@ pub fn runs(lines: &[String]) -> Vec<&String> {
         .filter(|l| l.contains("succeeded in") || l.contains("failed ("))
         .collect()
 }
+
+/// An HTTP receiver for sinks on a free loopback port: answers each POST with the next status
+/// of its script (then 200), and keeps each request's content type and JSON body.
+pub struct Receiver {
+    /// `http://127.0.0.1:<port>/events`.
+    pub url: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>,
+}
+
+impl Receiver {
+    pub fn start(script: &[u16]) -> Self {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let received = std::sync::Arc::<std::sync::Mutex<Vec<(String, Value)>>>::default();
+        let kept = received.clone();
+        let mut script: std::collections::VecDeque<u16> = script.iter().copied().collect();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let (mut length, mut content_type) = (0, String::new());
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(value) = lower.strip_prefix("content-length:") {
+                        length = value.trim().parse().unwrap();
+                    } else if let Some(value) = lower.strip_prefix("content-type:") {
+                        content_type = value.trim().to_owned();
+                    }
+                    line.clear();
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                kept.lock().unwrap().push((
+                    content_type,
+                    serde_json::from_slice(&body).unwrap_or(Value::Null),
+                ));
+                let status = script.pop_front().unwrap_or(200);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} Scripted\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+            }
+        });
+        Self { url, received }
+    }
+
+    /// What it was sent so far.
+    pub fn received(&self) -> Vec<(String, Value)> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// `samples/sink.yaml` with its sink pointed at `url`, written into `dir`.
+pub fn sink_sample(dir: &Path, url: &str) {
+    let sample = std::fs::read_to_string(repo().join("samples/sink.yaml")).unwrap();
+    let pointed = sample.replace("http://127.0.0.1:9900/jobico", url);
+    assert_ne!(pointed, sample, "samples/sink.yaml names its receiver");
+    std::fs::write(dir.join("sink.yaml"), pointed).unwrap();
+}

@@ -1,0 +1,302 @@
+//! Sinks against a real nats-server and a real HTTP receiver: the ingress's router keeps an
+//! outcome in the outbox, the dispatcher's deliverer POSTs it as a CloudEvent until the
+//! receiver takes it, and the event's state record shows every attempt.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use jobico_apiserver::chain::Router;
+use jobico_apiserver::jetstream::{JetStreamPublisher, PublishSettings};
+use jobico_apiserver::{Catalog, Metrics, catalog};
+use jobico_common::sink::{SINK_STREAM, SinkStatus};
+use jobico_common::summary::{EventOutcome, Status};
+use jobico_dispatcher::sinks::{self, SinkClient, SinkPolicy, SinkSettings};
+use jobico_model::Manifest;
+use jobico_store::{BucketSettings, NatsAuth, StateStore, StreamSettings};
+use jobico_testkit::NatsServer;
+use tokio_util::sync::CancellationToken;
+
+/// What the receiver was sent: content type and body of each POST.
+type Received = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// An HTTP receiver on a free loopback port answering each POST with the next status of
+/// `answers` (then 200 for ever).
+async fn receiver(answers: Vec<u16>) -> (SocketAddr, Received) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let received: Received = Arc::default();
+    let answers = Arc::new(Mutex::new(VecDeque::from(answers)));
+    let kept = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (kept, answers) = (kept.clone(), answers.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: hyper::Request<hyper::body::Incoming>| {
+                        let (kept, answers) = (kept.clone(), answers.clone());
+                        async move {
+                            let content_type = request
+                                .headers()
+                                .get("content-type")
+                                .map(|v| v.to_str().unwrap().to_owned())
+                                .unwrap_or_default();
+                            let body = match request.into_body().collect().await {
+                                Ok(body) => body.to_bytes(),
+                                Err(_) => Bytes::new(),
+                            };
+                            let body =
+                                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                            kept.lock().unwrap().push((content_type, body));
+                            let status = answers.lock().unwrap().pop_front().unwrap_or(200);
+                            let response = hyper::Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from_static(b"not now")))
+                                .unwrap();
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    },
+                );
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    (address, received)
+}
+
+fn manifest(url: &str) -> String {
+    format!(
+        r#"
+apiVersion: jobico.coeux.dev/v1
+kind: Job
+metadata: {{name: orders, namespace: shop}}
+spec:
+  events:
+    - {{name: order, wasm: m.wasm, schema: {{key: any, optional: true}}, sink: {{url: "{url}"}}}}
+"#
+    )
+}
+
+fn outcome(id: &str, status: Status, result: Option<&str>) -> EventOutcome {
+    EventOutcome {
+        id: id.into(),
+        status,
+        exit_code: Some(if status == Status::Succeeded { 0 } else { 3 }),
+        error: (status == Status::Failed).then_some(jobico_common::summary::ErrorKind::Exit),
+        message: (status == Status::Failed).then(|| "exit code 3".into()),
+        warning: None,
+        duration: Duration::ZERO,
+        output_bytes: 0,
+        output_truncated: false,
+        result: result.map(str::to_owned),
+    }
+}
+
+const FAST: SinkSettings = SinkSettings {
+    concurrency: 4,
+    max_attempts: 3,
+    timeout: Duration::from_secs(5),
+    first_backoff: Duration::from_millis(50),
+    max_backoff: Duration::from_millis(200),
+};
+
+/// The ingress's router and publisher for `url`'s sink, a deliverer under `policy`, and the
+/// state store, all on one nats-server.
+struct Setup {
+    _nats: NatsServer,
+    router: Router,
+    context: jetstream::Context,
+    states: StateStore,
+    shutdown: CancellationToken,
+    deliverer: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn setup(url: &str, policy: SinkPolicy) -> Setup {
+    let nats = NatsServer::start();
+    let publisher = JetStreamPublisher::connect(
+        &nats.url(),
+        &NatsAuth::default(),
+        PublishSettings::default(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let context = publisher.context().clone();
+    let states = StateStore::open(&context, &BucketSettings::default())
+        .await
+        .unwrap();
+    let mut parsed = Manifest::default();
+    parsed
+        .read_str(Path::new("m.yaml"), &manifest(url))
+        .unwrap();
+    let (events, problems) = catalog::from_manifest(&parsed);
+    assert!(problems.is_empty(), "{problems:?}");
+    let catalog = Arc::new(Catalog::new());
+    catalog.replace(events);
+    let shutdown = CancellationToken::new();
+    let deliverer = tokio::spawn(sinks::run(
+        context.clone(),
+        states.clone(),
+        SinkClient::new(policy, FAST.timeout),
+        FAST,
+        StreamSettings::default(),
+        shutdown.clone(),
+    ));
+    // The dispatcher creates the outbox; the ingress only publishes to it.
+    for _ in 0..100 {
+        if context.get_stream(SINK_STREAM).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Setup {
+        _nats: nats,
+        router: Router::new(catalog, Arc::new(publisher)),
+        context,
+        states,
+        shutdown,
+        deliverer,
+    }
+}
+
+impl Setup {
+    /// The sink record of event `id` once `done` holds for it.
+    async fn sink_record(&self, id: &str, done: impl Fn(&SinkStatus) -> bool) -> SinkStatus {
+        for _ in 0..500 {
+            if let Some(sink) = self
+                .states
+                .get("shop", "order", id)
+                .await
+                .unwrap()
+                .and_then(|s| s.sink)
+                .filter(|s| done(s))
+            {
+                return sink;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no finished sink record for {id}");
+    }
+
+    async fn outbox(&self) -> (u64, u64) {
+        let mut stream = self.context.get_stream(SINK_STREAM).await.unwrap();
+        let messages = stream.info().await.unwrap().state.messages;
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer(sinks::SINK_CONSUMER).await.unwrap();
+        let delivered = consumer.info().await.unwrap().delivered.stream_sequence;
+        (messages, delivered)
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.deliverer.await.unwrap().unwrap();
+    }
+}
+
+fn local() -> SinkPolicy {
+    SinkPolicy {
+        allow_loopback: true,
+        denied: vec![],
+    }
+}
+
+#[tokio::test]
+async fn an_outcome_is_retried_until_taken_then_recorded_and_never_delivered_twice() {
+    let (address, received) = receiver(vec![503, 500]).await;
+    let url = format!("http://{address}/events");
+    let setup = setup(&url, local()).await;
+    let done = outcome("o1", Status::Succeeded, Some("{\"total\": 12}"));
+    let routed = setup.router.follow("shop", "order", &done).await.unwrap();
+    assert_eq!(routed.sink.as_deref(), Some(url.as_str()));
+
+    let sink = setup.sink_record("o1", |s| s.delivered_at.is_some()).await;
+    assert_eq!(sink.url, url);
+    assert_eq!(sink.attempts, 3, "{sink:?}");
+    assert_eq!(sink.last_error, None);
+    assert!(!sink.gave_up);
+    let posts = received.lock().unwrap().clone();
+    assert_eq!(posts.len(), 3);
+    let (content_type, cloud_event) = &posts[2];
+    assert_eq!(content_type, "application/cloudevents+json");
+    assert_eq!(cloud_event["specversion"], "1.0");
+    assert_eq!(cloud_event["id"], "o1");
+    assert_eq!(cloud_event["subject"], "o1");
+    assert_eq!(cloud_event["type"], "dev.coeux.jobico.order.succeeded");
+    assert_eq!(
+        cloud_event["source"],
+        "/apis/jobico.coeux.dev/v1/namespaces/shop/jobs/orders"
+    );
+    assert_eq!(cloud_event["data"], serde_json::json!({"total": 12}));
+    // Every attempt sent the same CloudEvent, so the receiver can drop repeats by id.
+    assert!(posts.iter().all(|(_, body)| body == cloud_event));
+
+    // The same outcome reported again (a re-run, a retried results post) is kept once: the
+    // outbox holds nothing new and the consumer delivers nothing more.
+    let (messages, delivered) = setup.outbox().await;
+    assert_eq!(messages, 0, "delivered outcomes leave the outbox");
+    setup.router.follow("shop", "order", &done).await.unwrap();
+    assert_eq!(setup.outbox().await, (0, delivered));
+
+    // A failure goes out as `…failed` with the error object a failed route gets.
+    let failed = outcome("o2", Status::Failed, None);
+    setup.router.follow("shop", "order", &failed).await.unwrap();
+    let sink = setup.sink_record("o2", |s| s.delivered_at.is_some()).await;
+    assert_eq!(sink.attempts, 1);
+    let posts = received.lock().unwrap().clone();
+    let (_, cloud_event) = posts.last().unwrap();
+    assert_eq!(cloud_event["type"], "dev.coeux.jobico.order.failed");
+    assert_eq!(cloud_event["data"]["error"], "exit");
+    assert_eq!(cloud_event["data"]["exitCode"], 3);
+    setup.stop().await;
+}
+
+#[tokio::test]
+async fn a_receiver_that_keeps_refusing_is_given_up_after_the_attempts_saying_why() {
+    let (address, received) = receiver(vec![500; 10]).await;
+    let setup = setup(&format!("http://{address}/"), local()).await;
+    let done = outcome("o3", Status::Succeeded, Some("plain text"));
+    setup.router.follow("shop", "order", &done).await.unwrap();
+    let sink = setup.sink_record("o3", |s| s.gave_up).await;
+    assert_eq!(sink.attempts, FAST.max_attempts);
+    assert_eq!(sink.delivered_at, None);
+    assert_eq!(
+        sink.last_error.as_deref(),
+        Some("the receiver answered 500 Internal Server Error: not now")
+    );
+    assert_eq!(received.lock().unwrap().len(), 3);
+    // A result that is not JSON goes out as a string.
+    assert_eq!(received.lock().unwrap()[0].1["data"], "plain text");
+    // Given up is final: it left the outbox.
+    assert_eq!(setup.outbox().await.0, 0);
+    setup.stop().await;
+}
+
+#[tokio::test]
+async fn a_sink_on_an_address_the_policy_refuses_is_never_contacted() {
+    let (address, received) = receiver(vec![]).await;
+    // A name resolving to loopback, as a tenant would write it to reach the node's services.
+    let setup = setup(
+        &format!("http://localhost:{}/", address.port()),
+        SinkPolicy::default(),
+    )
+    .await;
+    let done = outcome("o4", Status::Succeeded, Some("{}"));
+    setup.router.follow("shop", "order", &done).await.unwrap();
+    let sink = setup.sink_record("o4", |s| s.gave_up).await;
+    let error = sink.last_error.unwrap();
+    assert!(
+        error.contains("resolves to no address sinks may reach") && error.contains("loopback"),
+        "{error}"
+    );
+    assert!(received.lock().unwrap().is_empty());
+    setup.stop().await;
+}
