@@ -419,6 +419,24 @@ fn only_the_ingress_and_the_dispatcher_reach_nats_and_executors_reach_only_the_a
                 .any(|r| r.from.is_none() && ports(r.ports.as_ref()) == [http_port])
     }));
 
+    // The dispatcher reaches the ingress's HTTP port (the outcomes of failed Jobs of events
+    // with routes or a sink go to its results endpoint).
+    assert!(
+        system.iter().any(|p| {
+            let spec = p.spec.as_ref().unwrap();
+            selects(spec.pod_selector.as_ref().unwrap(), &dispatcher)
+                && spec.egress.iter().flatten().any(|r| {
+                    ports(r.ports.as_ref()) == [http_port]
+                        && r.to.iter().flatten().any(|peer| {
+                            peer.pod_selector
+                                .as_ref()
+                                .is_some_and(|s| selects(s, &apiserver))
+                        })
+                })
+        }),
+        "the dispatcher cannot reach the ingress's results endpoint"
+    );
+
     // Executor pods: the tenant policy (no namespace: applied in each tenant namespace)
     // selects the pods the dispatcher's Jobs make and allows them no egress.
     let tenant: Vec<&NetworkPolicy> = policies

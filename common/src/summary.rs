@@ -71,11 +71,14 @@ pub enum ErrorKind {
     Abi,
     /// The host failed (a granted directory could not be opened, instantiation failed).
     Host,
+    /// The Kubernetes Job failed (its deadline, every pod retry a host failure, an evicted or
+    /// killed pod) before the executor reported the event: final, reported by the dispatcher.
+    Job,
 }
 
 impl ErrorKind {
     /// Every kind, for tables and tests.
-    pub const ALL: [ErrorKind; 8] = [
+    pub const ALL: [ErrorKind; 9] = [
         Self::Exit,
         Self::Trap,
         Self::Deadline,
@@ -84,6 +87,7 @@ impl ErrorKind {
         Self::GuestError,
         Self::Abi,
         Self::Host,
+        Self::Job,
     ];
 
     /// The kind's name as it appears in JSON (`trap`, `guest-error`, ...).
@@ -97,6 +101,7 @@ impl ErrorKind {
             Self::GuestError => "guest-error",
             Self::Abi => "abi",
             Self::Host => "host",
+            Self::Job => "job",
         }
     }
 
@@ -311,7 +316,7 @@ pub enum Ending {
     /// `s`.
     Succeeded,
     /// The kind's letter: `x` exit, `t` trap, `d` deadline, `m` memory, `f` fuel,
-    /// `g` guest-error, `a` abi, `h` host.
+    /// `g` guest-error, `a` abi, `h` host, `j` job.
     Failed(ErrorKind),
 }
 
@@ -329,6 +334,7 @@ impl Ending {
                 ErrorKind::GuestError => 'g',
                 ErrorKind::Abi => 'a',
                 ErrorKind::Host => 'h',
+                ErrorKind::Job => 'j',
             },
         }
     }

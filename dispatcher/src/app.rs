@@ -246,6 +246,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             signer: backend.signer().clone(),
             image: args.exec_image.clone(),
+            results: results.clone(),
         },
         work.clone(),
     ));

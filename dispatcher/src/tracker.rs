@@ -7,6 +7,10 @@
 //! gone during a watch gap (seen by comparing a relist with the Jobs known to run), fails its
 //! events that have no outcome yet, with the reason; the active counts are re-derived from
 //! every relist. Only signed Jobs and their executor pods are believed ([`crate::trust`]).
+//!
+//! A failed Job of an event whose outcomes are handed on (`then` routes, a `sink`) reports the
+//! events no pod decided to the ingress as `job` failures before recording them, so their
+//! `failed` routes and their sinks hear of them ([`Tracker::report_job_failure`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -22,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{job_name, keys};
 use crate::kubernetes::ActiveJobs;
 use crate::metrics::Metrics;
+use crate::render::ResultsConfig;
 use crate::state::{self, Advanced, Counters, StateStore};
 use crate::trust::Signer;
 
@@ -209,6 +214,11 @@ struct Tracker {
     known: Mutex<HashMap<String, (Origin, bool)>>,
     /// State writes that failed, by state key, to be tried again.
     retries: Mutex<HashMap<String, (Origin, EventStatus)>>,
+    /// Where the outcomes of failed Jobs go, for events whose outcomes are handed on.
+    results: Option<(ResultsConfig, reqwest::Client)>,
+    /// Failed (or deleted, when `true`) Jobs whose outcomes could not be posted yet, by uid:
+    /// tried again before their events are recorded `failed`.
+    unreported: Mutex<HashMap<String, (BatchJob, bool)>>,
 }
 
 impl Tracker {
@@ -258,6 +268,108 @@ impl Tracker {
                 .collect();
             for (origin, status) in pending {
                 self.record(&origin, vec![status]).await;
+            }
+            let unreported: Vec<(BatchJob, bool)> = self
+                .unreported
+                .lock()
+                .expect("unreported lock")
+                .drain()
+                .map(|(_, job)| job)
+                .collect();
+            for (job, deleted) in unreported {
+                if deleted {
+                    self.on_job_deleted(&job).await;
+                } else {
+                    self.on_job(&job, None).await;
+                }
+            }
+        }
+    }
+
+    /// For a failed Job of an event whose outcomes are handed on (routes, a sink: its
+    /// executor has the results URL), posts a `job` failure for each of its events no pod
+    /// decided to the ingress's results endpoint, as the executor would have, with a token for
+    /// exactly those ids. Returns whether the events may now be recorded `failed`: posted, or
+    /// nothing to post. Posting before recording means a crash in between posts again on the
+    /// relist (the ingress keeps each routed event and sink outcome once).
+    async fn report_job_failure(
+        &self,
+        job: &BatchJob,
+        origin: &Origin,
+        updates: &[EventStatus],
+    ) -> bool {
+        use jobico_common::chain::{RESULTS_BATCH_HEADER, RESULTS_URL_VAR, results_token};
+        let Some((results, http)) = &self.results else {
+            return true;
+        };
+        let hands_on = job
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .is_some_and(|pod| {
+                pod.containers.iter().any(|c| {
+                    c.env
+                        .iter()
+                        .flatten()
+                        .any(|var| var.name == RESULTS_URL_VAR)
+                })
+            });
+        if !hands_on {
+            return true;
+        }
+        let mut outcomes = Vec::new();
+        for update in updates.iter().filter(|u| u.state == EventState::Failed) {
+            let decided = match self
+                .states
+                .get(&origin.namespace, &origin.event, &update.id)
+                .await
+            {
+                Ok(current) => current.is_some_and(|c| c.state.is_final()),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read an event state, retrying");
+                    return false;
+                }
+            };
+            if !decided {
+                outcomes.push(summary::EventOutcome {
+                    id: update.id.clone(),
+                    status: summary::Status::Failed,
+                    exit_code: None,
+                    error: Some(summary::ErrorKind::Job),
+                    message: update.reason.clone(),
+                    warning: None,
+                    duration: std::time::Duration::ZERO,
+                    output_bytes: 0,
+                    output_truncated: false,
+                    result: None,
+                });
+            }
+        }
+        if outcomes.is_empty() {
+            return true;
+        }
+        let ids: Vec<&str> = outcomes.iter().map(|o| o.id.as_str()).collect();
+        let url = format!(
+            "{}/results/{}/{}",
+            results.base_url, origin.namespace, origin.event
+        );
+        let token = results_token(&results.key, &origin.namespace, &origin.event, &ids);
+        let posted = http
+            .post(&url)
+            .bearer_auth(token)
+            .header(RESULTS_BATCH_HEADER, summary::batch_digest(&ids))
+            .json(&jobico_common::chain::ResultsReport { outcomes })
+            .send()
+            .await;
+        match posted {
+            Ok(response) if response.status().is_success() => true,
+            Ok(response) => {
+                tracing::warn!(job = origin.job, status = %response.status(), "the ingress did not take a failed Job's outcomes, retrying");
+                false
+            }
+            Err(error) => {
+                tracing::warn!(job = origin.job, %error, "cannot post a failed Job's outcomes, retrying");
+                false
             }
         }
     }
@@ -315,6 +427,17 @@ impl Tracker {
             for pod in listed.map(|l| l.items).unwrap_or_default() {
                 self.on_pod(&pod).await;
             }
+            if !self.report_job_failure(job, &origin, &updates).await {
+                // Recorded once reported (the retry loop sees this Job again); it is
+                // finished all the same.
+                self.keep_unreported(&uid, job, false);
+                self.active
+                    .set(&origin.namespace, &origin.event, &origin.job, false);
+                if let Some(seen) = seen {
+                    seen.insert(uid);
+                }
+                return;
+            }
         }
         self.active
             .set(&origin.namespace, &origin.event, &origin.job, !finished);
@@ -344,7 +467,19 @@ impl Tracker {
         } else {
             failed(&origin, "the Kubernetes Job was deleted before it finished")
         };
+        if !self.report_job_failure(job, &origin, &updates).await {
+            self.keep_unreported(&uid, job, true);
+            return;
+        }
         self.record(&origin, updates).await;
+    }
+
+    /// Keeps `job` (deleted or not) for the retry loop to report its failure again.
+    fn keep_unreported(&self, uid: &str, job: &BatchJob, deleted: bool) {
+        let mut unreported = self.unreported.lock().expect("unreported lock");
+        if unreported.len() < MAX_RETRIES {
+            unreported.insert(uid.to_owned(), (job.clone(), deleted));
+        }
     }
 
     /// After a relist: Jobs known to be running that the list no longer has were deleted during
@@ -442,6 +577,9 @@ pub struct TrackerConfig {
     pub signer: Signer,
     /// The executor image (`--exec-image`): pods running another report nothing.
     pub image: String,
+    /// The ingress's results endpoint (`--results-url`, `--results-key-file`): the outcomes of
+    /// failed Jobs of events with routes or a sink are posted there.
+    pub results: Option<ResultsConfig>,
 }
 
 /// Watches the dispatcher's Jobs and pods in every namespace until `shutdown`. The watches
@@ -459,6 +597,15 @@ pub async fn run(client: kube::Client, config: TrackerConfig, shutdown: Cancella
         image: config.image,
         known: Mutex::default(),
         retries: Mutex::default(),
+        results: config.results.map(|results| {
+            let http = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .no_proxy()
+                .build()
+                .expect("the results HTTP client builds");
+            (results, http)
+        }),
+        unreported: Mutex::default(),
     };
     let watch = watcher::Config::default().labels(&selector());
     let jobs = watcher(Api::<BatchJob>::all(client.clone()), watch.clone()).default_backoff();

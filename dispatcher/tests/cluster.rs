@@ -898,6 +898,7 @@ async fn the_tracker_relists_after_a_410_and_records_states() {
             metrics: dispatcher.metrics.clone(),
             signer,
             image: IMAGE.into(),
+            results: None,
         },
         shutdown.clone(),
     ));
@@ -1179,6 +1180,23 @@ async fn tracking(
     ActiveJobs,
     CancellationToken,
 ) {
+    tracking_with(signer, jobs, pods, None, &[]).await
+}
+
+/// [`tracking`] posting failed Jobs' outcomes to `results`, with the events `decided` already
+/// recorded `succeeded` (by their pod) before the tracker starts.
+async fn tracking_with(
+    signer: Signer,
+    jobs: Vec<Vec<Value>>,
+    pods: Vec<Vec<Value>>,
+    results: Option<jobico_dispatcher::render::ResultsConfig>,
+    decided: &[&str],
+) -> (
+    jobico_testkit::NatsServer,
+    Arc<Dispatcher<Nothing>>,
+    ActiveJobs,
+    CancellationToken,
+) {
     let (server, js) = nats().await;
     let dispatcher = Dispatcher::connect(
         js,
@@ -1188,6 +1206,18 @@ async fn tracking(
     )
     .await
     .unwrap();
+    for id in decided {
+        dispatcher
+            .states
+            .advance(jobico_store::status(
+                "default",
+                "ev1",
+                id,
+                EventState::Succeeded,
+            ))
+            .await
+            .unwrap();
+    }
     let (client, api) = verifier();
     serve_watches(api, jobs.into(), pods.into());
     let shutdown = CancellationToken::new();
@@ -1201,10 +1231,86 @@ async fn tracking(
             metrics: dispatcher.metrics.clone(),
             signer,
             image: IMAGE.into(),
+            results,
         },
         shutdown.clone(),
     ));
     (server, dispatcher, active, shutdown)
+}
+
+#[tokio::test]
+async fn a_failed_job_of_an_event_with_routes_reports_its_undecided_events_before_recording_them() {
+    use jobico_common::chain::{RESULTS_BATCH_HEADER, RESULTS_URL_VAR, results_token_valid};
+    let signer = Signer::ephemeral();
+    let mut job = batch_job(
+        Some(&signer),
+        json!([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                "message": "Job was active longer than specified deadline"}]),
+    );
+    // What the dispatcher renders for an event with routes or a sink: the results URL.
+    job["spec"] = json!({"template": {"spec": {"containers": [{"name": "wasm-exec", "image": IMAGE,
+        "env": [{"name": RESULTS_URL_VAR, "value": "http://ingress/results/default/ev1"}]}]}}});
+    let (address, received) = support::receiver(vec![503]).await;
+    let key = b"a results key of at least 32 bytes!".to_vec();
+    let results = jobico_dispatcher::render::ResultsConfig {
+        base_url: format!("http://{address}"),
+        key: key.clone(),
+    };
+    // a1's pod decided it; b2 and c3 only the Job's failure does.
+    let (_server, dispatcher, _active, shutdown) = tracking_with(
+        signer,
+        vec![vec![job]],
+        vec![vec![]],
+        Some(results),
+        &["a1"],
+    )
+    .await;
+    support::eventually(15, "b2 and c3 failed after the post", || async {
+        let mut failed = 0;
+        for id in ["b2", "c3"] {
+            let state = dispatcher.states.get("default", "ev1", id).await.unwrap();
+            failed += usize::from(state.is_some_and(|s| s.state == EventState::Failed));
+        }
+        failed == 2
+    })
+    .await;
+    let posts = received.lock().unwrap().clone();
+    assert_eq!(posts.len(), 2, "refused once (503), then taken: {posts:?}");
+    let (headers, report) = &posts[1];
+    let ids: Vec<&str> = report["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["b2", "c3"], "{report}");
+    assert_eq!(report["outcomes"][0]["status"], "failed");
+    assert_eq!(report["outcomes"][0]["error"], "job");
+    assert_eq!(
+        report["outcomes"][0]["message"],
+        "job failed: DeadlineExceeded: Job was active longer than specified deadline"
+    );
+    // Signed for exactly those ids, as the ingress checks it.
+    let digest = headers[RESULTS_BATCH_HEADER].to_str().unwrap();
+    assert_eq!(digest, jobico_common::summary::batch_digest(&ids));
+    let token = headers["authorization"]
+        .to_str()
+        .unwrap()
+        .strip_prefix("Bearer ")
+        .unwrap();
+    assert!(results_token_valid(&key, "default", "ev1", digest, token));
+    assert_eq!(
+        dispatcher
+            .states
+            .get("default", "ev1", "a1")
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        EventState::Succeeded,
+        "the pod's outcome stands"
+    );
+    shutdown.cancel();
 }
 
 #[tokio::test]

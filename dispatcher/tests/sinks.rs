@@ -2,15 +2,13 @@
 //! outcome in the outbox, the dispatcher's deliverer POSTs it as a CloudEvent until the
 //! receiver takes it, and the event's state record shows every attempt.
 
-use std::collections::VecDeque;
-use std::net::SocketAddr;
+mod support;
+
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use jobico_apiserver::chain::Router;
 use jobico_apiserver::jetstream::{JetStreamPublisher, PublishSettings};
 use jobico_apiserver::{Catalog, Metrics, catalog};
@@ -20,58 +18,8 @@ use jobico_dispatcher::sinks::{self, SinkClient, SinkPolicy, SinkSettings};
 use jobico_model::Manifest;
 use jobico_store::{BucketSettings, NatsAuth, StateStore, StreamSettings};
 use jobico_testkit::NatsServer;
+use support::receiver;
 use tokio_util::sync::CancellationToken;
-
-/// What the receiver was sent: content type and body of each POST.
-type Received = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
-
-/// An HTTP receiver on a free loopback port answering each POST with the next status of
-/// `answers` (then 200 for ever).
-async fn receiver(answers: Vec<u16>) -> (SocketAddr, Received) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let received: Received = Arc::default();
-    let answers = Arc::new(Mutex::new(VecDeque::from(answers)));
-    let kept = received.clone();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let (kept, answers) = (kept.clone(), answers.clone());
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |request: hyper::Request<hyper::body::Incoming>| {
-                        let (kept, answers) = (kept.clone(), answers.clone());
-                        async move {
-                            let content_type = request
-                                .headers()
-                                .get("content-type")
-                                .map(|v| v.to_str().unwrap().to_owned())
-                                .unwrap_or_default();
-                            let body = match request.into_body().collect().await {
-                                Ok(body) => body.to_bytes(),
-                                Err(_) => Bytes::new(),
-                            };
-                            let body =
-                                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-                            kept.lock().unwrap().push((content_type, body));
-                            let status = answers.lock().unwrap().pop_front().unwrap_or(200);
-                            let response = hyper::Response::builder()
-                                .status(status)
-                                .body(Full::new(Bytes::from_static(b"not now")))
-                                .unwrap();
-                            Ok::<_, std::convert::Infallible>(response)
-                        }
-                    },
-                );
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
-        }
-    });
-    (address, received)
-}
 
 fn manifest(url: &str) -> String {
     format!(
@@ -225,8 +173,8 @@ async fn an_outcome_is_retried_until_taken_then_recorded_and_never_delivered_twi
     assert!(!sink.gave_up);
     let posts = received.lock().unwrap().clone();
     assert_eq!(posts.len(), 3);
-    let (content_type, cloud_event) = &posts[2];
-    assert_eq!(content_type, "application/cloudevents+json");
+    let (headers, cloud_event) = &posts[2];
+    assert_eq!(headers["content-type"], "application/cloudevents+json");
     assert_eq!(cloud_event["specversion"], "1.0");
     assert_eq!(cloud_event["id"], "o1");
     assert_eq!(cloud_event["subject"], "o1");

@@ -159,3 +159,55 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// What a [`receiver`] was sent: the headers and the JSON body (null when not JSON) of each
+/// request.
+pub type Received = Arc<std::sync::Mutex<Vec<(http::HeaderMap, serde_json::Value)>>>;
+
+/// An HTTP receiver on a free loopback port answering each request with the next status of
+/// `answers` (then 200 for ever), body `not now`.
+pub async fn receiver(answers: Vec<u16>) -> (std::net::SocketAddr, Received) {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let received: Received = Arc::default();
+    let answers = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(
+        answers,
+    )));
+    let kept = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (kept, answers) = (kept.clone(), answers.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: hyper::Request<hyper::body::Incoming>| {
+                        let (kept, answers) = (kept.clone(), answers.clone());
+                        async move {
+                            let headers = request.headers().clone();
+                            let body = match request.into_body().collect().await {
+                                Ok(body) => body.to_bytes(),
+                                Err(_) => Bytes::new(),
+                            };
+                            let body =
+                                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                            kept.lock().unwrap().push((headers, body));
+                            let status = answers.lock().unwrap().pop_front().unwrap_or(200);
+                            let response = hyper::Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from_static(b"not now")))
+                                .unwrap();
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    },
+                );
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    (address, received)
+}
