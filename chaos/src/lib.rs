@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod hostile;
 pub mod modules;
 pub mod scenarios;
+pub mod sinks;
 pub mod up;
 
 /// Command line of `jobico-chaos`.

@@ -33,6 +33,10 @@ pub const ALL: &[Scenario] = &[
     ("kill -9 jobico up --nats", |e, p, r| {
         Box::pin(kill_up(e, p, r))
     }),
+    (
+        "kill -9 jobico up --nats, outcomes to a flaky sink",
+        |e, p, r| Box::pin(crate::sinks::kill_up_with_a_sink(e, p, r)),
+    ),
     ("kill -9 nats-server, restart on its store", |e, p, r| {
         Box::pin(kill_nats(e, p, r))
     }),
@@ -96,7 +100,7 @@ pub(crate) fn send_in_background(
 
 /// `kill -9` of `process` `kills` times, each after a random pause of `pause_ms` (low, high)
 /// milliseconds, starting it again each time.
-async fn kill_repeatedly(
+pub(crate) async fn kill_repeatedly(
     process: &mut Up,
     kills: usize,
     rng: &mut Rng,
