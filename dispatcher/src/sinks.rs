@@ -279,7 +279,7 @@ impl SinkClient {
         if status.is_success() {
             return Ok(());
         }
-        let detail = response.text().await.unwrap_or_default();
+        let detail = error_detail(response).await;
         let detail = detail.trim();
         Err(if detail.is_empty() {
             format!("the receiver answered {status}")
@@ -321,6 +321,24 @@ impl SinkClient {
             tokio::time::sleep(settings.backoff(status.attempts)).await;
         }
     }
+}
+
+/// Most bytes of a refusal's body read (for the state record): a receiver cannot make the
+/// dispatcher hold more by answering with a huge body.
+const MAX_ERROR_BODY: usize = 1024;
+
+/// The start of a refusal's body, as text, reading no more than [`MAX_ERROR_BODY`] bytes.
+async fn error_detail(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk[..chunk.len().min(MAX_ERROR_BODY - body.len())])
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// A reqwest error with its causes (the resolver's refusal, a connection refused).
@@ -556,6 +574,48 @@ mod tests {
             Some("kubernetes.default.svc")
         );
         assert_eq!(authority(""), None);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_with_a_huge_body_is_read_no_further_than_its_start() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        // 1 GiB announced and sent as fast as the client takes it; counts what it could send.
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0; 4096];
+            let _ = stream.read(&mut request).await;
+            let head = "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 1073741824\r\n\r\n";
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let block = vec![b'x'; 64 * 1024];
+            let mut sent = 0usize;
+            while sent < 1 << 30 {
+                if stream.write_all(&block).await.is_err() {
+                    break;
+                }
+                sent += block.len();
+            }
+            sent
+        });
+        let client = SinkClient::new(
+            SinkPolicy {
+                allow_loopback: true,
+                denied: vec![],
+            },
+            Duration::from_secs(30),
+        );
+        let error = client
+            .post(&url, Bytes::from_static(b"{}"))
+            .await
+            .unwrap_err();
+        assert!(error.starts_with("the receiver answered 500 Internal Server Error: xxx"));
+        assert!(error.len() < 300, "{}", error.len());
+        let sent = server.await.unwrap();
+        assert!(
+            sent < 64 << 20,
+            "the client read {sent} bytes of the refusal"
+        );
     }
 
     #[tokio::test]
