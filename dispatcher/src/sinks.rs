@@ -46,6 +46,8 @@ const MAX_PENDING: i64 = 100_000;
 pub struct SinkSettings {
     /// Deliveries in flight at once.
     pub concurrency: usize,
+    /// Deliveries of one namespace's outcomes in flight at once.
+    pub per_namespace: usize,
     /// POSTs tried before an outcome is given up (recorded `gaveUp`).
     pub max_attempts: u32,
     /// How long one POST may take, connection included.
@@ -60,6 +62,7 @@ impl Default for SinkSettings {
     fn default() -> Self {
         Self {
             concurrency: 32,
+            per_namespace: 8,
             // 1 s doubling to 5 min: about 2 hours of trying.
             max_attempts: 30,
             timeout: Duration::from_secs(10),
@@ -96,6 +99,11 @@ pub struct SinkArgs {
     #[arg(long, env = "JOBICO_SINK_CONCURRENCY", default_value_t = 32,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub sink_concurrency: u16,
+    /// Deliveries of one namespace's outcomes in flight at once (its share of
+    /// --sink-concurrency: a tenant whose receiver hangs holds no more).
+    #[arg(long, env = "JOBICO_SINK_CONCURRENCY_PER_NAMESPACE", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub sink_concurrency_per_namespace: u16,
     /// POSTs tried before an outcome is given up.
     #[arg(long, env = "JOBICO_SINK_MAX_ATTEMPTS", default_value_t = SinkSettings::default().max_attempts,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -107,6 +115,7 @@ impl SinkArgs {
     pub fn settings(&self) -> SinkSettings {
         SinkSettings {
             concurrency: usize::from(self.sink_concurrency),
+            per_namespace: usize::from(self.sink_concurrency_per_namespace),
             max_attempts: self.sink_max_attempts,
             ..SinkSettings::default()
         }
@@ -409,6 +418,7 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("pulling from {SINK_STREAM}: {e}"))?;
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.concurrency.max(1)));
+    let busy = Busy::default();
     let mut in_flight = JoinSet::new();
     tracing::info!(stream = SINK_STREAM, "delivering outcomes to sinks");
     loop {
@@ -429,10 +439,21 @@ pub async fn run(
             }
             None => break,
         };
+        let Some(outgoing) = Outgoing::of(&message) else {
+            tracing::error!(subject = %message.subject, "an outbox message without its headers: dropped");
+            let _ = message.ack_with(AckKind::Term).await;
+            continue;
+        };
+        // One namespace's receivers (down, slow, hanging) hold at most its share of the
+        // slots: its other outcomes wait in the outbox, not in front of everyone else's.
+        let Some(share) = busy.enter(&outgoing.namespace, settings.per_namespace) else {
+            let _ = message.ack_with(AckKind::Nak(Some(settings.timeout))).await;
+            continue;
+        };
         let (states, client, settings) = (states.clone(), client.clone(), settings.clone());
         in_flight.spawn(async move {
-            deliver(&states, &client, &settings, message).await;
-            drop(slot);
+            deliver(&states, &client, &settings, &outgoing, message).await;
+            drop((share, slot));
         });
         while in_flight.try_join_next().is_some() {}
     }
@@ -440,47 +461,124 @@ pub async fn run(
     Ok(())
 }
 
+/// Deliveries in flight per namespace.
+#[derive(Debug, Clone, Default)]
+struct Busy(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+/// One namespace's place among the deliveries in flight, given back when dropped.
+struct Share {
+    busy: Busy,
+    namespace: String,
+}
+
+impl Busy {
+    /// A place for `namespace`, unless it already has `most` deliveries in flight.
+    fn enter(&self, namespace: &str, most: usize) -> Option<Share> {
+        let mut busy = self.0.lock().expect("busy lock");
+        let count = busy.entry(namespace.to_owned()).or_default();
+        if *count >= most.max(1) {
+            return None;
+        }
+        *count += 1;
+        Some(Share {
+            busy: self.clone(),
+            namespace: namespace.to_owned(),
+        })
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut busy = self.busy.0.lock().expect("busy lock");
+        if let Some(count) = busy.get_mut(&self.namespace) {
+            *count -= 1;
+            if *count == 0 {
+                busy.remove(&self.namespace);
+            }
+        }
+    }
+}
+
+/// What an outbox message says: whose outcome, going where.
+struct Outgoing {
+    namespace: String,
+    event: String,
+    id: String,
+    url: String,
+}
+
+impl Outgoing {
+    fn of(message: &jetstream::Message) -> Option<Self> {
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        Some(Self {
+            namespace: header(HEADER_NAMESPACE)?,
+            event: header(HEADER_EVENT)?,
+            id: header(HEADER_EVENT_ID)?,
+            url: header(HEADER_SINK_URL)?,
+        })
+    }
+}
+
+/// How many times JetStream may hand one outcome out (its attempts, and the times it waited
+/// for its namespace's share) before it is given up even when its record cannot be read.
+const MAX_HANDOUTS_PER_ATTEMPT: u64 = 20;
+
 /// One delivery attempt of one outbox message, recorded, then acked, retried later or given
-/// up.
+/// up. The attempts are counted in the event's record (JetStream's delivery count also counts
+/// the waits for the namespace's share); a record that says it was delivered (an ack lost
+/// after the POST) is acked without posting again.
 async fn deliver(
     states: &StateStore,
     client: &SinkClient,
     settings: &SinkSettings,
+    outgoing: &Outgoing,
     message: jetstream::Message,
 ) {
-    let header = |name: &str| {
-        message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
+    let Outgoing {
+        namespace,
+        event,
+        id,
+        url,
+    } = outgoing;
+    let recorded = match states.get(namespace, event, id).await {
+        Ok(record) => record.and_then(|r| r.sink).filter(|s| s.url == *url),
+        Err(error) => {
+            tracing::warn!(namespace, event, id, %error, "cannot read the sink record");
+            None
+        }
     };
-    let (Some(namespace), Some(event), Some(id), Some(url)) = (
-        header(HEADER_NAMESPACE),
-        header(HEADER_EVENT),
-        header(HEADER_EVENT_ID),
-        header(HEADER_SINK_URL),
-    ) else {
-        tracing::error!(subject = %message.subject, "an outbox message without its headers: dropped");
-        let _ = message.ack_with(AckKind::Term).await;
+    if recorded
+        .as_ref()
+        .is_some_and(|s| s.delivered_at.is_some() || s.gave_up)
+    {
+        let _ = message.ack_with(AckKind::Ack).await;
         return;
-    };
-    let attempts = message
+    }
+    let handed_out = message
         .info()
-        .map_or(1, |info| u32::try_from(info.delivered).unwrap_or(u32::MAX));
-    let posted = client.post(&url, message.payload.clone()).await;
+        .map_or(1, |info| info.delivered.max(1) as u64);
+    let attempts = recorded.map_or(0, |s| s.attempts).saturating_add(1);
+    let posted = client.post(url, message.payload.clone()).await;
     let mut status = SinkStatus {
         url: url.clone(),
         attempts,
         ..SinkStatus::default()
     };
+    let out_of_attempts = attempts >= settings.max_attempts
+        || handed_out >= u64::from(settings.max_attempts) * MAX_HANDOUTS_PER_ATTEMPT;
     let ack = match posted {
         Ok(()) => {
             status.delivered_at = Some(jobico_store::now());
             tracing::debug!(namespace, event, id, url, attempts, "outcome delivered");
             AckKind::Ack
         }
-        Err(error) if attempts >= settings.max_attempts => {
+        Err(error) if out_of_attempts => {
             tracing::warn!(
                 namespace,
                 event,
@@ -511,7 +609,7 @@ async fn deliver(
         }
     };
     // The record is best effort: the delivery, not its record, is what the outbox keeps.
-    if let Err(error) = states.record_sink(&namespace, &event, &id, &status).await {
+    if let Err(error) = states.record_sink(namespace, event, id, &status).await {
         tracing::warn!(namespace, event, id, %error, "cannot record the sink delivery");
     }
     if let Err(error) = message.ack_with(ack).await {

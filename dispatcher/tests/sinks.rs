@@ -21,7 +21,7 @@ use jobico_testkit::NatsServer;
 use support::receiver;
 use tokio_util::sync::CancellationToken;
 
-fn manifest(url: &str) -> String {
+fn manifest(url: &str, slow_url: &str) -> String {
     format!(
         r#"
 apiVersion: jobico.coeux.dev/v1
@@ -30,6 +30,13 @@ metadata: {{name: orders, namespace: shop}}
 spec:
   events:
     - {{name: order, wasm: m.wasm, schema: {{key: any, optional: true}}, sink: {{url: "{url}"}}}}
+---
+apiVersion: jobico.coeux.dev/v1
+kind: Job
+metadata: {{name: orders, namespace: slow}}
+spec:
+  events:
+    - {{name: order, wasm: m.wasm, schema: {{key: any, optional: true}}, sink: {{url: "{slow_url}"}}}}
 "#
     )
 }
@@ -51,6 +58,7 @@ fn outcome(id: &str, status: Status, result: Option<&str>) -> EventOutcome {
 
 const FAST: SinkSettings = SinkSettings {
     concurrency: 4,
+    per_namespace: 2,
     max_attempts: 3,
     timeout: Duration::from_secs(5),
     first_backoff: Duration::from_millis(50),
@@ -69,6 +77,16 @@ struct Setup {
 }
 
 async fn setup(url: &str, policy: SinkPolicy) -> Setup {
+    setup_with(url, "http://slow.invalid/", policy, FAST).await
+}
+
+/// [`setup`] with namespace `slow`'s sink at `slow_url` and these delivery settings.
+async fn setup_with(
+    url: &str,
+    slow_url: &str,
+    policy: SinkPolicy,
+    settings: SinkSettings,
+) -> Setup {
     let nats = NatsServer::start();
     let publisher = JetStreamPublisher::connect(
         &nats.url(),
@@ -84,7 +102,7 @@ async fn setup(url: &str, policy: SinkPolicy) -> Setup {
         .unwrap();
     let mut parsed = Manifest::default();
     parsed
-        .read_str(Path::new("m.yaml"), &manifest(url))
+        .read_str(Path::new("m.yaml"), &manifest(url, slow_url))
         .unwrap();
     let (events, problems) = catalog::from_manifest(&parsed);
     assert!(problems.is_empty(), "{problems:?}");
@@ -94,8 +112,8 @@ async fn setup(url: &str, policy: SinkPolicy) -> Setup {
     let deliverer = tokio::spawn(sinks::run(
         context.clone(),
         states.clone(),
-        SinkClient::new(policy, FAST.timeout),
-        FAST,
+        SinkClient::new(policy, settings.timeout),
+        settings,
         StreamSettings::default(),
         shutdown.clone(),
     ));
@@ -246,5 +264,53 @@ async fn a_sink_on_an_address_the_policy_refuses_is_never_contacted() {
         "{error}"
     );
     assert!(received.lock().unwrap().is_empty());
+    setup.stop().await;
+}
+
+#[tokio::test]
+async fn a_tenant_whose_receiver_hangs_holds_only_its_share_of_the_deliveries() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Namespace slow's receiver takes connections and never answers.
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_url = format!("http://{}/", hanging.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hanging.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    let (address, received) = receiver(vec![]).await;
+    let settings = SinkSettings {
+        concurrency: 4,
+        per_namespace: 1,
+        timeout: Duration::from_secs(2),
+        ..FAST
+    };
+    let setup = setup_with(&format!("http://{address}/"), &slow_url, local(), settings).await;
+    // Ten of slow's outcomes first, then three of shop's.
+    for i in 0..10 {
+        let done = outcome(&format!("s{i}"), Status::Succeeded, Some("{}"));
+        setup.router.follow("slow", "order", &done).await.unwrap();
+    }
+    for i in 0..3 {
+        let done = outcome(&format!("o{i}"), Status::Succeeded, Some("{}"));
+        setup.router.follow("shop", "order", &done).await.unwrap();
+    }
+    for i in 0..3 {
+        setup
+            .sink_record(&format!("o{i}"), |s| s.delivered_at.is_some())
+            .await;
+    }
+    // Without a share per namespace every slot would have hung on slow's receiver first:
+    // shop's outcomes would have waited for ten POSTs of 2 s, four at a time.
+    let slow_posts = accepted.load(Ordering::SeqCst);
+    assert!(
+        slow_posts <= 2,
+        "slow's receiver got {slow_posts} POSTs before shop's three were delivered"
+    );
+    assert_eq!(received.lock().unwrap().len(), 3);
     setup.stop().await;
 }
