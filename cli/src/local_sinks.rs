@@ -23,12 +23,18 @@ pub fn local_policy() -> SinkPolicy {
     }
 }
 
+/// Most outcomes being delivered (or waiting out their backoff) at once without NATS: beyond,
+/// the executor waits before it takes the next event, so a receiver that is down holds the
+/// queue (and clients get `503`) rather than this process's memory.
+const MAX_PENDING: usize = 1024;
+
 /// The in-memory queue, delivering outcomes to sinks directly.
 #[derive(Debug, Clone)]
 pub struct DirectSinks {
     queue: MemoryQueue,
     client: SinkClient,
     settings: SinkSettings,
+    pending: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl DirectSinks {
@@ -39,6 +45,7 @@ impl DirectSinks {
             queue,
             client,
             settings,
+            pending: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_PENDING)),
         }
     }
 }
@@ -58,16 +65,24 @@ impl Publisher for DirectSinks {
     fn sink<'a>(&'a self, message: &'a SinkMessage) -> BoxFuture<'a, Result<(), PublishError>> {
         let (client, settings, message) =
             (self.client.clone(), self.settings.clone(), message.clone());
-        tokio::spawn(async move {
-            let tag = format!(
-                "{}/{} {}",
-                message.namespace, message.event, message.cloud_event.id
-            );
-            client
-                .deliver_now(&message, &settings, |status| print_attempt(&tag, status))
-                .await;
-        });
-        Box::pin(async { Ok(()) })
+        let pending = self.pending.clone();
+        Box::pin(async move {
+            let permit = pending
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            tokio::spawn(async move {
+                let tag = format!(
+                    "{}/{} {}",
+                    message.namespace, message.event, message.cloud_event.id
+                );
+                client
+                    .deliver_now(&message, &settings, |status| print_attempt(&tag, status))
+                    .await;
+                drop(permit);
+            });
+            Ok(())
+        })
     }
 }
 
