@@ -19,6 +19,10 @@ use jobico_store::NatsAuth;
 use jobico_testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
 
+/// The binary's allocator (`src/main.rs`), so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const MANIFEST: &str = r#"
 apiVersion: v1
 kind: ConfigMap
