@@ -447,7 +447,7 @@ pub async fn run(
         // One namespace's receivers (down, slow, hanging) hold at most its share of the
         // slots: its other outcomes wait in the outbox, not in front of everyone else's.
         let Some(share) = busy.enter(&outgoing.namespace, settings.per_namespace) else {
-            let _ = message.ack_with(AckKind::Nak(Some(settings.timeout))).await;
+            let _ = message.ack_with(AckKind::Nak(Some(FAIR_SHARE_WAIT))).await;
             continue;
         };
         let (states, client, settings) = (states.clone(), client.clone(), settings.clone());
@@ -525,9 +525,11 @@ impl Outgoing {
     }
 }
 
-/// How many times JetStream may hand one outcome out (its attempts, and the times it waited
-/// for its namespace's share) before it is given up even when its record cannot be read.
-const MAX_HANDOUTS_PER_ATTEMPT: u64 = 20;
+/// How long an outcome beyond its namespace's share goes back to the outbox: short, so one
+/// tenant's burst drains at the pace of its receiver (its share is busy only while POSTs are
+/// in flight), long enough that a tenant's backlog behind a hanging receiver is handed out
+/// about once a second, not in a loop.
+const FAIR_SHARE_WAIT: Duration = Duration::from_secs(1);
 
 /// One delivery attempt of one outbox message, recorded, then acked, retried later or given
 /// up. The attempts are counted in the event's record (JetStream's delivery count also counts
@@ -546,11 +548,11 @@ async fn deliver(
         id,
         url,
     } = outgoing;
-    let recorded = match states.get(namespace, event, id).await {
-        Ok(record) => record.and_then(|r| r.sink).filter(|s| s.url == *url),
+    let (recorded, unreadable) = match states.get(namespace, event, id).await {
+        Ok(record) => (record.and_then(|r| r.sink).filter(|s| s.url == *url), false),
         Err(error) => {
             tracing::warn!(namespace, event, id, %error, "cannot read the sink record");
-            None
+            (None, true)
         }
     };
     if recorded
@@ -570,8 +572,10 @@ async fn deliver(
         attempts,
         ..SinkStatus::default()
     };
+    // Without a readable record JetStream's count stands in (it counts the waits for the
+    // namespace's share too: it gives up sooner, never not at all).
     let out_of_attempts = attempts >= settings.max_attempts
-        || handed_out >= u64::from(settings.max_attempts) * MAX_HANDOUTS_PER_ATTEMPT;
+        || (unreadable && handed_out >= u64::from(settings.max_attempts));
     let ack = match posted {
         Ok(()) => {
             status.delivered_at = Some(jobico_store::now());
