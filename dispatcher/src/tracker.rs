@@ -10,7 +10,7 @@
 //!
 //! A failed Job of an event whose outcomes are handed on (`then` routes, a `sink`) reports the
 //! events no pod decided to the ingress as `job` failures before recording them, so their
-//! `failed` routes and their sinks hear of them ([`Tracker::report_job_failure`]).
+//! `failed` routes and their sinks hear of them (`Tracker::report_job_failure`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
