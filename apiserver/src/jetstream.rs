@@ -363,19 +363,31 @@ impl JetStreamPublisher {
             subject::header_text(reason).as_str(),
         );
         let payload = serde_json::to_vec(record).expect("an event record always serialises");
+        self.publish_acked(
+            "cannot publish the dead letter",
+            subject::dead_letter_subject(namespace, event),
+            headers,
+            payload,
+        )
+        .await
+    }
+
+    /// Publishes one message to JetStream on the shared connection and waits for its ack,
+    /// bounded by the publish timeout; `what` names it in the error.
+    async fn publish_acked(
+        &self,
+        what: &str,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        payload: Vec<u8>,
+    ) -> Result<(), PublishError> {
         let publish = async {
             self.context
-                .publish_with_headers(
-                    subject::dead_letter_subject(namespace, event),
-                    headers,
-                    payload.into(),
-                )
+                .publish_with_headers(subject, headers, payload.into())
                 .await?
                 .await
         };
-        self.bounded("cannot publish the dead letter", publish)
-            .await
-            .map(drop)
+        self.bounded(what, publish).await.map(drop)
     }
 }
 
@@ -398,19 +410,13 @@ impl Publisher for JetStreamPublisher {
             );
             let payload =
                 serde_json::to_vec(&message.cloud_event).expect("a CloudEvent serialises");
-            let publish = async {
-                self.context
-                    .publish_with_headers(
-                        sink::sink_subject(namespace, event),
-                        headers,
-                        payload.into(),
-                    )
-                    .await?
-                    .await
-            };
-            self.bounded("cannot keep the outcome for its sink", publish)
-                .await
-                .map(drop)
+            self.publish_acked(
+                "cannot keep the outcome for its sink",
+                sink::sink_subject(namespace, event),
+                headers,
+                payload,
+            )
+            .await
         })
     }
 

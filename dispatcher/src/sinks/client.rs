@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use jobico_common::sink::{CLOUDEVENTS_CONTENT_TYPE, SinkMessage, SinkStatus};
+use jobico_common::summary::cut;
 
 use super::SinkSettings;
 use super::policy::{GuardedResolver, SinkPolicy};
@@ -147,17 +148,6 @@ fn describe(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-fn cut(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
 }
 
 #[cfg(test)]
