@@ -8,8 +8,8 @@ use bytes::Bytes;
 use jobico_common::sink::{CLOUDEVENTS_CONTENT_TYPE, SinkMessage, SinkStatus};
 use jobico_common::summary::cut;
 
-use super::SinkSettings;
 use super::policy::{GuardedResolver, SinkPolicy};
+use super::{SinkSettings, attempt_record};
 
 /// POSTs CloudEvents to sinks under a [`SinkPolicy`].
 #[derive(Clone)]
@@ -89,27 +89,21 @@ impl SinkClient {
     ) -> SinkStatus {
         let body =
             Bytes::from(serde_json::to_vec(&message.cloud_event).expect("a CloudEvent serialises"));
-        let mut status = SinkStatus {
-            url: message.url.clone(),
-            ..SinkStatus::default()
-        };
+        let mut attempts = 0;
         loop {
-            status.attempts += 1;
-            match self.post(&message.url, body.clone()).await {
-                Ok(()) => {
-                    status.last_error = None;
-                    status.delivered_at = Some(jobico_store::now());
-                }
-                Err(error) => {
-                    status.last_error = Some(error);
-                    status.gave_up = status.attempts >= settings.max_attempts;
-                }
-            }
+            attempts += 1;
+            let posted = self.post(&message.url, body.clone()).await;
+            let status = attempt_record(
+                &message.url,
+                attempts,
+                posted,
+                attempts >= settings.max_attempts,
+            );
             report(&status);
             if status.delivered_at.is_some() || status.gave_up {
                 return status;
             }
-            tokio::time::sleep(settings.backoff(status.attempts)).await;
+            tokio::time::sleep(settings.backoff(attempts)).await;
         }
     }
 }

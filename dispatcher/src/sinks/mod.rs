@@ -114,6 +114,30 @@ impl SinkArgs {
     }
 }
 
+/// The record of attempt number `attempts` to `url`, which ended as `posted`: delivered now, or
+/// failed with its error and, when `last` (no attempt follows), given up. The one rule both
+/// the outbox and local mode's direct delivery record attempts by.
+pub fn attempt_record(
+    url: &str,
+    attempts: u32,
+    posted: Result<(), String>,
+    last: bool,
+) -> jobico_common::sink::SinkStatus {
+    let mut status = jobico_common::sink::SinkStatus {
+        url: url.to_owned(),
+        attempts,
+        ..Default::default()
+    };
+    match posted {
+        Ok(()) => status.delivered_at = Some(jobico_store::now()),
+        Err(error) => {
+            status.last_error = Some(error);
+            status.gave_up = last;
+        }
+    }
+    status
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::StreamExt;
-use jobico_common::sink::{HEADER_SINK_URL, SINK_STREAM, SinkStatus};
+use jobico_common::sink::{HEADER_SINK_URL, SINK_STREAM};
 use jobico_common::subject::{HEADER_EVENT, HEADER_EVENT_ID, HEADER_NAMESPACE};
 use jobico_store::{StateStore, StreamSettings};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{SinkClient, SinkSettings};
+use super::{SinkClient, SinkSettings, attempt_record};
 
 /// The outbox's durable consumer.
 pub const SINK_CONSUMER: &str = "jobico-sinks";
@@ -210,50 +210,39 @@ async fn deliver(
         .map_or(1, |info| info.delivered.max(1) as u64);
     let attempts = recorded.map_or(0, |s| s.attempts).saturating_add(1);
     let posted = client.post(url, message.payload.clone()).await;
-    let mut status = SinkStatus {
-        url: url.clone(),
-        attempts,
-        ..SinkStatus::default()
-    };
     // Without a readable record JetStream's count stands in (it counts the waits for the
     // namespace's share too: it gives up sooner, never not at all).
     let out_of_attempts = attempts >= settings.max_attempts
         || (unreadable && handed_out >= u64::from(settings.max_attempts));
-    let ack = match posted {
-        Ok(()) => {
-            status.delivered_at = Some(jobico_store::now());
-            tracing::debug!(namespace, event, id, url, attempts, "outcome delivered");
-            AckKind::Ack
-        }
-        Err(error) if out_of_attempts => {
-            tracing::warn!(
-                namespace,
-                event,
-                id,
-                url,
-                attempts,
-                error,
-                "outcome not delivered: giving up"
-            );
-            status.last_error = Some(error);
-            status.gave_up = true;
-            AckKind::Term
-        }
-        Err(error) => {
-            let wait = settings.backoff(attempts);
-            tracing::info!(
-                namespace,
-                event,
-                id,
-                url,
-                attempts,
-                error,
-                ?wait,
-                "outcome not delivered yet"
-            );
-            status.last_error = Some(error);
-            AckKind::Nak(Some(wait))
-        }
+    let status = attempt_record(url, attempts, posted, out_of_attempts);
+    let error = status.last_error.as_deref();
+    let ack = if status.delivered_at.is_some() {
+        tracing::debug!(namespace, event, id, url, attempts, "outcome delivered");
+        AckKind::Ack
+    } else if status.gave_up {
+        tracing::warn!(
+            namespace,
+            event,
+            id,
+            url,
+            attempts,
+            error,
+            "outcome not delivered: giving up"
+        );
+        AckKind::Term
+    } else {
+        let wait = settings.backoff(attempts);
+        tracing::info!(
+            namespace,
+            event,
+            id,
+            url,
+            attempts,
+            error,
+            ?wait,
+            "outcome not delivered yet"
+        );
+        AckKind::Nak(Some(wait))
     };
     // The record is best effort: the delivery, not its record, is what the outbox keeps.
     if let Err(error) = states.record_sink(namespace, event, id, &status).await {
