@@ -26,9 +26,23 @@ const PUBLISH_RETRY: Duration = Duration::from_secs(5);
 
 /// Acks `message`; a failed ack only means a redelivery, which the state record deduplicates.
 pub(crate) async fn ack(message: &Message) {
-    if let Err(error) = message.double_ack_with(AckKind::Ack).await {
+    if let Err(error) = confirmed_ack(message).await {
         tracing::warn!(%error, "ack failed; the event will be redelivered and deduplicated");
     }
+}
+
+/// Acks `message` and waits until the server confirms it has the ack (what async-nats's
+/// `double_ack` promises), as a request on the client's shared reply subscription: async-nats's
+/// own `double_ack` subscribes to a new inbox for every ack and unsubscribes after it, three
+/// protocol operations and a subscription of the server's to make and drop per event.
+pub async fn confirmed_ack(message: &Message) -> Result<(), async_nats::Error> {
+    let reply = message
+        .reply
+        .clone()
+        .ok_or("no reply subject: not a JetStream message")?;
+    let ack: bytes::Bytes = AckKind::Ack.into();
+    message.context.client().request(reply, ack).await?;
+    Ok(())
 }
 
 /// Moves `events` of `namespace/event` (declared by resource `owner`) to the dead-letter

@@ -401,7 +401,7 @@ async fn claim<B: Backend>(
             return pending;
         };
         let first = first.id.clone();
-        let name = work.batch(&pending).job_name();
+        let name = crate::backend::job_name(&work.event, first.as_str());
         let claims = pending.iter().map(|(_, record)| {
             claim_one(
                 work,

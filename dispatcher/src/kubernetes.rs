@@ -428,6 +428,27 @@ pub async fn read_template(
         })
 }
 
+/// Creates `job` in `namespace` as [`Api::create`] does (same request, same errors), reading
+/// nothing of the API server's answer but its status: the created object is not used, and
+/// parsing it back into a typed Job costs about as much as building it.
+pub async fn create_job(
+    client: &kube::Client,
+    namespace: &str,
+    job: &BatchJob,
+) -> Result<(), kube::Error> {
+    let params = PostParams {
+        dry_run: false,
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+    };
+    let body = serde_json::to_vec(job).map_err(kube::Error::SerdeError)?;
+    let url = <BatchJob as kube::Resource>::url_path(&(), Some(namespace));
+    let mut request = kube::core::Request::new(url)
+        .create(&params, body)
+        .map_err(kube::Error::BuildRequest)?;
+    request.extensions_mut().insert("create");
+    client.request_text(request).await.map(drop)
+}
+
 /// What a failed render means for the events: held when the template (or the resource's
 /// settings it renders) is at fault, dead-lettered when the events themselves cannot run.
 pub fn render_failure(error: RenderError) -> DispatchError {
@@ -461,13 +482,9 @@ impl Backend for KubeBackend {
             .map_err(render_failure)?;
         self.signer.sign_job(&mut job);
         let name = batch.job_name();
-        let jobs: Api<BatchJob> = Api::namespaced(self.client.clone(), batch.namespace());
-        let params = PostParams {
-            dry_run: false,
-            field_manager: Some(FIELD_MANAGER.to_owned()),
-        };
-        match within_timeout(&format!("creating Job {name}"), jobs.create(&params, &job)).await? {
-            Ok(_) => {
+        let create = create_job(&self.client, batch.namespace(), &job);
+        match within_timeout(&format!("creating Job {name}"), create).await? {
+            Ok(()) => {
                 self.active
                     .set(batch.namespace(), &batch.event, &name, true);
                 Ok(Dispatched {
@@ -476,6 +493,7 @@ impl Backend for KubeBackend {
                 })
             }
             Err(kube::Error::Api(status)) if status.is_already_exists() => {
+                let jobs: Api<BatchJob> = Api::namespaced(self.client.clone(), batch.namespace());
                 let existing = bounded(&format!("reading Job {name}"), jobs.get(&name)).await?;
                 if !self.signer.verify(&existing) {
                     // Someone else's Job under the name this batch must use: never take it

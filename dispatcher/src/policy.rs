@@ -131,14 +131,16 @@ pub fn pod_failure_policy() -> PodFailurePolicy {
 struct Violations(Vec<Violation>);
 
 impl Violations {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    fn push(&mut self, path: impl fmt::Display, message: impl fmt::Display) {
         self.0.push(Violation {
-            path: path.into(),
-            message: message.into(),
+            path: path.to_string(),
+            message: message.to_string(),
         });
     }
 
-    fn require(&mut self, ok: bool, path: impl Into<String>, message: &str) {
+    /// Records a violation unless `ok`. Path and message are formatted only then: a Job that
+    /// passes (every Job of a correct template) allocates nothing here.
+    fn require(&mut self, ok: bool, path: impl fmt::Display, message: impl fmt::Display) {
         if !ok {
             self.push(path, message);
         }
@@ -198,7 +200,7 @@ pub fn check(job: &BatchJob, image: &str, owner: &OwnerReference) -> Result<(), 
             for (key, value) in annotations.into_iter().flatten() {
                 v.require(
                     !(key.starts_with(APPARMOR_ANNOTATION) && value == "unconfined"),
-                    format!("spec.template.metadata.annotations[{key:?}]"),
+                    format_args!("spec.template.metadata.annotations[{key:?}]"),
                     "must not be unconfined",
                 );
             }
@@ -216,7 +218,7 @@ fn check_pod(v: &mut Violations, pod: &PodSpec, image: &str) {
     const POD: &str = "spec.template.spec";
     v.require(
         pod.automount_service_account_token == Some(false),
-        format!("{POD}.automountServiceAccountToken"),
+        format_args!("{POD}.automountServiceAccountToken"),
         "must be false: the pod gets no service-account token",
     );
     for (field, value) in [
@@ -227,7 +229,7 @@ fn check_pod(v: &mut Violations, pod: &PodSpec, image: &str) {
             value
                 .as_deref()
                 .is_none_or(|n| n == DEFAULT_SERVICE_ACCOUNT),
-            format!("{POD}.{field}"),
+            format_args!("{POD}.{field}"),
             "must be unset or \"default\"",
         );
     }
@@ -238,33 +240,33 @@ fn check_pod(v: &mut Violations, pod: &PodSpec, image: &str) {
     ] {
         v.require(
             value != Some(true),
-            format!("{POD}.{field}"),
+            format_args!("{POD}.{field}"),
             "must not be true",
         );
     }
     v.require(
         pod.node_name.is_none(),
-        format!("{POD}.nodeName"),
+        format_args!("{POD}.nodeName"),
         "must be unset: the scheduler places the pod",
     );
     v.require(
         pod.resource_claims.as_ref().is_none_or(Vec::is_empty),
-        format!("{POD}.resourceClaims"),
+        format_args!("{POD}.resourceClaims"),
         "must be empty: no devices",
     );
     v.require(
         pod.restart_policy.as_deref() == Some("Never"),
-        format!("{POD}.restartPolicy"),
+        format_args!("{POD}.restartPolicy"),
         "must be Never",
     );
     v.require(
         pod.init_containers.as_ref().is_none_or(Vec::is_empty),
-        format!("{POD}.initContainers"),
+        format_args!("{POD}.initContainers"),
         "must be empty",
     );
     v.require(
         pod.ephemeral_containers.as_ref().is_none_or(Vec::is_empty),
-        format!("{POD}.ephemeralContainers"),
+        format_args!("{POD}.ephemeralContainers"),
         "must be empty",
     );
     if let Some(context) = &pod.security_context {
@@ -273,8 +275,8 @@ fn check_pod(v: &mut Violations, pod: &PodSpec, image: &str) {
     match pod.containers.as_slice() {
         [container] => check_container(v, container, pod.security_context.as_ref(), image),
         _ => v.push(
-            format!("{POD}.containers"),
-            format!(
+            format_args!("{POD}.containers"),
+            format_args!(
                 "must be the one container {EXEC_CONTAINER:?}, found {}",
                 pod.containers.len()
             ),
@@ -294,7 +296,7 @@ fn check_pod(v: &mut Violations, pod: &PodSpec, image: &str) {
             [kind] if VOLUME_TYPES.contains(kind) => {}
             _ => v.push(
                 path.clone(),
-                format!(
+                format_args!(
                     "must be one of {} (found {})",
                     VOLUME_TYPES.join(", "),
                     kinds.join(", ")
@@ -309,7 +311,7 @@ fn check_pod(v: &mut Violations, pod: &PodSpec, image: &str) {
             let projected_path = format!("{path}.projected.sources[{j}]");
             v.require(
                 source.service_account_token.is_none(),
-                format!("{projected_path}.serviceAccountToken"),
+                format_args!("{projected_path}.serviceAccountToken"),
                 "must be unset: the pod gets no service-account token",
             );
             v.require(
@@ -325,12 +327,12 @@ fn check_pod_security(v: &mut Violations, context: &PodSecurityContext) {
     const PATH: &str = "spec.template.spec.securityContext";
     v.require(
         context.sysctls.as_ref().is_none_or(Vec::is_empty),
-        format!("{PATH}.sysctls"),
+        format_args!("{PATH}.sysctls"),
         "must be empty",
     );
     v.require(
         context.run_as_user != Some(0),
-        format!("{PATH}.runAsUser"),
+        format_args!("{PATH}.runAsUser"),
         "must not be 0 (root)",
     );
     if let Some(selinux) = &context.se_linux_options {
@@ -342,14 +344,14 @@ fn check_pod_security(v: &mut Violations, context: &PodSecurityContext) {
     if let Some(profile) = &context.app_armor_profile {
         v.require(
             profile.type_ != "Unconfined",
-            format!("{PATH}.appArmorProfile.type"),
+            format_args!("{PATH}.appArmorProfile.type"),
             "must not be Unconfined",
         );
     }
     if let Some(windows) = &context.windows_options {
         v.require(
             windows.host_process != Some(true),
-            format!("{PATH}.windowsOptions.hostProcess"),
+            format_args!("{PATH}.windowsOptions.hostProcess"),
             "must not be true",
         );
     }
@@ -358,7 +360,7 @@ fn check_pod_security(v: &mut Violations, context: &PodSecurityContext) {
 fn check_selinux_type(v: &mut Violations, path: &str, type_: Option<&str>) {
     v.require(
         type_.is_none_or(|t| t.is_empty() || SELINUX_TYPES.contains(&t)),
-        format!("{path}.seLinuxOptions.type"),
+        format_args!("{path}.seLinuxOptions.type"),
         "must be unset or one of container_t, container_init_t, container_kvm_t, container_engine_t",
     );
 }
@@ -366,7 +368,7 @@ fn check_selinux_type(v: &mut Violations, path: &str, type_: Option<&str>) {
 fn check_seccomp(v: &mut Violations, path: &str, type_: &str) {
     v.require(
         matches!(type_, "RuntimeDefault" | "Localhost"),
-        format!("{path}.seccompProfile.type"),
+        format_args!("{path}.seccompProfile.type"),
         "must be RuntimeDefault or Localhost",
     );
 }
@@ -380,17 +382,17 @@ fn check_container(
     let path = "spec.template.spec.containers[0]";
     v.require(
         container.name == EXEC_CONTAINER,
-        format!("{path}.name"),
+        format_args!("{path}.name"),
         "must be wasm-exec",
     );
     v.require(
         container.image.as_deref() == Some(image),
-        format!("{path}.image"),
-        &format!("must be the executor image {image:?}"),
+        format_args!("{path}.image"),
+        format_args!("must be the executor image {image:?}"),
     );
     v.require(
         container.command.is_none(),
-        format!("{path}.command"),
+        format_args!("{path}.command"),
         "must be unset: the image's entrypoint (wasm-exec) runs",
     );
     for (field, set) in [
@@ -404,14 +406,14 @@ fn check_container(
             !container.volume_devices.as_ref().is_none_or(Vec::is_empty),
         ),
     ] {
-        v.require(!set, format!("{path}.{field}"), "must be unset");
+        v.require(!set, format_args!("{path}.{field}"), "must be unset");
     }
     v.require(
         container
             .termination_message_path
             .as_deref()
             .is_none_or(|p| p == TERMINATION_MESSAGE_PATH),
-        format!("{path}.terminationMessagePath"),
+        format_args!("{path}.terminationMessagePath"),
         "must be unset or /dev/termination-log (where wasm-exec writes the summary)",
     );
     v.require(
@@ -419,13 +421,13 @@ fn check_container(
             .termination_message_policy
             .as_deref()
             .is_none_or(|p| p == "File"),
-        format!("{path}.terminationMessagePolicy"),
+        format_args!("{path}.terminationMessagePolicy"),
         "must be unset or File: the summary comes from wasm-exec, not from the guest's output",
     );
     for (i, port) in container.ports.iter().flatten().enumerate() {
         v.require(
             port.host_port.is_none_or(|p| p == 0),
-            format!("{path}.ports[{i}].hostPort"),
+            format_args!("{path}.ports[{i}].hostPort"),
             "must be unset",
         );
     }
@@ -435,7 +437,7 @@ fn check_container(
                 .mount_propagation
                 .as_deref()
                 .is_none_or(|p| p == "None"),
-            format!("{path}.volumeMounts[{i}].mountPropagation"),
+            format_args!("{path}.volumeMounts[{i}].mountPropagation"),
             "must be unset or None",
         );
     }
@@ -454,29 +456,29 @@ fn check_container_security(
     let c = context.unwrap_or(&default);
     v.require(
         c.allow_privilege_escalation == Some(false),
-        format!("{path}.allowPrivilegeEscalation"),
+        format_args!("{path}.allowPrivilegeEscalation"),
         "must be false",
     );
     v.require(
         c.privileged != Some(true),
-        format!("{path}.privileged"),
+        format_args!("{path}.privileged"),
         "must not be true",
     );
     let caps = c.capabilities.as_ref();
     v.require(
         caps.and_then(|c| c.drop.as_ref())
             .is_some_and(|d| d.iter().any(|cap| cap == "ALL")),
-        format!("{path}.capabilities.drop"),
+        format_args!("{path}.capabilities.drop"),
         "must contain ALL",
     );
     v.require(
         caps.and_then(|c| c.add.as_ref()).is_none_or(Vec::is_empty),
-        format!("{path}.capabilities.add"),
+        format_args!("{path}.capabilities.add"),
         "must be empty",
     );
     v.require(
         c.read_only_root_filesystem == Some(true),
-        format!("{path}.readOnlyRootFilesystem"),
+        format_args!("{path}.readOnlyRootFilesystem"),
         "must be true",
     );
     // The container's settings win over the pod's; either may provide them.
@@ -485,12 +487,12 @@ fn check_container_security(
         .or_else(|| pod.and_then(|p| p.run_as_non_root));
     v.require(
         non_root == Some(true),
-        format!("{path}.runAsNonRoot"),
+        format_args!("{path}.runAsNonRoot"),
         "must be true (here or in the pod's securityContext)",
     );
     v.require(
         c.run_as_user != Some(0),
-        format!("{path}.runAsUser"),
+        format_args!("{path}.runAsUser"),
         "must not be 0 (root)",
     );
     match c
@@ -500,13 +502,13 @@ fn check_container_security(
     {
         Some(profile) => check_seccomp(v, &path, &profile.type_),
         None => v.push(
-            format!("{path}.seccompProfile"),
+            format_args!("{path}.seccompProfile"),
             "must be set (here or in the pod's securityContext)",
         ),
     }
     v.require(
         c.proc_mount.as_deref().is_none_or(|m| m == "Default"),
-        format!("{path}.procMount"),
+        format_args!("{path}.procMount"),
         "must be unset or Default",
     );
     if let Some(selinux) = &c.se_linux_options {
@@ -515,14 +517,14 @@ fn check_container_security(
     if let Some(profile) = &c.app_armor_profile {
         v.require(
             profile.type_ != "Unconfined",
-            format!("{path}.appArmorProfile.type"),
+            format_args!("{path}.appArmorProfile.type"),
             "must not be Unconfined",
         );
     }
     if let Some(windows) = &c.windows_options {
         v.require(
             windows.host_process != Some(true),
-            format!("{path}.windowsOptions.hostProcess"),
+            format_args!("{path}.windowsOptions.hostProcess"),
             "must not be true",
         );
     }
@@ -536,8 +538,8 @@ fn check_exec_strings(v: &mut Violations, path: &str, container: &Container) {
     for (i, arg) in flags.enumerate() {
         if let Some(flag) = operator_only_flag(arg) {
             v.push(
-                format!("{path}.args[{i}]"),
-                format!("must not pass {flag}: the operator's alone (it loads native code)"),
+                format_args!("{path}.args[{i}]"),
+                format_args!("must not pass {flag}: the operator's alone (it loads native code)"),
             );
         }
     }
@@ -547,8 +549,8 @@ fn check_exec_strings(v: &mut Violations, path: &str, container: &Container) {
         total += bytes + EXEC_STRING_OVERHEAD - 1;
         v.require(
             bytes <= MAX_ARG_STRLEN,
-            format!("{path}.args[{i}]"),
-            &format!(
+            format_args!("{path}.args[{i}]"),
+            format_args!(
                 "is {bytes} bytes, more than the {MAX_ARG_STRLEN} Linux takes in one argument"
             ),
         );
@@ -563,8 +565,8 @@ fn check_exec_strings(v: &mut Violations, path: &str, container: &Container) {
             from.prefix
                 .as_deref()
                 .is_some_and(|p| p.starts_with(GUEST_ENV_PREFIX)),
-            format!("{path}.envFrom[{i}]"),
-            &format!("must be unset: only the module's variables ({GUEST_ENV_PREFIX}*, written by the dispatcher) come from references"),
+            format_args!("{path}.envFrom[{i}]"),
+            format_args!("must be unset: only the module's variables ({GUEST_ENV_PREFIX}*, written by the dispatcher) come from references"),
         );
     }
     for (i, var) in container.env.iter().flatten().enumerate() {
@@ -575,16 +577,16 @@ fn check_exec_strings(v: &mut Violations, path: &str, container: &Container) {
                 && from.resource_field_ref.is_none();
             v.require(
                 guest,
-                format!("{path}.env[{i}].valueFrom"),
-                &format!("must be unset: values are written out, so their size is known (only the module's variables, {GUEST_ENV_PREFIX}*, written by the dispatcher, come from ConfigMaps and Secrets)"),
+                format_args!("{path}.env[{i}].valueFrom"),
+                format_args!("must be unset: values are written out, so their size is known (only the module's variables, {GUEST_ENV_PREFIX}*, written by the dispatcher, come from ConfigMaps and Secrets)"),
             );
         }
         let bytes = var.name.len() + 1 + var.value.as_deref().map_or(0, str::len) + 1;
         total += bytes + EXEC_STRING_OVERHEAD - 1;
         v.require(
             bytes <= MAX_ARG_STRLEN,
-            format!("{path}.env[{i}]"),
-            &format!(
+            format_args!("{path}.env[{i}]"),
+            format_args!(
                 "{} is {bytes} bytes, more than the {MAX_ARG_STRLEN} Linux takes in one variable",
                 var.name
             ),
@@ -595,26 +597,52 @@ fn check_exec_strings(v: &mut Violations, path: &str, container: &Container) {
     }
     v.require(
         total <= MAX_EXEC_ENV_BYTES,
-        format!("{path}.env"),
-        &format!("arguments and environment take {total} bytes, more than the {MAX_EXEC_ENV_BYTES} one execve leaves them"),
+        format_args!("{path}.env"),
+        format_args!("arguments and environment take {total} bytes, more than the {MAX_EXEC_ENV_BYTES} one execve leaves them"),
     );
 }
 
 fn check_size(v: &mut Violations, job: &BatchJob) {
-    let value = serde_json::to_value(job).expect("Jobs serialise");
-    let stored = stored_size(&value);
-    v.require(
-        stored <= MAX_STORED_JOB_BYTES,
-        "metadata",
-        &format!("the Job takes about {stored} bytes, more than the {MAX_STORED_JOB_BYTES} etcd leaves it"),
-    );
-    let request = value.to_string().len();
+    let request = json_len(job);
+    // `stored_size` is at most STORED_PER_JSON_BYTE times the JSON's length (see there): a Job
+    // whose JSON is that much below the limit is within it, and is not walked again.
+    if request.saturating_mul(STORED_PER_JSON_BYTE) > MAX_STORED_JOB_BYTES {
+        let stored = stored_size(&serde_json::to_value(job).expect("Jobs serialise"));
+        v.require(
+            stored <= MAX_STORED_JOB_BYTES,
+            "metadata",
+            format_args!("the Job takes about {stored} bytes, more than the {MAX_STORED_JOB_BYTES} etcd leaves it"),
+        );
+    }
     v.require(
         request <= MAX_REQUEST_JOB_BYTES,
         "metadata",
-        &format!("the Job's JSON takes {request} bytes, more than the {MAX_REQUEST_JOB_BYTES} the API server accepts"),
+        format_args!("the Job's JSON takes {request} bytes, more than the {MAX_REQUEST_JOB_BYTES} the API server accepts"),
     );
 }
+
+/// The length of `value`'s JSON, counted as it is written, without keeping it.
+pub fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).expect("JSON values always serialise");
+    count.0
+}
+
+/// Most [`stored_size`] bytes per byte of a value's JSON. Every value costs at most 9 times its
+/// JSON: a number of d digits is 8 + d stored against d; null, booleans and strings are 8 + their
+/// length against at least 4, or that length + 2; an array or object adds 8 to its members
+/// against its brackets (2), and a key's length to each member against its quotes and colon.
+pub const STORED_PER_JSON_BYTE: usize = 9;
 
 /// An upper estimate of a value's protobuf size, as etcd stores it: every string and key with
 /// its bytes unescaped, and a few bytes of framing for each.
@@ -634,5 +662,62 @@ pub fn stored_size(value: &Value) -> usize {
                     .map(|(k, v)| k.len() + stored_size(v))
                     .sum::<usize>()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_len_counts_what_serde_json_writes() {
+        for value in [
+            json!(null),
+            json!({"a": [1, -2.5, "x\u{7}\"\\é\u{2028}", true, null, {}], "": []}),
+            json!("x".repeat(100_000)),
+        ] {
+            assert_eq!(json_len(&value), value.to_string().len(), "{value}");
+        }
+    }
+
+    #[test]
+    fn the_stored_size_is_never_more_than_its_bound_per_json_byte() {
+        // The shapes that come closest: lone short numbers (exactly the bound), arrays of
+        // digits, empty containers and strings, nested empties, keys with tiny values.
+        let digits: Vec<u8> = vec![0; 1000];
+        let deep = (0..100).fold(json!([]), |inner, _| json!([inner, []]));
+        let mut wide = serde_json::Map::new();
+        for i in 0..1000 {
+            wide.insert(i.to_string(), json!(0));
+        }
+        let cases = [
+            json!(0),
+            json!(7),
+            json!(1.5e300),
+            json!(null),
+            json!(false),
+            json!(""),
+            json!([]),
+            json!({}),
+            json!(digits),
+            json!(["", "", ""]),
+            json!([[], [[]], {}]),
+            deep,
+            Value::Object(wide),
+            json!({"": null, "k": [0, 0], "s": "é"}),
+        ];
+        for value in cases {
+            let (stored, json) = (stored_size(&value), json_len(&value));
+            assert!(
+                stored <= STORED_PER_JSON_BYTE * json,
+                "{value}: {stored} stored > {STORED_PER_JSON_BYTE} x {json}"
+            );
+        }
+        // The bound is tight: a lone digit reaches it.
+        assert_eq!(
+            stored_size(&json!(0)),
+            STORED_PER_JSON_BYTE * json_len(&json!(0))
+        );
     }
 }

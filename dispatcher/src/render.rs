@@ -18,12 +18,15 @@ use jobico_common::executor::{
 use jobico_common::state::exit;
 use jobico_common::{EventId, EventRecord, id::MAX_EVENT_ID_LEN};
 use jobico_model::{EventSpec, Job as JobicoJob};
-use k8s_openapi::api::batch::v1::Job as BatchJob;
+use k8s_openapi::api::batch::v1::{Job as BatchJob, JobSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMapEnvSource, ConfigMapKeySelector, EnvFromSource, EnvVar, EnvVarSource, SecretEnvSource,
-    SecretKeySelector,
+    Capabilities, ConfigMapEnvSource, ConfigMapKeySelector, ConfigMapVolumeSource, Container,
+    EnvFromSource, EnvVar, EnvVarSource, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SeccompProfile, SecretEnvSource, SecretKeySelector, SecurityContext,
+    Volume, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -140,7 +143,7 @@ pub struct TemplateContext {
     /// `fuel` (a string, or null).
     pub limits: Value,
     /// The container's `resources`.
-    pub resources: Value,
+    pub resources: ResourceRequirements,
     /// `spec.backoffLimit`.
     pub backoff_limit: i32,
     /// `spec.activeDeadlineSeconds`.
@@ -321,13 +324,11 @@ impl Renderer {
         // The guest's variables are not arguments: the dispatcher writes them into the
         // environment after the template has rendered (see `set_guest_env`).
         let args = vec!["run".to_owned()];
-        let resources = match &owner.spec.resources {
-            Some(resources) => serde_json::to_value(resources).expect("resources serialise"),
-            None => json!({
-                "requests": {"cpu": "100m", "memory": "64Mi"},
-                "limits": {"memory": "128Mi"},
-            }),
-        };
+        let resources = owner
+            .spec
+            .resources
+            .clone()
+            .unwrap_or_else(default_resources);
         Ok(TemplateContext {
             name: batch.job_name(),
             namespace: batch.namespace().to_owned(),
@@ -470,6 +471,24 @@ impl Renderer {
         template
             .render(&self.registry, &data)
             .map_err(RenderError::Template)
+    }
+}
+
+/// The executor container's resources when the resource sets none: 100m CPU, 64Mi of memory
+/// requested, 128Mi at most.
+fn default_resources() -> ResourceRequirements {
+    let quantities = |pairs: &[(&str, &str)]| {
+        Some(
+            pairs
+                .iter()
+                .map(|(name, quantity)| ((*name).to_owned(), Quantity((*quantity).to_owned())))
+                .collect(),
+        )
+    };
+    ResourceRequirements {
+        requests: quantities(&[("cpu", "100m"), ("memory", "64Mi")]),
+        limits: quantities(&[("memory", "128Mi")]),
+        claims: None,
     }
 }
 
@@ -654,77 +673,110 @@ pub fn guest_env(spec: &EventSpec) -> (Vec<EnvVar>, Vec<EnvFromSource>) {
     (env.collect(), from.collect())
 }
 
-/// The Job `templates/job.yaml.hbs` renders for `context`, built directly (the dispatch path
-/// without a custom template). The template stays the reference: a test renders both for many
-/// batches and requires them equal.
+/// The Job `templates/job.yaml.hbs` renders for `context`, built directly as the typed Job
+/// (the dispatch path without a custom template: no render, no parse, no JSON in between). The
+/// template stays the reference: a test renders both for many batches and requires them equal.
 pub fn default_job(context: &TemplateContext) -> BatchJob {
     let owner = &context.owner;
-    let job = json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": context.name,
-            "namespace": context.namespace,
-            "labels": context.labels,
-            "annotations": context.annotations,
-            "ownerReferences": [{
-                "apiVersion": owner["apiVersion"], "kind": owner["kind"],
-                "name": owner["name"], "uid": owner["uid"], "controller": true,
-            }],
+    let module = &context.module;
+    let restricted = || SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        localhost_profile: None,
+    };
+    let meta = || ObjectMeta {
+        labels: Some(context.labels.clone()),
+        annotations: Some(context.annotations.clone()),
+        ..ObjectMeta::default()
+    };
+    let container = Container {
+        name: policy::EXEC_CONTAINER.into(),
+        image: Some(context.image.clone()),
+        args: Some(context.args.clone()),
+        env: Some(
+            context
+                .env
+                .iter()
+                .map(|entry| EnvVar {
+                    name: entry.name.clone(),
+                    value: Some(entry.value.clone()),
+                    value_from: None,
+                })
+                .collect(),
+        ),
+        resources: Some(context.resources.clone()),
+        termination_message_policy: Some("File".into()),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            seccomp_profile: Some(restricted()),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "module".into(),
+            mount_path: module["dir"].clone(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    BatchJob {
+        metadata: ObjectMeta {
+            name: Some(context.name.clone()),
+            namespace: Some(context.namespace.clone()),
+            owner_references: Some(vec![OwnerReference {
+                api_version: owner["apiVersion"].clone(),
+                kind: owner["kind"].clone(),
+                name: owner["name"].clone(),
+                uid: owner["uid"].clone(),
+                controller: Some(true),
+                block_owner_deletion: None,
+            }]),
+            ..meta()
         },
-        "spec": {
-            "backoffLimit": context.backoff_limit,
-            "activeDeadlineSeconds": context.active_deadline_seconds,
-            "ttlSecondsAfterFinished": context.ttl_seconds_after_finished,
-            "podFailurePolicy": {"rules": [
-                {"action": "FailJob", "onExitCodes": {
-                    "containerName": "wasm-exec", "operator": "In",
-                    "values": [context.exit_codes["guestFailed"]]}},
-                {"action": "Ignore", "onPodConditions": [
-                    {"type": "DisruptionTarget", "status": "True"}]},
-            ]},
-            "template": {
-                "metadata": {"labels": context.labels, "annotations": context.annotations},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": false,
-                    "enableServiceLinks": false,
-                    "securityContext": {
-                        "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [{
-                        "name": "wasm-exec",
-                        "image": context.image,
-                        "args": context.args,
-                        "env": context.env,
-                        "resources": context.resources,
-                        "terminationMessagePolicy": "File",
-                        "securityContext": {
-                            "runAsNonRoot": true,
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "capabilities": {"drop": ["ALL"]},
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },
-                        "volumeMounts": [{
-                            "name": "module", "mountPath": context.module["dir"],
-                            "readOnly": true,
-                        }],
-                    }],
-                    "volumes": [{
-                        "name": "module",
-                        "configMap": {
-                            "name": context.module["configMap"],
-                            "items": [{"key": context.module["key"],
-                                       "path": context.module["key"]}],
-                        },
-                    }],
-                },
+        spec: Some(JobSpec {
+            backoff_limit: Some(context.backoff_limit),
+            active_deadline_seconds: Some(context.active_deadline_seconds),
+            ttl_seconds_after_finished: Some(context.ttl_seconds_after_finished),
+            pod_failure_policy: Some(policy::pod_failure_policy()),
+            template: PodTemplateSpec {
+                metadata: Some(meta()),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        seccomp_profile: Some(restricted()),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(vec![Volume {
+                        name: "module".into(),
+                        config_map: Some(ConfigMapVolumeSource {
+                            name: module["configMap"].clone(),
+                            items: Some(vec![KeyToPath {
+                                key: module["key"].clone(),
+                                path: module["key"].clone(),
+                                mode: None,
+                            }]),
+                            ..ConfigMapVolumeSource::default()
+                        }),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
             },
-        },
-    });
-    serde_json::from_value(job).expect("the default Job is a batch/v1 Job")
+            ..JobSpec::default()
+        }),
+        status: None,
+    }
 }
 
 /// Checks a resource's template (`None`: the default) before any event is dispatched:
