@@ -514,11 +514,15 @@ async fn finish<B: Backend>(
     dispatched: &Dispatched,
 ) {
     let ctx = work.ctx;
-    let acks = events.iter().map(|(message, record)| {
-        ctx.counters
-            .add(&work.namespace, work.owner_name(), EventState::Dispatched);
-        work.ack(message, record)
-    });
+    ctx.counters.add_many(
+        &work.namespace,
+        work.owner_name(),
+        EventState::Dispatched,
+        events.len() as u64,
+    );
+    let acks = events
+        .iter()
+        .map(|(message, record)| work.ack(message, record));
     futures::future::join_all(acks).await;
     ctx.metrics.events_dispatched.inc_by(events.len() as u64);
     tracing::debug!(

@@ -28,14 +28,19 @@ pub struct Deltas {
 impl Counters {
     /// Counts one transition of an event of resource `namespace/owner` into `state`.
     pub fn add(&self, namespace: &str, owner: &str, state: EventState) {
+        self.add_many(namespace, owner, state, 1);
+    }
+
+    /// Counts `events` transitions of events of resource `namespace/owner` into `state`.
+    pub fn add_many(&self, namespace: &str, owner: &str, state: EventState, events: u64) {
         let mut map = self.0.lock().expect("counters lock");
         let deltas = map
             .entry((namespace.to_owned(), owner.to_owned()))
             .or_default();
         match state {
-            EventState::Dispatched => deltas.dispatched += 1,
-            EventState::Succeeded => deltas.succeeded += 1,
-            EventState::Failed | EventState::DeadLettered => deltas.failed += 1,
+            EventState::Dispatched => deltas.dispatched += events,
+            EventState::Succeeded => deltas.succeeded += events,
+            EventState::Failed | EventState::DeadLettered => deltas.failed += events,
             EventState::Accepted | EventState::Held | EventState::Running => {}
         }
     }
@@ -52,5 +57,38 @@ impl Counters {
         entry.dispatched += deltas.dispatched;
         entry.succeeded += deltas.succeeded;
         entry.failed += deltas.failed;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_add_up_per_resource_and_state_and_are_taken_once() {
+        let counters = Counters::default();
+        counters.add_many("ns", "job", EventState::Dispatched, 100);
+        counters.add("ns", "job", EventState::Dispatched);
+        counters.add("ns", "job", EventState::DeadLettered);
+        counters.add("ns", "other", EventState::Succeeded);
+        counters.add("ns", "job", EventState::Running);
+        let taken = counters.take();
+        assert_eq!(
+            taken[&("ns".to_owned(), "job".to_owned())],
+            Deltas {
+                dispatched: 101,
+                succeeded: 0,
+                failed: 1
+            }
+        );
+        assert_eq!(
+            taken[&("ns".to_owned(), "other".to_owned())],
+            Deltas {
+                dispatched: 0,
+                succeeded: 1,
+                failed: 0
+            }
+        );
+        assert!(counters.take().is_empty());
     }
 }
