@@ -304,6 +304,14 @@ async fn main() {
             );
         } else {
             ingress_max = ingress.per_second;
+            // Both ceilings keep the two cores busy, so an ingress that added nothing to an
+            // HTTP request and a NATS publish would spend their two costs per event added up.
+            let combined = 1.0 / (1.0 / http.per_second + 1.0 / nats.per_second);
+            println!(
+                "ceilings' costs added up: {combined:.0} events/s ({:.0}% of the lower ceiling); the ingress reaches {:.0}% of that",
+                100.0 * combined / lower,
+                100.0 * ingress.per_second / combined
+            );
         }
     }
     // Latency below saturation: 64 clients sending at half the rate the ingress reached.
