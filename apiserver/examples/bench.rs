@@ -8,6 +8,7 @@
 //! the ingress's NATS client behind 64 load tasks in one run queue.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix_web::web;
@@ -152,27 +153,44 @@ async fn http_load(
     figures(all, started.elapsed())
 }
 
-/// `clients` concurrent raw JetStream publishers on `load`, each awaiting its ack.
+/// `clients` concurrent raw JetStream publishers on `load`, each awaiting its ack: as fast as
+/// they can, or paced at `rate` in all as [`http_load`] paces.
 async fn nats_load(
     load: &tokio::runtime::Handle,
     context: &async_nats::jetstream::Context,
     clients: usize,
     seconds: Duration,
+    rate: Option<f64>,
 ) -> Figures {
     let payload = bytes::Bytes::from(format!(
         r#"{{"id":"x","namespace":"default","event":"ev1","data":{EVENT}}}"#
     ));
+    // Ids unique across runs: a repeated `Nats-Msg-Id` within the stream's duplicate window
+    // would be answered as a duplicate without being stored.
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let deadline = started + seconds;
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
             let (context, payload) = (context.clone(), payload.clone());
+            let interval = rate.map(|rate| Duration::from_secs_f64(clients as f64 / rate));
             load.spawn(async move {
                 let mut latencies = Vec::new();
                 let mut n = 0u64;
+                let mut due = Instant::now();
                 while Instant::now() < deadline {
-                    let sent = Instant::now();
-                    let id = format!("raw-{c}-{n}");
+                    let now = Instant::now();
+                    let sent = match interval {
+                        Some(_) if now < due => {
+                            tokio::time::sleep_until(due.into()).await;
+                            Instant::now()
+                        }
+                        Some(_) => due,
+                        None => now,
+                    };
+                    due += interval.unwrap_or_default();
+                    let id = format!("raw-{run}-{c}-{n}");
                     n += 1;
                     let mut headers = HeaderMap::new();
                     headers.insert("Nats-Msg-Id", id.as_str());
@@ -274,7 +292,7 @@ async fn main() {
         let (mut http, mut raw, mut ingress) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             http.push(http_load(&load, &ceiling_url, clients, seconds, None).await);
-            raw.push(nats_load(&load, &context, clients, seconds).await);
+            raw.push(nats_load(&load, &context, clients, seconds, None).await);
             purge(&context).await;
             ingress.push(http_load(&load, &full_url, clients, seconds, None).await);
             purge(&context).await;
@@ -315,17 +333,20 @@ async fn main() {
         }
     }
     // Latency below saturation: 64 clients sending at half the rate the ingress reached.
-    // Beside it, the HTTP ceiling at the same pace: the latency the machine and the load
-    // generator add with no NATS in the way.
+    // Beside it, each ceiling at the same pace: the latency the machine, the load generator and
+    // HTTP alone, or nats-server alone, add.
     let half = ingress_max / 2.0;
-    let (mut paced, mut paced_http) = (Vec::new(), Vec::new());
+    let (mut paced, mut paced_http, mut paced_nats) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         paced_http.push(http_load(&load, &ceiling_url, 64, seconds, Some(half)).await);
+        paced_nats.push(nats_load(&load, &context, 64, seconds, Some(half)).await);
+        purge(&context).await;
         paced.push(http_load(&load, &full_url, 64, seconds, Some(half)).await);
         purge(&context).await;
     }
     for (name, runs) in [
         ("(a) HTTP ceiling at the same rate", paced_http),
+        ("(b) NATS ceiling at the same rate", paced_nats),
         ("ingress at half its maximum rate", paced),
     ] {
         let (f, low, high) = median(runs);
