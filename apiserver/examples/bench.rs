@@ -92,6 +92,40 @@ fn serve(publisher: Arc<dyn Publisher>, validate: bool) -> (String, Cancellation
 /// fast as it can, or with `rate` events/s in all, each client on a fixed schedule, latency
 /// counted from the time a request was due when the client is behind it (so a server falling
 /// behind shows in it).
+/// One load client's schedule: as fast as it can, or one request every `clients / rate` seconds
+/// (`rate` in all).
+struct Pace {
+    interval: Option<Duration>,
+    due: Instant,
+}
+
+impl Pace {
+    fn new(clients: usize, rate: Option<f64>) -> Self {
+        Self {
+            interval: rate.map(|rate| Duration::from_secs_f64(clients as f64 / rate)),
+            due: Instant::now(),
+        }
+    }
+
+    /// Waits until the next request is due and returns the time its latency counts from: when
+    /// it was due if the client is late (the server held it up), else when the client's timer
+    /// woke it (tokio's timers are coarse: that lateness is the load generator's, not the
+    /// server's).
+    async fn next(&mut self) -> Instant {
+        let now = Instant::now();
+        let sent = match self.interval {
+            Some(_) if now < self.due => {
+                tokio::time::sleep_until(self.due.into()).await;
+                Instant::now()
+            }
+            Some(_) => self.due,
+            None => now,
+        };
+        self.due += self.interval.unwrap_or_default();
+        sent
+    }
+}
+
 async fn http_load(
     load: &tokio::runtime::Handle,
     url: &str,
@@ -108,24 +142,11 @@ async fn http_load(
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
             let (client, url) = (client.clone(), url.to_string());
-            let interval = rate.map(|rate| Duration::from_secs_f64(clients as f64 / rate));
             load.spawn(async move {
+                let mut pace = Pace::new(clients, rate);
                 let mut latencies = Vec::new();
-                let mut due = Instant::now();
                 while Instant::now() < deadline {
-                    // Counted from when it was due if the client is late (the server held
-                    // it up), else from when the client's timer woke it (tokio's timers are
-                    // coarse: that lateness is the load generator's, not the server's).
-                    let now = Instant::now();
-                    let sent = match interval {
-                        Some(_) if now < due => {
-                            tokio::time::sleep_until(due.into()).await;
-                            Instant::now()
-                        }
-                        Some(_) => due,
-                        None => now,
-                    };
-                    due += interval.unwrap_or_default();
+                    let sent = pace.next().await;
                     let response = client
                         .put(&url)
                         .header("content-type", "application/json")
@@ -174,22 +195,12 @@ async fn nats_load(
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
             let (context, payload) = (context.clone(), payload.clone());
-            let interval = rate.map(|rate| Duration::from_secs_f64(clients as f64 / rate));
             load.spawn(async move {
+                let mut pace = Pace::new(clients, rate);
                 let mut latencies = Vec::new();
                 let mut n = 0u64;
-                let mut due = Instant::now();
                 while Instant::now() < deadline {
-                    let now = Instant::now();
-                    let sent = match interval {
-                        Some(_) if now < due => {
-                            tokio::time::sleep_until(due.into()).await;
-                            Instant::now()
-                        }
-                        Some(_) => due,
-                        None => now,
-                    };
-                    due += interval.unwrap_or_default();
+                    let sent = pace.next().await;
                     let id = format!("raw-{run}-{c}-{n}");
                     n += 1;
                     let mut headers = HeaderMap::new();

@@ -6,9 +6,9 @@
 //! Beside each, in the same run, two ceilings: (api) the same Jobs, rendered beforehand,
 //! created through kube-rs against the same fake API with the dispatcher's concurrency (the
 //! best of three runs: short runs are noisy), as the dispatcher sends them and, for issue 14's
-//! figure, through kube-rs's `Api::create` (which also parses each created Job back), and (nats) the same events pulled and acked, with
-//! the server's confirmation as the dispatcher acks them, from a JetStream consumer in batches
-//! of the same size, doing nothing else. The dispatcher's figures are given as ratios of them,
+//! figure, through kube-rs's `Api::create` (which also parses each created Job back), and
+//! (nats) the same events pulled and acked, with the server's confirmation as the dispatcher
+//! acks them, from a JetStream consumer in batches of the same size, doing nothing else. The dispatcher's figures are given as ratios of them,
 //! with what rendering, the API create and the pull-and-ack cost alone in CPU time. A third,
 //! (claims), makes the state record's first claim for as many new events; the three ceilings'
 //! costs added up are what a dispatcher doing nothing else would reach on the same cores.
@@ -179,9 +179,10 @@ async fn api_ceiling(batches: &[Batch], how: Create) -> (f64, Duration) {
 }
 
 /// Ceiling (nats): pulls `events` messages from a new durable consumer with the dispatcher's
-/// prefetch and double-acks each, as many at once as the dispatcher may hold unacked
-/// (`MAX_IN_FLIGHT_BATCHES` batches of `size`). Returns events per second and the CPU time per
-/// event of this process (nats-server's is not counted).
+/// prefetch and acks each as the dispatcher does (`dead_letter::confirmed_ack`), as many at
+/// once as the dispatcher may hold unacked (`MAX_IN_FLIGHT_BATCHES` batches of `size`).
+/// Returns events per second and the CPU time per event of this process (nats-server's is not
+/// counted).
 async fn nats_ceiling(js: &jetstream::Context, events: usize, size: usize) -> (f64, Duration) {
     let stream = js.get_stream(stream_name("default")).await.unwrap();
     let consumer = stream

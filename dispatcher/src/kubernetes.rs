@@ -19,6 +19,14 @@ use crate::trust::Signer;
 
 /// Field manager name on every write.
 pub const FIELD_MANAGER: &str = "jobico-dispatcher";
+
+/// Parameters of every create and replace: a real write, as [`FIELD_MANAGER`].
+pub fn post_params() -> PostParams {
+    PostParams {
+        dry_run: false,
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+    }
+}
 /// How long a template read from a ConfigMap is reused before it is read again: edits take
 /// effect within this time, and a busy event type reads it at most this often.
 const TEMPLATE_TTL: Duration = Duration::from_secs(30);
@@ -436,14 +444,10 @@ pub async fn create_job(
     namespace: &str,
     job: &BatchJob,
 ) -> Result<(), kube::Error> {
-    let params = PostParams {
-        dry_run: false,
-        field_manager: Some(FIELD_MANAGER.to_owned()),
-    };
     let body = serde_json::to_vec(job).map_err(kube::Error::SerdeError)?;
     let url = <BatchJob as kube::Resource>::url_path(&(), Some(namespace));
     let mut request = kube::core::Request::new(url)
-        .create(&params, body)
+        .create(&post_params(), body)
         .map_err(kube::Error::BuildRequest)?;
     request.extensions_mut().insert("create");
     client.request_text(request).await.map(drop)

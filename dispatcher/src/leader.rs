@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta};
 use tokio_util::sync::CancellationToken;
 
-use crate::kubernetes::FIELD_MANAGER;
+use crate::kubernetes::post_params;
 
 /// Lease settings.
 #[derive(Debug, Clone)]
@@ -103,13 +103,6 @@ impl Elector {
         }
     }
 
-    fn params() -> PostParams {
-        PostParams {
-            dry_run: false,
-            field_manager: Some(FIELD_MANAGER.to_owned()),
-        }
-    }
-
     /// One attempt to take or renew the Lease. `Ok(true)` when this replica holds it.
     pub async fn try_acquire(&self) -> Result<bool, AcquireError> {
         let me = &self.config.identity;
@@ -137,7 +130,7 @@ impl Elector {
                         ..Default::default()
                     }),
                 };
-                return match self.api.create(&Self::params(), &lease).await {
+                return match self.api.create(&post_params(), &lease).await {
                     Ok(_) => Ok(true),
                     Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(false),
                     Err(e) if namespace_missing(&e) => {
@@ -179,7 +172,7 @@ impl Elector {
         // `replace` sends the resourceVersion we read: a concurrent writer makes this a 409.
         match self
             .api
-            .replace(&self.config.name, &Self::params(), &lease)
+            .replace(&self.config.name, &post_params(), &lease)
             .await
         {
             Ok(_) => Ok(true),
@@ -260,7 +253,7 @@ impl Elector {
         spec.renew_time = None;
         if let Err(error) = self
             .api
-            .replace(&self.config.name, &Self::params(), &lease)
+            .replace(&self.config.name, &post_params(), &lease)
             .await
         {
             tracing::debug!(%error, "cannot release the lease; it expires by itself");

@@ -295,7 +295,7 @@ fn check_pod(v: &mut Violations, pod: &PodSpec, image: &str) {
         match kinds.as_slice() {
             [kind] if VOLUME_TYPES.contains(kind) => {}
             _ => v.push(
-                path.clone(),
+                &path,
                 format_args!(
                     "must be one of {} (found {})",
                     VOLUME_TYPES.join(", "),
