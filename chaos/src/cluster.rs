@@ -114,15 +114,22 @@ impl Cluster {
         })
     }
 
-    /// A dispatcher replica named `identity` (not started).
+    /// A dispatcher replica named `identity` (not started), with the scenarios' short ack
+    /// wait.
     pub(crate) fn dispatcher(&self, identity: &str) -> Up {
+        self.dispatcher_acking(identity, ACK_WAIT_SECS)
+    }
+
+    /// A dispatcher replica named `identity` (not started) whose consumers wait
+    /// `ack_wait_secs` for an ack before redelivering.
+    pub(crate) fn dispatcher_acking(&self, identity: &str, ack_wait_secs: u64) -> Up {
         let mut up = Up::dispatcher(
             &self.dispatcher_bin,
             &self.logs,
             &self.nats_url,
             &self.api.kubeconfig(),
             identity,
-            ACK_WAIT_SECS,
+            ack_wait_secs,
         );
         if self.replicas > 1 {
             up.args = vec!["--stream-replicas".into(), self.replicas.to_string()];

@@ -244,6 +244,67 @@ async fn created_jobs_complete_when_it_plays_the_job_controller() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_modelled_control_plane_serves_requests_and_pod_writes_in_one_queue() {
+    use jobico_testkit::kube_api::ControlPlane;
+    let fake = KubeApi::start();
+    // 5 ms per write; each Job costs 4 writes besides its create and runs 10 ms.
+    fake.control_plane(Some(ControlPlane {
+        writes_per_second: 200.0,
+        writes_per_job: 4,
+    }));
+    fake.run_jobs(Some(Duration::from_millis(10)));
+    let jobs: Api<Job> = Api::namespaced(fake.client().await, "ns1");
+    let started = std::time::Instant::now();
+    let names: Vec<String> = (0..5).map(|i| format!("queued-{i}")).collect();
+    futures::future::try_join_all(
+        names
+            .iter()
+            .map(|name| async { jobs.create(&PostParams::default(), &job(name)).await }),
+    )
+    .await
+    .unwrap();
+    let deadline = started + Duration::from_secs(10);
+    let complete = |job: &Job| {
+        job.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == "Complete" && c.status == "True")
+            })
+    };
+    while !jobs
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|j| complete(j))
+        .count()
+        .eq(&names.len())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Jobs never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // 5 creates and 5 × 4 controller writes, one at a time: at least 25 × 5 ms. Served
+    // side by side they would all be done in about 10 ms of writes and 10 ms of running.
+    assert!(
+        started.elapsed() >= Duration::from_millis(125),
+        "writes were not queued: done in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(fake.controller_writes(), 20);
+    assert_eq!(
+        fake.writes().get("batch/v1/jobs"),
+        Some(&5),
+        "requests' writes are counted apart from the controllers'"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_missing_lease_namespace_is_named_with_the_fix_instead_of_retried_in_silence() {
     use jobico_dispatcher::leader::{Elector, LeaseConfig};
     let fake = KubeApi::start();

@@ -20,7 +20,10 @@
 //! ([`KubeApi::created`]). Writes can be given a latency ([`KubeApi::write_latency`]).
 //!
 //! With [`KubeApi::run_jobs`] it also plays the Job controller and kubelet for `batch/v1`
-//! Jobs: each created Job is marked `Complete` after a delay (no pods are made).
+//! Jobs: each created Job is marked `Complete` after a delay (no pods are made). With
+//! [`KubeApi::control_plane`] it models a control plane's limited write capacity, for
+//! benchmarks: every write (a request's, or one its controllers make for a Job's pod) takes
+//! its turn in one queue, and each Job costs the writes its pod would.
 //!
 //! Not modelled: authentication and authorization (every request is allowed), admission,
 //! namespace existence, defaulting and validation of bodies, and garbage collection.
@@ -294,6 +297,12 @@ struct Shared {
     /// How long each write (create, update, patch, delete) takes before it is served, as a
     /// real API server's round trip to etcd does.
     write_latency: Mutex<Option<Duration>>,
+    /// The modelled control plane's write capacity, if any ([`KubeApi::control_plane`]).
+    control_plane: Mutex<Option<ControlPlane>>,
+    /// The queue writes take their turn in when the control plane is modelled.
+    write_queue: tokio::sync::Mutex<()>,
+    /// Writes made by the modelled controllers (for pods and Job status), not by requests.
+    controller_writes: std::sync::atomic::AtomicUsize,
     /// Whether creates need their namespace to exist, as on a real cluster.
     require_namespaces: std::sync::atomic::AtomicBool,
     /// Pod logs, by (namespace, pod).
@@ -305,6 +314,23 @@ struct Shared {
 }
 
 impl Shared {
+    /// Waits for the modelled control plane to have served one more write: writes take their
+    /// turn (first come, first served) and each holds the queue for `1 / writes_per_second`.
+    /// One write by the modelled controllers.
+    async fn controller_write(&self) {
+        self.write_turn().await;
+        self.controller_writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    async fn write_turn(&self) {
+        let capacity = *self.control_plane.lock().expect("control plane lock");
+        if let Some(model) = capacity {
+            let _turn = self.write_queue.lock().await;
+            actix_web::rt::time::sleep(model.per_write()).await;
+        }
+    }
+
     fn write(&self, kind: &'static str, key: Key, object: Value) -> Value {
         let mut store = self.store.lock().expect("store lock");
         let written = store.write(kind, key, object);
@@ -312,6 +338,27 @@ impl Shared {
             tx.send_replace(store.version);
         }
         written
+    }
+}
+
+/// A control plane's write throughput, as the fake models it ([`KubeApi::control_plane`]).
+///
+/// On a real cluster the API server, etcd, the controllers, the scheduler and the kubelets
+/// share a few cores: writes are served at a limited rate, and every Job costs, besides its
+/// create, the writes its pod makes (the pod's create and binding, its status as it starts and
+/// ends, the Job's status, events). One Job per event is capped by that; batching is the lever.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ControlPlane {
+    /// Writes served per second, all writers together.
+    pub writes_per_second: f64,
+    /// Writes the controllers make for each Job: half before its pod runs, the rest after it,
+    /// the last being the Job's completion.
+    pub writes_per_job: usize,
+}
+
+impl ControlPlane {
+    fn per_write(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.writes_per_second.max(1e-3))
     }
 }
 
@@ -489,6 +536,26 @@ impl KubeApi {
     /// From now on every write waits `latency` before it is served (`None`: at once).
     pub fn write_latency(&self, latency: Option<Duration>) {
         *self.shared.write_latency.lock().expect("latency lock") = latency;
+    }
+
+    /// Models a control plane's write capacity from now on (`None`: writes are served at once,
+    /// apart from [`KubeApi::write_latency`]): every request's write and every write the
+    /// modelled controllers make for a Job ([`KubeApi::run_jobs`]) wait their turn in one
+    /// queue served at `writes_per_second`.
+    pub fn control_plane(&self, model: Option<ControlPlane>) {
+        *self
+            .shared
+            .control_plane
+            .lock()
+            .expect("control plane lock") = model;
+    }
+
+    /// Writes the modelled controllers made so far (see [`KubeApi::control_plane`]); requests'
+    /// writes are [`KubeApi::writes`].
+    pub fn controller_writes(&self) -> usize {
+        self.shared
+            .controller_writes
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Writes served so far (create, update, patch, delete), by resource.
@@ -690,6 +757,7 @@ async fn serve(req: HttpRequest, body: web::Bytes, shared: web::Data<Arc<Shared>
         if let Some(latency) = latency {
             actix_web::rt::time::sleep(latency).await;
         }
+        shared.write_turn().await;
     }
     let content_type = req
         .headers()
@@ -887,7 +955,21 @@ fn create(shared: &Arc<Shared>, target: &Target, body: &[u8]) -> HttpResponse {
         let shared = shared.clone();
         let key = created.0.clone();
         actix_web::rt::spawn(async move {
+            let writes = shared
+                .control_plane
+                .lock()
+                .expect("control plane lock")
+                .map_or(0, |model| model.writes_per_job);
+            // The pod's writes before it runs (create, binding, starting), then after it
+            // (finished), the last being the Job's completion below.
+            let before = writes / 2;
+            for _ in 0..before {
+                shared.controller_write().await;
+            }
             actix_web::rt::time::sleep(after).await;
+            for _ in before..writes {
+                shared.controller_write().await;
+            }
             complete(&shared, key);
         });
     }
