@@ -501,6 +501,52 @@ async fn a_concurrency_cap_stops_pulling_until_jobs_finish() {
     handle.await.unwrap();
 }
 
+/// At its concurrency cap (one Job being created, for longer than the ack wait) a consumer
+/// pulls nothing more: an event pulled then would wait in the client's buffer, where nothing
+/// progress-acks it, and be delivered again. Each event is dispatched once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_nothing_waits_unacked_past_the_ack_wait_and_each_event_goes_once() {
+    let (_server, js) = nats().await;
+    let backend = Arc::new(Recording::default());
+    *backend.delay.lock().unwrap() = Some(Duration::from_millis(2_500));
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.spec.events[0].concurrency = Some(1);
+    publish(&js, "default", "ev1", "held", 3).await;
+    let (_ctx, token, handle) = start(
+        &js,
+        backend.clone(),
+        Arc::new(owner),
+        Duration::from_secs(1),
+    )
+    .await;
+    // Past two ack waits into the first create: the consumer holds only the event it is
+    // dispatching (kept alive by progress acks), none waiting in a buffer unacked.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert_eq!(
+        backlog(&js).await,
+        (2, 1),
+        "(pending, ack-pending) at the cap"
+    );
+    eventually(20, "every held event dispatched", || async {
+        backend.calls().len() >= 3
+    })
+    .await;
+    // Room for any second delivery to come through.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut per_event: BTreeMap<String, usize> = BTreeMap::new();
+    for id in backend.calls().into_iter().flatten() {
+        *per_event.entry(id).or_default() += 1;
+    }
+    assert_eq!(per_event.len(), 3, "{per_event:?}");
+    assert!(
+        per_event.values().all(|n| *n == 1),
+        "dispatched more than once: {per_event:?}"
+    );
+    assert_eq!(backlog(&js).await, (0, 0));
+    token.cancel();
+    handle.await.unwrap();
+}
+
 /// One event at a time (a concurrency cap of 1 pulls one message per request) through a
 /// backlog: every pull is answered at once, so the message can reach the client before the
 /// client has counted its request. async-nats then believes a message is still owed and sends
