@@ -2,9 +2,9 @@
 //! dispatcher binaries against the fake Kubernetes API server (each write taking a set
 //! latency, as an API server's round trip to etcd does; Jobs completed by its Job
 //! controller; a control plane's limited write capacity modelled, which each Job's pod also
-//! spends, see [`jobico_testkit::kube_api::ControlPlane`]), one event type configured three ways — one Job per event, fixed batching
-//! (`maxEvents: 50, maxWaitMillis: 300`), adaptive batching (`maxEvents: 50, maxWaitMillis:
-//! 0`). For each: a lone event's PUT → `succeeded` latency (median of several, the consumer
+//! spends, see [`jobico_testkit::kube_api::ControlPlane`]), one event type configured three
+//! ways — one Job per event, fixed batching (`maxEvents: 50, maxWaitMillis: 300`), adaptive
+//! batching (`maxEvents: 50, maxWaitMillis: 0`). For each: a lone event's PUT → `succeeded` latency (median of several, the consumer
 //! idle), then a burst of N events sent at once: events/s until all succeeded, Jobs created,
 //! mean events per Job, and Kubernetes writes per event counted by the fake API: the
 //! requests' by resource, and with the modelled controllers' writes for pods and Job status.

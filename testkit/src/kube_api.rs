@@ -314,8 +314,6 @@ struct Shared {
 }
 
 impl Shared {
-    /// Waits for the modelled control plane to have served one more write: writes take their
-    /// turn (first come, first served) and each holds the queue for `1 / writes_per_second`.
     /// One write by the modelled controllers.
     async fn controller_write(&self) {
         self.write_turn().await;
@@ -323,6 +321,8 @@ impl Shared {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Waits for the modelled control plane to have served one more write: writes take their
+    /// turn (first come, first served) and each holds the queue for `1 / writes_per_second`.
     async fn write_turn(&self) {
         let capacity = *self.control_plane.lock().expect("control plane lock");
         if let Some(model) = capacity {
