@@ -88,10 +88,6 @@ fn serve(publisher: Arc<dyn Publisher>, validate: bool) -> (String, Cancellation
     (url, stop)
 }
 
-/// `clients` concurrent HTTP clients sending single events for `seconds`, on `load`: each as
-/// fast as it can, or with `rate` events/s in all, each client on a fixed schedule, latency
-/// counted from the time a request was due when the client is behind it (so a server falling
-/// behind shows in it).
 /// One load client's schedule: as fast as it can, or one request every `clients / rate` seconds
 /// (`rate` in all).
 struct Pace {
@@ -126,6 +122,10 @@ impl Pace {
     }
 }
 
+/// `clients` concurrent HTTP clients sending single events for `seconds`, on `load`: each as
+/// fast as it can, or with `rate` events/s in all, each client on a fixed schedule, latency
+/// counted from the time a request was due when the client is behind it (so a server falling
+/// behind shows in it).
 async fn http_load(
     load: &tokio::runtime::Handle,
     url: &str,

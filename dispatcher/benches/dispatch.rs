@@ -8,10 +8,11 @@
 //! best of three runs: short runs are noisy), as the dispatcher sends them and, for issue 14's
 //! figure, through kube-rs's `Api::create` (which also parses each created Job back), and
 //! (nats) the same events pulled and acked, with the server's confirmation as the dispatcher
-//! acks them, from a JetStream consumer in batches of the same size, doing nothing else. The dispatcher's figures are given as ratios of them,
-//! with what rendering, the API create and the pull-and-ack cost alone in CPU time. A third,
-//! (claims), makes the state record's first claim for as many new events; the three ceilings'
-//! costs added up are what a dispatcher doing nothing else would reach on the same cores.
+//! acks them, from a JetStream consumer in batches of the same size, doing nothing else. The
+//! dispatcher's figures are given as ratios of them, with what rendering, the API create and
+//! the pull-and-ack cost alone in CPU time. A third, (claims), makes the state record's first
+//! claim for as many new events; the three ceilings' costs added up are what a dispatcher
+//! doing nothing else would reach on the same cores.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]

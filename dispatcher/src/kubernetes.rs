@@ -27,6 +27,7 @@ pub fn post_params() -> PostParams {
         field_manager: Some(FIELD_MANAGER.to_owned()),
     }
 }
+
 /// How long a template read from a ConfigMap is reused before it is read again: edits take
 /// effect within this time, and a busy event type reads it at most this often.
 const TEMPLATE_TTL: Duration = Duration::from_secs(30);

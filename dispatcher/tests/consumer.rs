@@ -85,6 +85,13 @@ fn with_batch(max_events: u32, max_wait_millis: u32) -> Arc<JobicoJob> {
     Arc::new(owner)
 }
 
+/// The sample `ev1` with at most `cap` Jobs at once.
+fn with_concurrency(cap: u32) -> Arc<JobicoJob> {
+    let mut owner = (*sample("ev1.yaml")).clone();
+    owner.spec.events[0].concurrency = Some(cap);
+    Arc::new(owner)
+}
+
 async fn start<B: Backend>(
     js: &jetstream::Context,
     backend: B,
@@ -485,11 +492,9 @@ async fn a_concurrency_cap_stops_pulling_until_jobs_finish() {
     let (_server, js) = nats().await;
     let backend = Arc::new(Recording::default());
     backend.active.store(2, Ordering::Relaxed);
-    let mut owner = (*sample("ev1.yaml")).clone();
-    owner.spec.events[0].concurrency = Some(2);
+    let owner = with_concurrency(2);
     publish(&js, "default", "ev1", "c", 3).await;
-    let (_ctx, token, handle) =
-        start(&js, backend.clone(), Arc::new(owner), consumer::ACK_WAIT).await;
+    let (_ctx, token, handle) = start(&js, backend.clone(), owner, consumer::ACK_WAIT).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(backend.calls().is_empty(), "pulled at the cap");
     backend.active.store(0, Ordering::Relaxed);
@@ -509,16 +514,9 @@ async fn at_the_cap_nothing_waits_unacked_past_the_ack_wait_and_each_event_goes_
     let (_server, js) = nats().await;
     let backend = Arc::new(Recording::default());
     *backend.delay.lock().unwrap() = Some(Duration::from_millis(2_500));
-    let mut owner = (*sample("ev1.yaml")).clone();
-    owner.spec.events[0].concurrency = Some(1);
+    let owner = with_concurrency(1);
     publish(&js, "default", "ev1", "held", 3).await;
-    let (_ctx, token, handle) = start(
-        &js,
-        backend.clone(),
-        Arc::new(owner),
-        Duration::from_secs(1),
-    )
-    .await;
+    let (_ctx, token, handle) = start(&js, backend.clone(), owner, Duration::from_secs(1)).await;
     // Past two ack waits into the first create: the consumer holds only the event it is
     // dispatching (kept alive by progress acks), none waiting in a buffer unacked.
     tokio::time::sleep(Duration::from_millis(2_000)).await;
@@ -556,12 +554,10 @@ async fn at_the_cap_nothing_waits_unacked_past_the_ack_wait_and_each_event_goes_
 async fn one_at_a_time_through_a_backlog_never_stalls() {
     let (_server, js) = nats().await;
     let backend = Arc::new(Recording::default());
-    let mut owner = (*sample("ev1.yaml")).clone();
-    owner.spec.events[0].concurrency = Some(1);
+    let owner = with_concurrency(1);
     let count = 2000;
     publish(&js, "default", "ev1", "s", count).await;
-    let (_ctx, token, handle) =
-        start(&js, backend.clone(), Arc::new(owner), consumer::ACK_WAIT).await;
+    let (_ctx, token, handle) = start(&js, backend.clone(), owner, consumer::ACK_WAIT).await;
     // 2,000 rounds take a few seconds (longer on a loaded machine); a stall leaves the
     // consumer idle for 35 s. So what must hold is progress: never 20 s without an event.
     let mut seen = 0;
